@@ -1,0 +1,49 @@
+"""pytest-ampgate: a regression gate for mixed-precision (AMP) training performance in PyTorch.
+
+The engine (modes, workloads, data, measure, stats, gate, baselines) is a plain library that can
+be called from a script; ``pytest_ampgate.plugin`` is the only module that knows about pytest.
+
+Names are imported lazily: pytest loads the plugin in every run of every project that has it
+installed, and importing torch there would slow down runs that never ask for ``--ampgate``.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AmpGateError": "errors",
+    "BaselineError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "ModeError": "errors",
+    "WorkloadError": "errors",
+    "DEFAULT_MODES": "measurement",
+    "Comparison": "measurement",
+    "MeasureConfig": "measurement",
+    "Measurements": "measurement",
+    "ModeMeasurement": "measurement",
+    "measure": "measurement",
+    "MODES": "modes",
+    "PrecisionMode": "modes",
+    "resolve_mode": "modes",
+    "unsupported_reason": "modes",
+    "Workload": "workloads",
+    "cifar_cnn": "workloads",
+    "get_workload": "workloads",
+    "mnist_mlp": "workloads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

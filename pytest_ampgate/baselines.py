@@ -1,0 +1,895 @@
+"""The baseline store: what a test measured last time it was accepted, per environment and mode.
+
+Baselines are JSON files that users commit to git and that a CI gate reads, so this module is
+paranoid about three things, in the spirit of pytest-regressions' check/regenerate workflow:
+
+* **Never half-written.** Every write goes to a temporary file in the same directory, is flushed
+  and fsync'ed, and is then ``os.replace``'d over the target (and the directory fsync'ed where the
+  platform allows). A crash or ``SIGKILL`` at any moment leaves either the old or the new complete
+  file, never a mix.
+* **Never silently overwritten.** A file that does not parse or validate makes :meth:`lookup`
+  raise rather than look "missing", and makes :meth:`BaselineStore.commit` refuse, leaving it
+  byte-for-byte unchanged. A bad baseline is a human's decision to fix, not ours to paper over.
+* **Never losing entries.** One file holds every test of one test module, and several processes
+  (pytest-xdist workers, parallel CI jobs on a shared checkout) may update it at the session's end.
+  :meth:`BaselineStore.commit` takes an exclusive lock, re-reads the file from disk, replaces only
+  the ``(test id, environment key)`` entries it was asked to, and keeps everything else verbatim,
+  including keys this version does not know about (a newer minor release may add mode fields).
+
+Layout: the part of a pytest node id before the first ``"::"`` is the test module;
+``tests/test_amp.py`` maps to ``<directory>/tests/test_amp.json``. Each path segment is sanitised
+(see :func:`module_relpath`) and the result is checked to lie inside the directory, so a test id
+can never steer a write elsewhere.
+
+Locking uses ``fcntl.flock`` on a sidecar ``<file>.lock`` in the same directory. The lock file is
+removed by its holder just before release, so it does not linger in ``git status``; a waiter that
+wins the lock on a file that has meanwhile been unlinked notices (inode check) and retries. The
+holder writes its pid into the lock file so that a timeout can say who is holding it. On Windows
+``msvcrt.locking`` is used and the lock file is kept (an open file cannot be unlinked there); on a
+platform with neither, writes are still atomic but concurrent writers may lose each other's
+updates. Waiting is bounded by ``lock_timeout`` (60 s by default) after which BaselineError names
+the lock file.
+
+This module is pure standard library: the engine can be used from a script without torch or pytest.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import numbers
+import operator
+import os
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+from .errors import BaselineError
+
+try:  # POSIX
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows and exotic platforms
+    _fcntl = None
+try:  # Windows
+    import msvcrt as _msvcrt
+except ImportError:
+    _msvcrt = None
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ModeBaseline",
+    "Baseline",
+    "BaselineStore",
+    "module_of",
+    "module_relpath",
+    "utc_timestamp",
+]
+
+SCHEMA = "pytest-ampgate-baselines"
+SCHEMA_VERSION = 1
+
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+_UPDATE_HINT = "pytest --ampgate --ampgate-update"
+
+#: Mode fields that are floats (any finite number or null) and the one that is an integer.
+_FLOAT_FIELDS = (
+    "speedup",
+    "speedup_low",
+    "speedup_high",
+    "memory_ratio",
+    "step_time_s",
+    "accuracy",
+    "final_loss",
+    "low_precision_share",
+)
+_INT_FIELDS = ("peak_memory_bytes",)
+_REQUIRED_ENTRY_KEYS = ("environment", "recorded_at", "settings", "modes")
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC, to the second, ISO 8601 (``2026-11-23T02:00:00+00:00``): the ``recorded_at`` format."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _display(path: Path) -> str:
+    """A path as a user wants to read it in a message: relative to the cwd when it lies below it."""
+    try:
+        rel = os.path.relpath(path)
+    except (ValueError, OSError):  # another drive on Windows; a deleted cwd
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _key(k: str) -> str:
+    return "[" + repr(k) + "]"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Mode and entry records
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_float(value: Any, where: str, name: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BaselineError(
+            f"{where}{_key(name)} must be a number or null, got {_describe(value)}; "
+            f"correct it, restore the file from version control, or re-record with {_UPDATE_HINT}"
+        )
+    if not isinstance(value, (int, float)):  # numpy / torch scalars: store plain floats
+        value = float(value)
+    if not math.isfinite(value):
+        raise BaselineError(
+            f"{where}{_key(name)} is {value!r}, but baselines must be finite numbers (standard JSON "
+            f"has no NaN or Infinity); correct it, restore the file from version control, or "
+            f"re-record with {_UPDATE_HINT}"
+        )
+    return value
+
+
+def _check_int(value: Any, where: str, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        ok = False
+    elif isinstance(value, int):
+        ok = True
+    else:
+        try:  # numpy / torch integer scalars
+            value = operator.index(value)
+            ok = True
+        except TypeError:
+            ok = False
+    if not ok or value < 0:
+        raise BaselineError(
+            f"{where}{_key(name)} must be a non-negative integer number of bytes or null, got "
+            f"{_describe(value)}; correct it, restore the file from version control, or re-record "
+            f"with {_UPDATE_HINT}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ModeBaseline:
+    """What one precision mode measured: ratios against fp32 with their spread, plus raw values.
+
+    Every field is optional: a CPU run has no memory ratio, an fp32 reference has no speedup.
+    ``extra`` keeps fields this version does not know, so files written by a newer minor release
+    survive a rewrite by an older one.
+    """
+
+    speedup: Optional[float] = None
+    speedup_low: Optional[float] = None
+    speedup_high: Optional[float] = None
+    memory_ratio: Optional[float] = None
+    step_time_s: Optional[float] = None
+    peak_memory_bytes: Optional[int] = None
+    accuracy: Optional[float] = None
+    final_loss: Optional[float] = None
+    low_precision_share: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object for this mode; None fields are left out (they read back as None)."""
+        out: Dict[str, Any] = {k: v for k, v in self.extra.items() if k not in _KNOWN_MODE_FIELDS}
+        for name in _FLOAT_FIELDS + _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ModeBaseline":
+        """Validate and build from a JSON object; ``where`` locates ``d`` in error messages,
+        e.g. ``"baselines/tests/test_amp.json: tests['...']['cpu|...']['modes']['amp_bf16']"``."""
+        if not isinstance(d, dict):
+            raise BaselineError(
+                f"{where} must be a JSON object of measurements, got {_describe(d)}; correct it, "
+                f"restore the file from version control, or re-record with {_UPDATE_HINT}"
+            )
+        kwargs: Dict[str, Any] = {}
+        for name in _FLOAT_FIELDS:
+            kwargs[name] = _check_float(d.get(name), where, name)
+        for name in _INT_FIELDS:
+            kwargs[name] = _check_int(d.get(name), where, name)
+        extra = {k: v for k, v in d.items() if k not in _KNOWN_MODE_FIELDS}
+        return cls(**kwargs, extra=extra)
+
+
+_KNOWN_MODE_FIELDS = frozenset(_FLOAT_FIELDS + _INT_FIELDS)
+assert _KNOWN_MODE_FIELDS == {f.name for f in fields(ModeBaseline)} - {"extra"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One accepted measurement of one test in one environment, across its modes."""
+
+    test_id: str
+    env_key: str
+    environment: dict
+    recorded_at: str
+    settings: dict
+    modes: Dict[str, ModeBaseline]
+
+    def to_entry(self) -> Dict[str, Any]:
+        """The JSON object stored at ``tests[test_id][env_key]``."""
+        modes: Dict[str, Any] = {}
+        for name, mode in self.modes.items():
+            if not isinstance(mode, ModeBaseline):
+                raise BaselineError(
+                    f"baseline for {self.test_id!r}: modes[{name!r}] must be a ModeBaseline, got "
+                    f"{_describe(mode)}"
+                )
+            modes[name] = mode.to_dict()
+        return {
+            "environment": self.environment,
+            "recorded_at": self.recorded_at,
+            "settings": self.settings,
+            "modes": modes,
+        }
+
+    @classmethod
+    def from_entry(cls, test_id: str, env_key: str, entry: Any, where: str) -> "Baseline":
+        """Validate and build from the JSON object at ``tests[test_id][env_key]`` (located by ``where``)."""
+        fix = f"correct it, restore the file from version control, or re-record with {_UPDATE_HINT}"
+        if not isinstance(entry, dict):
+            raise BaselineError(f"{where} must be a JSON object, got {_describe(entry)}; {fix}")
+        missing = [k for k in _REQUIRED_ENTRY_KEYS if k not in entry]
+        if missing:
+            raise BaselineError(
+                f"{where} is missing required key(s) {', '.join(repr(k) for k in missing)}; {fix}"
+            )
+        for name in ("environment", "settings", "modes"):
+            if not isinstance(entry[name], dict):
+                raise BaselineError(
+                    f"{where}{_key(name)} must be a JSON object, got {_describe(entry[name])}; {fix}"
+                )
+        if not isinstance(entry["recorded_at"], str) or not entry["recorded_at"]:
+            raise BaselineError(
+                f"{where}['recorded_at'] must be an ISO 8601 timestamp string, got "
+                f"{_describe(entry['recorded_at'])}; {fix}"
+            )
+        modes = {}
+        for name, mode in entry["modes"].items():
+            if not name:
+                raise BaselineError(f"{where}['modes'] has an empty mode name; {fix}")
+            modes[name] = ModeBaseline.from_dict(mode, f"{where}['modes']{_key(name)}")
+        return cls(
+            test_id=test_id,
+            env_key=env_key,
+            environment=entry["environment"],
+            recorded_at=entry["recorded_at"],
+            settings=entry["settings"],
+            modes=modes,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(10)] + [f"LPT{i}" for i in range(10)]
+)
+_MAX_SEGMENT = 100
+
+
+def module_of(test_id: str) -> str:
+    """The test module of a pytest node id: everything before the first ``"::"``."""
+    return test_id.split("::", 1)[0]
+
+
+def _safe_segment(seg: str) -> str:
+    if seg == "..":
+        return "_parent_"
+    out = _UNSAFE.sub("_", seg)
+    if out.endswith("."):  # Windows strips trailing dots: "..." would become ""
+        out = out.rstrip(".") + "_"
+    if out.split(".", 1)[0].upper() in _WINDOWS_RESERVED:  # "con.json" is a device on Windows
+        out = "_" + out
+    if len(out) > _MAX_SEGMENT:  # stay under filesystem name limits, keep names distinct
+        digest = hashlib.sha1(seg.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        out = out[: _MAX_SEGMENT - 11] + "-" + digest
+    return out
+
+
+def module_relpath(module: str) -> Path:
+    """Where a test module's baselines live, relative to the store directory.
+
+    ``tests/test_amp.py`` -> ``tests/test_amp.json``. Backslashes separate too; empty and ``.``
+    segments are dropped (so absolute paths become relative), ``..`` becomes ``_parent_``, a drive
+    letter's ``:`` becomes ``_``, and any character outside ``[A-Za-z0-9_.-]`` becomes ``_``.
+    """
+    raw = [s for s in module.replace("\\", "/").split("/") if s not in ("", ".")]
+    if raw and raw[-1].endswith(".py") and len(raw[-1]) > 3:
+        raw[-1] = raw[-1][:-3]
+    segments = [_safe_segment(s) for s in raw] or ["_"]
+    segments[-1] += ".json"
+    return Path(*segments)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and validating files
+# --------------------------------------------------------------------------------------------------
+
+
+def _corrupt(path: Path, problem: str) -> BaselineError:
+    shown = _display(path)
+    return BaselineError(
+        f"{shown}: {problem}. Restore it from version control (git checkout -- {shown}) or delete "
+        f"it and re-record with {_UPDATE_HINT}"
+    )
+
+
+def _unreadable(path: Path, exc: OSError) -> BaselineError:
+    return BaselineError(
+        f"{_display(path)}: cannot be read ({exc.strerror or exc}); check that it is a regular file "
+        f"you may read, or point the baseline directory elsewhere"
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse(path: Path, data: bytes) -> "_Loaded":
+    """Bytes of a baseline file -> its validated document (raises BaselineError naming ``path``)."""
+    if not data.strip():
+        raise _corrupt(path, "is empty (an interrupted write or a bad merge?)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if "\n<<<<<<< " in "\n" + text:
+        raise _corrupt(path, "contains git merge conflict markers ('<<<<<<<'); resolve the conflict")
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise _corrupt(
+            path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (truncated?)"
+        ) from None
+    except ValueError as exc:  # NaN/Infinity literals, duplicate keys
+        raise _corrupt(path, f"is not valid JSON: {exc}") from None
+    return _Loaded(doc, _validate_document(path, doc))
+
+
+def _validate_document(path: Path, doc: Any) -> Dict[Tuple[str, str], Baseline]:
+    if not isinstance(doc, dict):
+        raise _corrupt(path, f"top level must be a JSON object, got {type(doc).__name__}")
+    if doc.get("schema") != SCHEMA:
+        if "schema" not in doc:
+            problem = f"has no 'schema' key; it is not a {SCHEMA} file"
+        else:
+            problem = f"has schema {doc['schema']!r}, expected {SCHEMA!r}; it is not a pytest-ampgate baseline file"
+        raise _corrupt(path, problem)
+    version = doc.get("schema_version")
+    if "schema_version" not in doc:
+        raise _corrupt(path, "has no 'schema_version' key")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _corrupt(path, f"'schema_version' must be an integer, got {_describe(version)}")
+    if version > SCHEMA_VERSION:
+        raise BaselineError(
+            f"{_display(path)}: written by a newer pytest-ampgate (schema {version}; this version "
+            f"reads schema {SCHEMA_VERSION}); upgrade pytest-ampgate or restore the file from git "
+            f"(git checkout -- {_display(path)})"
+        )
+    if version < 1:
+        raise _corrupt(path, f"'schema_version' {version} is invalid (the first schema is 1)")
+    if "tests" not in doc:
+        raise _corrupt(path, "has no 'tests' key")
+    tests = doc["tests"]
+    if not isinstance(tests, dict):
+        raise _corrupt(path, f"'tests' must be a JSON object, got {_describe(tests)}")
+    shown = _display(path)
+    parsed: Dict[Tuple[str, str], Baseline] = {}
+    for test_id, envs in tests.items():
+        where = f"{shown}: tests{_key(test_id)}"
+        if not test_id:
+            raise _corrupt(path, "'tests' has an empty test id")
+        if not isinstance(envs, dict):
+            raise BaselineError(
+                f"{where} must be a JSON object keyed by environment, got {_describe(envs)}; correct "
+                f"it, restore the file from version control, or re-record with {_UPDATE_HINT}"
+            )
+        for env_key, entry in envs.items():
+            if not env_key:
+                raise _corrupt(path, f"tests{_key(test_id)} has an empty environment key")
+            parsed[(test_id, env_key)] = Baseline.from_entry(
+                test_id, env_key, entry, f"{where}{_key(env_key)}"
+            )
+    return parsed
+
+
+def _find_non_finite(value: Any, where: str) -> Optional[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = _find_non_finite(v, f"{where}{_key(k)}")
+            if hit:
+                return hit
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            hit = _find_non_finite(v, f"{where}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _dumps(doc: Dict[str, Any]) -> bytes:
+    """Stable bytes for git: sorted keys, two-space indent, trailing newline, standard JSON only."""
+    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n").encode(
+        "utf-8"
+    )
+
+
+def _new_document() -> Dict[str, Any]:
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "tests": {}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Locking and atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+class _Lock:
+    """An exclusive inter-process lock on ``<file>.lock``; see the module docstring for the protocol."""
+
+    def __init__(self, target: Path, timeout: float):
+        self.path = target.with_name(target.name + ".lock")
+        self.timeout = timeout
+        self.fd: Optional[int] = None
+        self.real = _fcntl is not None or _msvcrt is not None
+
+    def _holder(self, fd: Optional[int]) -> str:
+        if fd is None:
+            return ""
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if hasattr(os, "pread") else ""
+        except OSError:
+            pid = ""
+        return f" (held by pid {pid})" if pid.isdigit() else ""
+
+    def _timeout(self, fd: Optional[int] = None) -> BaselineError:
+        return BaselineError(
+            f"timed out after {self.timeout:g}s waiting for the lock {_display(self.path)}"
+            f"{self._holder(fd)}; another pytest --ampgate-update may still be writing baselines. "
+            f"Wait for it to finish; a lock left by a dead process is released automatically"
+        )
+
+    def acquire(self) -> None:
+        if not self.real:
+            return
+        deadline = time.monotonic() + self.timeout
+        retry = False
+        while True:
+            if retry and time.monotonic() >= deadline:
+                raise self._timeout()
+            retry = True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+            except FileNotFoundError:  # directory pruned between mkdir and open: try again
+                continue
+            try:
+                delay = 0.001
+                while not self._try_lock(fd):
+                    if time.monotonic() >= deadline:
+                        raise self._timeout(fd)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                if _fcntl is not None:
+                    # The previous holder may have unlinked this file before releasing it; then the
+                    # lock we hold guards nothing and the current lock file is another inode.
+                    try:
+                        on_disk = os.stat(self.path)
+                    except FileNotFoundError:
+                        os.close(fd)
+                        continue
+                    mine = os.fstat(fd)
+                    if (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino):
+                        os.close(fd)
+                        continue
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+            return
+
+    @staticmethod
+    def _try_lock(fd: int) -> bool:
+        try:
+            if _fcntl is not None:
+                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            else:  # pragma: no cover - Windows
+                os.lseek(fd, 0, os.SEEK_SET)
+                _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            if _fcntl is not None:
+                # Unlink while still holding the lock (see module docstring), then close = unlock.
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+            else:  # pragma: no cover - Windows: keep the file, unlock the byte
+                try:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    _msvcrt.locking(fd, _msvcrt.LK_UNLCK, 1)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_pattern(target: Path) -> str:
+    return f".{target.name}.*.tmp"
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that readers and crashes see the old or the new file only."""
+    directory = target.parent
+    tmp = directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # O_EXCL + 0o666 lets the umask decide permissions, as for any file the user creates.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.chmod(tmp, os.stat(target).st_mode & 0o7777)  # keep the committed file's mode
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------
+
+
+class _Loaded:
+    __slots__ = ("doc", "baselines")
+
+    def __init__(self, doc: Dict[str, Any], baselines: Dict[Tuple[str, str], Baseline]):
+        self.doc = doc
+        self.baselines = baselines
+
+
+class BaselineStore:
+    """Baseline JSON files under ``directory``, one per test module.
+
+    Reads are cached per file for the life of the store (a session sees one consistent view plus
+    its own commits). Writes are staged during the session and written by :meth:`commit` at its end.
+    Staged-but-uncommitted entries are not visible to :meth:`lookup`.
+    """
+
+    def __init__(self, directory: "str | os.PathLike[str]", *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+        self.directory = Path(os.path.abspath(os.fspath(directory)))
+        self.lock_timeout = float(lock_timeout)
+        self._cache: Dict[Path, Optional[_Loaded]] = {}
+        self._staged: Dict[Path, Dict[Tuple[str, str], Dict[str, Any]]] = {}
+        self._mutex = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"BaselineStore({str(self.directory)!r})"
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def path_for(self, test_id: str) -> Path:
+        """The file holding ``test_id``'s baselines; always inside the store directory."""
+        if not isinstance(test_id, str) or not test_id:
+            raise BaselineError(f"a test id must be a non-empty string, got {_describe(test_id)}")
+        path = self.directory / module_relpath(module_of(test_id))
+        self._check_inside(path, f"test id {test_id!r}")
+        return path
+
+    def _check_inside(self, path: Path, what: str) -> None:
+        root = os.path.realpath(self.directory)
+        real = os.path.realpath(path)
+        try:
+            inside = os.path.commonpath([root, real]) == root and real != root
+        except ValueError:  # different drives
+            inside = False
+        if not inside:
+            raise BaselineError(
+                f"{what} maps to {real}, which is outside the baseline directory {root} (a symlink "
+                f"inside it?); refusing to read or write there. Remove the symlink or choose another "
+                f"baseline directory"
+            )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> Optional[_Loaded]:
+        with self._mutex:
+            if path not in self._cache:
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    self._cache[path] = None
+                except IsADirectoryError:
+                    raise _corrupt(path, "is a directory, not a baseline file") from None
+                except OSError as exc:
+                    raise _unreadable(path, exc) from None
+                else:
+                    self._cache[path] = _parse(path, data)
+            return self._cache[path]
+
+    def lookup(self, test_id: str, env_key: str) -> Optional[Baseline]:
+        """The stored baseline for this test in this environment; None when there is none.
+        A file that exists but is unreadable raises BaselineError rather than reading as missing."""
+        loaded = self._load(self.path_for(test_id))
+        return None if loaded is None else loaded.baselines.get((test_id, env_key))
+
+    def environments(self, test_id: str) -> List[str]:
+        """Environment keys with a baseline for ``test_id`` (to say "recorded on X, not on this GPU")."""
+        loaded = self._load(self.path_for(test_id))
+        if loaded is None:
+            return []
+        return sorted(env for (tid, env) in loaded.baselines if tid == test_id)
+
+    def entries(self) -> Iterator[Tuple[Path, str, str]]:
+        """``(file, test_id, env_key)`` for every stored entry, files in sorted order."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.rglob("*.json")):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            loaded = self._load(path)
+            if loaded is None:  # deleted while we walked
+                continue
+            for test_id, envs in sorted(loaded.doc["tests"].items()):
+                for env_key in sorted(envs):
+                    yield path, test_id, env_key
+
+    def stale_entries(
+        self, existing_test_ids: Set[str], modules: Optional[Set[str]] = None
+    ) -> List[Tuple[Path, str]]:
+        """Stored test ids that are not in ``existing_test_ids``, as ``(file, test_id)``.
+
+        ``modules`` are the test modules (node id parts before ``"::"``) that were collected in
+        full; when given, only test ids of those modules are considered, so a ``-k`` or single-file
+        run does not call every other module's baselines stale.
+        """
+        stale: List[Tuple[Path, str]] = []
+        seen: Set[Tuple[Path, str]] = set()
+        for path, test_id, _env in self.entries():
+            if (path, test_id) in seen or test_id in existing_test_ids:
+                continue
+            if modules is not None and module_of(test_id) not in modules:
+                continue
+            seen.add((path, test_id))
+            stale.append((path, test_id))
+        return stale
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def stage(self, baseline: Baseline) -> None:
+        """Remember ``baseline`` for the next :meth:`commit`; validates it now, writes nothing."""
+        if not isinstance(baseline, Baseline):
+            raise BaselineError(f"stage() takes a Baseline, got {_describe(baseline)}")
+        path = self.path_for(baseline.test_id)
+        if not isinstance(baseline.env_key, str) or not baseline.env_key:
+            raise BaselineError(
+                f"baseline for {baseline.test_id!r}: the environment key must be a non-empty string, "
+                f"got {_describe(baseline.env_key)}"
+            )
+        where = (
+            f"baseline to be written to {_display(path)}: "
+            f"tests{_key(baseline.test_id)}{_key(baseline.env_key)}"
+        )
+        entry = baseline.to_entry()
+        bad = _find_non_finite(entry, where)
+        if bad:
+            raise BaselineError(
+                f"cannot record {bad}: it is not a finite number and baselines must be standard JSON "
+                f"(no NaN or Infinity); a non-finite measurement should fail the test, not become "
+                f"the baseline: fix the measurement, or leave the field None"
+            )
+        try:
+            # A deep, JSON-only copy: later mutation of the caller's dicts cannot change what we write.
+            entry = json.loads(json.dumps(entry, allow_nan=False, ensure_ascii=False))
+        except (TypeError, ValueError) as exc:
+            raise BaselineError(f"cannot record {where}: it is not JSON-serialisable ({exc})") from None
+        Baseline.from_entry(baseline.test_id, baseline.env_key, entry, where)
+        with self._mutex:
+            self._staged.setdefault(path, {})[(baseline.test_id, baseline.env_key)] = entry
+
+    @property
+    def staged(self) -> List[Tuple[str, str]]:
+        """``(test_id, env_key)`` pairs waiting for :meth:`commit`."""
+        with self._mutex:
+            return sorted(k for entries in self._staged.values() for k in entries)
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[bool]:
+        lock = _Lock(path, self.lock_timeout)
+        lock.acquire()
+        try:
+            yield lock.real
+        finally:
+            lock.release()
+
+    def _read_for_update(self, path: Path, action: str) -> Optional[Dict[str, Any]]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise _corrupt(path, "is a directory, not a baseline file") from None
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+        try:
+            return _parse(path, data).doc
+        except BaselineError as exc:
+            raise BaselineError(f"refusing to {action}: {exc}") from None
+
+    @staticmethod
+    def _remove_orphans(path: Path) -> None:
+        """Delete temp files of writers killed mid-write. Only called while holding the real lock:
+        then no live writer can own a temp file of this target."""
+        for orphan in path.parent.glob(_tmp_pattern(path)):
+            try:
+                orphan.unlink()
+            except OSError:
+                pass
+
+    def commit(self) -> List[Path]:
+        """Write every staged entry: per file, lock, re-read from disk, replace only the staged
+        ``(test_id, env_key)`` entries, write atomically, unlock. Returns the paths written.
+
+        Files are independent: a corrupt file is refused (left byte-for-byte unchanged, its entries
+        stay staged) while the others are still written, then BaselineError reports the refusals;
+        its ``written`` attribute lists the paths that were written.
+        """
+        with self._mutex:
+            pending = {p: dict(e) for p, e in self._staged.items()}
+        written: List[Path] = []
+        errors: List[str] = []
+        for path in sorted(pending):
+            staged = pending[path]
+            try:
+                self._check_inside(path, _display(path))
+                with self._locked(path) as really_locked:
+                    doc = self._read_for_update(path, "update baselines") or _new_document()
+                    if really_locked:
+                        self._remove_orphans(path)
+                    tests = doc["tests"]
+                    for (test_id, env_key), entry in sorted(staged.items()):
+                        tests.setdefault(test_id, {})[env_key] = entry
+                    data = _dumps(doc)
+                    _write_atomic(path, data)
+            except BaselineError as exc:
+                errors.append(str(exc))
+                continue
+            except OSError as exc:
+                errors.append(
+                    f"{_display(path)}: could not write baselines ({exc}); the file on disk is "
+                    f"unchanged and the entries stay staged. Fix the cause and run {_UPDATE_HINT} again"
+                )
+                continue
+            with self._mutex:
+                self._cache[path] = _Loaded(doc, _validate_document(path, doc))
+                left = self._staged.get(path, {})
+                for key, entry in staged.items():
+                    if left.get(key) is entry:
+                        del left[key]
+                if not left:
+                    self._staged.pop(path, None)
+            written.append(path)
+        if errors:
+            err = BaselineError("\n".join(errors))
+            err.written = written  # type: ignore[attr-defined]
+            raise err
+        return written
+
+    def prune(self, stale: List[Tuple[Path, str]]) -> List[Path]:
+        """Remove the given ``(file, test_id)`` entries (all their environments); locked and atomic
+        like :meth:`commit`. A file left with no tests is deleted, and so are directories it leaves
+        empty below the store directory. Returns the paths rewritten or deleted."""
+        by_path: Dict[Path, Set[str]] = {}
+        for path, test_id in stale:
+            by_path.setdefault(Path(os.path.abspath(path)), set()).add(test_id)
+        changed: List[Path] = []
+        for path in sorted(by_path):
+            self._check_inside(path, _display(path))
+            with self._locked(path) as really_locked:
+                doc = self._read_for_update(path, "prune baselines")
+                if doc is None:
+                    continue
+                if really_locked:
+                    self._remove_orphans(path)
+                tests = doc["tests"]
+                gone = [t for t in by_path[path] if t in tests]
+                if not gone:
+                    continue
+                for test_id in gone:
+                    del tests[test_id]
+                if tests:
+                    _write_atomic(path, _dumps(doc))
+                    loaded: Optional[_Loaded] = _Loaded(doc, _validate_document(path, doc))
+                else:
+                    os.unlink(path)
+                    _fsync_dir(path.parent)
+                    loaded = None
+            with self._mutex:
+                self._cache[path] = loaded
+            changed.append(path)
+            if loaded is None:
+                self._remove_empty_dirs(path.parent)
+        return changed
+
+    def _remove_empty_dirs(self, directory: Path) -> None:
+        root = self.directory
+        while directory != root and root in directory.parents:
+            try:
+                directory.rmdir()  # fails (and stops us) if anything is left, lock files included
+            except OSError:
+                return
+            directory = directory.parent

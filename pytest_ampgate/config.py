@@ -1,0 +1,177 @@
+"""GateConfig: every margin, tolerance and protocol setting of one gated test, validated once.
+
+Settings come from three layers, later ones winning: built-in defaults, ini options
+(``[tool.pytest.ini_options]`` in pyproject.toml, or pytest.ini: ``ampgate_<name> = value``) and
+command-line flags, then the keyword arguments of ``@pytest.mark.amp_regression(...)``.  Each layer
+is checked against the same table, so an unknown name or a bad value is reported with where it
+came from and what is allowed, before anything is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+MISSING_BASELINE_POLICIES = ("warn", "fail", "ignore")
+
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False):
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be <= {high}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _whole(low: int):
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _auto_flag(name: str, value: Any) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return _flag(name, value)
+
+
+def _modes(name: str, value: Any) -> tuple[str, ...]:
+    from .modes import resolve_mode  # torch is imported only once a gated test really runs
+
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{name} must be a non-empty list of precision modes, got {value!r}")
+    resolved = tuple(resolve_mode(v).name for v in value)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{name} names a mode twice: {list(value)}")
+    return resolved
+
+
+def _choice(options: tuple[str, ...]):
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        return value.strip().lower()
+
+    return check
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """What one gated test demands.  See SETTINGS for each field's meaning."""
+
+    modes: tuple[str, ...] = ("amp_fp16", "amp_bf16")
+    min_speedup: float = 1.2
+    speedup_tolerance: float = 0.10
+    max_memory_ratio: float = 0.9
+    memory_tolerance: float = 0.05
+    accuracy_tolerance: float = 0.02
+    max_skipped_fraction: float = 0.05
+    min_loss_scale: float = 1.0
+    min_low_precision_share: float = 0.9
+    check_speed: bool | None = None
+    check_memory: bool | None = None
+    missing_baseline: str = "warn"
+    confirm: bool = True
+    strict: bool = False
+    warmup_steps: int = 10
+    rounds: int = 10
+    steps_per_block: int = 20
+    memory_steps: int = 5
+    confidence: float = 0.95
+    noise_threshold: float = 0.10
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modes"] = list(self.modes)
+        return d
+
+    def measure_config(self, **overrides):
+        """The engine's MeasureConfig for this gate's protocol settings."""
+        from .measurement import MeasureConfig
+
+        names = ("warmup_steps", "rounds", "steps_per_block", "memory_steps", "confidence", "noise_threshold")
+        return MeasureConfig(**{n: getattr(self, n) for n in names}, **overrides)
+
+    def timing_applies(self, device_type: str) -> bool:
+        return self.check_speed if self.check_speed is not None else device_type == "cuda"
+
+    def memory_applies(self, device_type: str) -> bool:
+        return self.check_memory if self.check_memory is not None else device_type == "cuda"
+
+
+SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
+    "modes": (_modes, "precision modes compared with fp32 (names or Apex aliases), e.g. 'amp_fp16 amp_bf16'"),
+    "min_speedup": (_number(0, low_open=True), "least speedup over fp32 (fp32 step time / mode step time); 1.2 = 20% more steps per second"),
+    "speedup_tolerance": (_number(0, 1), "how far (relative) the speedup may fall below the stored baseline's"),
+    "max_memory_ratio": (_number(0, low_open=True), "largest peak-memory ratio mode / fp32"),
+    "memory_tolerance": (_number(0), "how far (absolute) the memory ratio may rise above the stored baseline's"),
+    "accuracy_tolerance": (_number(0, 1), "how far (absolute) held-out accuracy may fall below the stored baseline's"),
+    "max_skipped_fraction": (_number(0, 1), "largest fraction of amp_fp16 steps that GradScaler may skip for inf/NaN gradients"),
+    "min_loss_scale": (_number(0), "smallest final GradScaler loss scale before it counts as collapsed"),
+    "min_low_precision_share": (_number(0, 1), "least share of matmul/conv FLOPs that must run in low precision under AMP"),
+    "check_speed": (_auto_flag, "gate the speedup (auto: on CUDA only)"),
+    "check_memory": (_auto_flag, "gate the peak-memory ratio (auto: on CUDA only)"),
+    "missing_baseline": (_choice(MISSING_BASELINE_POLICIES), "what a missing baseline does: warn (default), fail, or ignore"),
+    "confirm": (_flag, "re-measure before failing a timing check, so one noisy run cannot fail the build"),
+    "strict": (_flag, "treat inconclusive verdicts as failures"),
+    "warmup_steps": (_whole(0), "untimed steps per mode before timing"),
+    "rounds": (_whole(1), "timed rounds (ABBA-interleaved across modes)"),
+    "steps_per_block": (_whole(1), "training steps in each timed block"),
+    "memory_steps": (_whole(0), "steps in each mode's peak-memory pass (CUDA)"),
+    "confidence": (_number(0, 1, low_open=True), "coverage of the speedup's interval"),
+    "noise_threshold": (_number(0, 1, low_open=True), "interval width (relative to the median) above which a speedup is flagged noisy"),
+}
+
+assert set(SETTINGS) == {f.name for f in fields(GateConfig)}
+
+
+def build_config(*layers: tuple[str, Mapping[str, Any]]) -> GateConfig:
+    """Defaults, then each (source, values) layer in order; errors name the source and the setting.
+
+    ``source`` reads like "marker amp_regression on tests/test_x.py::test_y" or "ini ampgate_".
+    Values of ``None`` in a layer mean "not set here".
+    """
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"valid: {', '.join(SETTINGS)}"
+            )
+        for name, value in layer.items():
+            if value is None:
+                continue
+            try:
+                values[name] = SETTINGS[name][0](name, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    return GateConfig(**values)

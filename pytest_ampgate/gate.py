@@ -1,0 +1,391 @@
+"""Verdicts: Measurements + GateConfig + stored Baseline -> a list of Checks, each with its one-line why.
+
+The speedup check is the one that meets noise, so it is three-valued: PASS when the whole
+confidence interval clears the floor, FAIL only when the whole interval lies below it (and, with
+``confirm``, a fresh measurement agrees), INCONCLUSIVE otherwise, said as such.  A GPU shared
+with other processes or held back by thermal or power limits turns a would-be FAIL into
+INCONCLUSIVE with that reason: a verdict nobody can trust must not break a build.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from .baselines import Baseline, ModeBaseline
+from .config import GateConfig
+from .measurement import Measurements, ModeMeasurement
+
+PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
+UPDATE_HINT = "accept a deliberate change with: pytest --ampgate --ampgate-update"
+RECORD_HINT = "record one with: pytest --ampgate --ampgate-update"
+TIMING_METRICS = ("speedup",)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gated property of one mode: what was measured, against what, and the outcome."""
+
+    mode: str
+    metric: str
+    outcome: str
+    why: str
+    measured: float | None = None
+    threshold: float | None = None
+    baseline: float | None = None
+
+    def line(self) -> str:
+        word = {PASS: "ok", FAIL: "FAILED", INCONCLUSIVE: "INCONCLUSIVE", SKIPPED: "skipped"}[self.outcome]
+        return f"{self.why} {word}" if self.outcome in (PASS, FAIL) else f"{self.why} [{word}]"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Check":
+        return cls(**d)
+
+
+@dataclass
+class Verdict:
+    checks: list[Check] = field(default_factory=list)
+    confirmed: bool = False
+    """A timing failure was re-measured before being reported."""
+
+    def of(self, outcome: str) -> list[Check]:
+        return [c for c in self.checks if c.outcome == outcome]
+
+    @property
+    def outcome(self) -> str:
+        for outcome in (FAIL, INCONCLUSIVE, PASS):
+            if self.of(outcome):
+                return outcome
+        return SKIPPED
+
+    def explain(self, test_id: str = "", strict: bool = False) -> str:
+        """The failure text of DESIGN.md: one line per check, failures first, then what to run next."""
+        order = {FAIL: 0, INCONCLUSIVE: 1, PASS: 2, SKIPPED: 3}
+        head = {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+        lines = [f"{test_id} - {head}" if test_id else head]
+        lines += ["  " + c.line() for c in sorted(self.checks, key=lambda c: order[c.outcome])]
+        if self.of(FAIL):
+            lines.append("  " + UPDATE_HINT)
+        elif self.of(INCONCLUSIVE):
+            lines.append("  " + ("--ampgate-strict treats this as a failure; " if strict else "") + "rerun on a quiet GPU, or raise rounds")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"outcome": self.outcome, "confirmed": self.confirmed, "checks": [c.to_dict() for c in self.checks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Verdict":
+        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False))
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _noise_reason(measurements: Measurements) -> str:
+    """Why timing on this GPU could not be trusted (other processes, throttling), or ''."""
+    from .env import NoiseReport
+
+    reasons = []
+    for when in ("before", "after"):
+        if measurements.noise.get(when):
+            report = NoiseReport.from_dict(measurements.noise[when])
+            if report.noisy:
+                reasons.append(f"{when} timing: {report.describe()}")
+    return "; ".join(reasons)
+
+
+def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
+    comparison = m.comparisons[name]
+    est = comparison.speedup
+    floor, source = config.min_speedup, f"margin {config.min_speedup:.2f}x"
+    if base is not None and base.speedup is not None:
+        allowed = base.speedup * (1 - config.speedup_tolerance)
+        source += f"; baseline {base.speedup:.2f}x on {env_label}, tol {config.speedup_tolerance:.0%}"
+        floor = max(floor, allowed)
+    if est is None:
+        return Check(name, "speedup", SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
+    text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
+    args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
+    if est.low >= floor:
+        return Check(name, "speedup", PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
+    if est.high < floor:
+        noise = _noise_reason(m)
+        if noise:
+            return Check(name, "speedup", INCONCLUSIVE, f"{text} < floor {floor:.2f}x ({source}), but the GPU was busy: {noise}", **args)
+        return Check(name, "speedup", FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
+    noisy = f"; {est.note}" if est.noisy else ""
+    return Check(name, "speedup", INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
+
+
+def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
+    ratio = m.comparisons[name].memory_ratio
+    if ratio is None:
+        note = m.modes[name].memory_note or m.reference.memory_note or "not measured"
+        return Check(name, "memory", SKIPPED, f"{name} peak memory: {note}")
+    limit, source = config.max_memory_ratio, f"limit {config.max_memory_ratio:.2f}x"
+    if base is not None and base.memory_ratio is not None:
+        source += f"; baseline {base.memory_ratio:.2f}x on {env_label}, tol +{config.memory_tolerance:.2f}"
+        limit = min(limit, base.memory_ratio + config.memory_tolerance)
+    text = (
+        f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 "
+        f"({_fmt_bytes(m.reference.peak_memory_bytes)})"
+    )
+    outcome = PASS if ratio <= limit else FAIL
+    return Check(name, "memory", outcome, f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
+                 measured=ratio, threshold=limit, baseline=base.memory_ratio if base else None)
+
+
+def _finite_check(mm: ModeMeasurement) -> Check:
+    steps = len(mm.losses)
+    if mm.first_nonfinite_step is None:
+        return Check(mm.mode, "finite_loss", PASS, f"{mm.mode} loss finite at all {steps} steps", measured=0, threshold=0)
+    bad = mm.losses[mm.first_nonfinite_step]
+    return Check(
+        mm.mode, "finite_loss", FAIL,
+        f"{mm.mode} loss non-finite ({bad}) first at step {mm.first_nonfinite_step} of {steps} "
+        f"({mm.nonfinite_steps} non-finite steps)",
+        measured=mm.nonfinite_steps, threshold=0,
+    )
+
+
+def _scaler_checks(mm: ModeMeasurement, config: GateConfig) -> list[Check]:
+    s = mm.scaler
+    if s is None:
+        return []
+    checks = []
+    if s.skipped_steps is not None:
+        fraction = s.skipped_steps / s.steps if s.steps else 0.0
+        ok = fraction <= config.max_skipped_fraction
+        checks.append(Check(
+            mm.mode, "skipped_steps", PASS if ok else FAIL,
+            f"{mm.mode} GradScaler skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
+            f"{'<=' if ok else '>'} {config.max_skipped_fraction:.1%}",
+            measured=fraction, threshold=config.max_skipped_fraction,
+        ))
+    ok = s.final_scale >= config.min_loss_scale
+    checks.append(Check(
+        mm.mode, "loss_scale", PASS if ok else FAIL,
+        f"{mm.mode} loss scale {s.final_scale:g} (start {s.initial_scale:g}, lowest {s.min_scale:g}) "
+        f"{'>=' if ok else '< collapse limit'} {config.min_loss_scale:g}",
+        measured=s.final_scale, threshold=config.min_loss_scale,
+    ))
+    return checks
+
+
+def _accuracy_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, missing: str) -> Check:
+    if mm.accuracy is None or (isinstance(mm.accuracy, float) and math.isnan(mm.accuracy)):
+        return Check(mm.mode, "accuracy", SKIPPED, f"{mm.mode} accuracy not measured")
+    base = baseline.modes.get(mm.mode) if baseline else None
+    if base is None or base.accuracy is None:
+        outcome = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}[config.missing_baseline]
+        return Check(mm.mode, "accuracy", outcome, f"{mm.mode} accuracy {mm.accuracy:.3f}: {missing}", measured=mm.accuracy)
+    low = base.accuracy - config.accuracy_tolerance
+    text = f"{mm.mode} accuracy {mm.accuracy:.3f} vs baseline {base.accuracy:.3f} (tol {config.accuracy_tolerance:g})"
+    if mm.accuracy < low:
+        return Check(mm.mode, "accuracy", FAIL, f"{text} dropped below {low:.3f}", measured=mm.accuracy, threshold=low, baseline=base.accuracy)
+    if mm.accuracy > base.accuracy + config.accuracy_tolerance:
+        text += f"; above the baseline by more than the tolerance, refresh it with --ampgate-update"
+    return Check(mm.mode, "accuracy", PASS, text, measured=mm.accuracy, threshold=low, baseline=base.accuracy)
+
+
+def _coverage_check(mm: ModeMeasurement, config: GateConfig) -> Check | None:
+    from .modes import resolve_mode
+
+    cov = mm.precision_coverage
+    if cov is None or resolve_mode(mm.mode).low_precision_dtype is None:
+        return None
+    if cov.total_flops == 0:
+        return Check(mm.mode, "precision_coverage", SKIPPED, f"{mm.mode}: no matmul/convolution FLOPs recorded")
+    ok = cov.share >= config.min_low_precision_share
+    text = f"{mm.mode} low-precision share {cov.describe()}"
+    return Check(mm.mode, "precision_coverage", PASS if ok else FAIL,
+                 f"{text} {'>=' if ok else '<'} {config.min_low_precision_share:.0%}",
+                 measured=cov.share, threshold=config.min_low_precision_share)
+
+
+def evaluate(
+    measurements: Measurements,
+    config: GateConfig,
+    baseline: Baseline | None = None,
+    *,
+    missing_baseline_note: str = "",
+) -> Verdict:
+    """All checks for one measured workload.
+
+    ``missing_baseline_note`` says why no baseline applied (e.g. which environments have one) so
+    the accuracy check can say how to record one.
+    """
+    env_label = _env_label(baseline.environment) if baseline else ""
+    missing = missing_baseline_note or f"no stored baseline; {RECORD_HINT}"
+    device_type = measurements.device.split(":")[0]
+    checks: list[Check] = []
+    for mm in [measurements.reference, *measurements.modes.values()]:
+        if not mm.supported:
+            checks.append(Check(mm.mode, "supported", SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
+            continue
+        if mm.error:
+            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed while running: {mm.error}"))
+            continue
+        checks.append(_finite_check(mm))
+        checks += _scaler_checks(mm, config)
+        coverage = _coverage_check(mm, config)
+        if coverage:
+            checks.append(coverage)
+        checks.append(_accuracy_check(mm, config, baseline, missing))
+    for name, mm in measurements.modes.items():
+        if not mm.ok or not measurements.reference.ok:
+            continue
+        base = baseline.modes.get(name) if baseline else None
+        if config.timing_applies(device_type):
+            checks.append(_speedup_check(name, measurements, config, base, env_label))
+        else:
+            checks.append(Check(name, "speedup", SKIPPED, f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"))
+        if config.memory_applies(device_type):
+            checks.append(_memory_check(name, measurements, config, base, env_label))
+    return Verdict(checks)
+
+
+def _env_label(environment: dict) -> str:
+    name = environment.get("device_name", "?")
+    torch_version = ".".join(str(environment.get("torch_version", "?")).split("+")[0].split(".")[:2])
+    return f"{name}, torch {torch_version}"
+
+
+def decide(
+    measure_once: Callable[[], Measurements],
+    config: GateConfig,
+    baseline: Baseline | None = None,
+    *,
+    missing_baseline_note: str = "",
+) -> tuple[Measurements, Verdict]:
+    """Measure, judge, and re-measure before reporting a timing failure (when ``config.confirm``).
+
+    A speedup FAIL stands only if the fresh measurement fails it too; if the two runs disagree the
+    check is INCONCLUSIVE.  Non-timing checks (numerics, memory) come from the first run: they are
+    deterministic enough not to need a second opinion.
+    """
+    first = measure_once()
+    verdict = evaluate(first, config, baseline, missing_baseline_note=missing_baseline_note)
+    timing_failures = [c for c in verdict.of(FAIL) if c.metric in TIMING_METRICS]
+    if not (config.confirm and timing_failures):
+        return first, verdict
+    second = measure_once()
+    again = {(c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note).checks}
+    checks = []
+    for c in verdict.checks:
+        if c in timing_failures:
+            c2 = again.get((c.mode, c.metric))
+            if c2 is not None and c2.outcome == FAIL:
+                c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {c2.measured:.2f}x", c.measured, c.threshold, c.baseline)
+            else:
+                second_text = f"{c2.measured:.2f}x ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
+                c = Check(c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline)
+        checks.append(c)
+    return first, Verdict(checks, confirmed=True)
+
+
+def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:
+    """What ``--ampgate-update`` stores for one test: per-mode figures with their spread."""
+    modes = {}
+    for mm in [measurements.reference, *measurements.modes.values()]:
+        if not mm.ok:
+            continue
+        comparison = measurements.comparisons.get(mm.mode) if mm is not measurements.reference else None
+        speedup = comparison.speedup if comparison else None
+        cov = mm.precision_coverage
+        final = mm.final_loss
+        modes[mm.mode] = ModeBaseline(
+            speedup=speedup.median if speedup else None,
+            speedup_low=speedup.low if speedup else None,
+            speedup_high=speedup.high if speedup else None,
+            memory_ratio=comparison.memory_ratio if comparison else None,
+            step_time_s=mm.step_time_s,
+            peak_memory_bytes=mm.peak_memory_bytes,
+            accuracy=mm.accuracy,
+            final_loss=final if final is not None and math.isfinite(final) else None,
+            low_precision_share=cov.share if cov is not None and cov.total_flops else None,
+        )
+    return Baseline(
+        test_id=test_id,
+        env_key=env_key,
+        environment=measurements.environment,
+        recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        settings={"workload": measurements.workload, "batch_size": measurements.batch_size, **settings},
+        modes=modes,
+    )
+
+
+@dataclass
+class GateResult:
+    """One gated run of one test: what was measured, the verdict, and what --ampgate-update stores.
+
+    This is what the fixtures hand back, so a test can add asserts of its own.
+    """
+
+    test_id: str
+    env_key: str
+    measurements: Measurements
+    verdict: Verdict
+    baseline_accuracy: dict = field(default_factory=dict)
+    """Stored accuracy per mode, for the table (empty when there was no baseline)."""
+    update: dict | None = None
+    """The baseline entry to store (``Baseline.to_entry()``), set only under --ampgate-update."""
+    strict: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict.outcome == FAIL or (self.strict and self.verdict.outcome == INCONCLUSIVE)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def mode(self, name: str) -> ModeMeasurement:
+        """The measurement of one mode (the reference too), e.g. ``result.mode("amp_fp16").accuracy``."""
+        if name == self.measurements.reference.mode and name not in self.measurements.modes:
+            return self.measurements.reference
+        try:
+            return self.measurements.modes[name]
+        except KeyError:
+            raise KeyError(f"{name!r} was not measured; measured: {self.measurements.reference.mode}, {', '.join(self.measurements.modes)}") from None
+
+    def speedup(self, name: str) -> float | None:
+        """Median speedup of a mode over the reference (None when not timed)."""
+        estimate = self.measurements.comparisons[name].speedup
+        return estimate.median if estimate else None
+
+    def memory_ratio(self, name: str) -> float | None:
+        return self.measurements.comparisons[name].memory_ratio
+
+    def explain(self) -> str:
+        return self.verdict.explain(self.test_id, strict=self.strict)
+
+    def to_dict(self) -> dict:
+        return {
+            "test_id": self.test_id,
+            "env_key": self.env_key,
+            "measurements": self.measurements.to_dict(),
+            "verdict": self.verdict.to_dict(),
+            "baseline_accuracy": self.baseline_accuracy,
+            "update": self.update,
+            "strict": self.strict,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateResult":
+        return cls(
+            test_id=d["test_id"],
+            env_key=d["env_key"],
+            measurements=Measurements.from_dict(d["measurements"]),
+            verdict=Verdict.from_dict(d["verdict"]),
+            baseline_accuracy=d.get("baseline_accuracy", {}),
+            update=d.get("update"),
+            strict=d.get("strict", False),
+        )

@@ -1,0 +1,201 @@
+"""One pytest session's gate: options, the baseline store, and running one gated test end to end.
+
+This is the glue between the engine and the plugin: ``plugin.py`` turns pytest's options into a
+:class:`GateOptions`, asks :class:`GateSession` for skip reasons and configs, and hands fixtures a
+:class:`TestGate` whose ``run`` measures, judges and (under ``--ampgate-update``) prepares a
+baseline.  Nothing here imports pytest, so the same flow can be driven from a script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .baselines import Baseline, BaselineStore
+from .config import GateConfig, build_config
+from .errors import ConfigError
+
+CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
+"""Protocol defaults on ``--ampgate-device cpu``: enough steps for the numerics and accuracy to mean
+something (the MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job."""
+
+CPU_WORKLOAD_SIZES = {
+    "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
+    "cifar_cnn": {"batch_size": 32, "data_options": {"n_train": 2048, "n_test": 512}},
+}
+"""Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there."""
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """The session-wide settings, from command-line flags and ini options."""
+
+    enabled: bool = False
+    update: bool = False
+    prune: bool = False
+    device: str = "cuda"
+    baseline_dir: Path = Path("baselines")
+    data_root: str | None = None
+    download: bool = False
+    strict: bool = False
+    ini_settings: Mapping[str, Any] = field(default_factory=dict)
+    """``ampgate_<setting>`` values from the ini file (or ``-o``), by setting name; unset ones left out."""
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+
+def validate_device(device: str) -> str:
+    """Accept 'cuda', 'cuda:N' or 'cpu' (what --ampgate-device takes)."""
+    text = (device or "").strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in ("cuda", "cpu") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"--ampgate-device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+    return text
+
+
+class GateSession:
+    """Everything gated tests in one pytest session share."""
+
+    def __init__(self, options: GateOptions, progress: Callable[[str], None] | None = None):
+        self.options = options
+        self.store = BaselineStore(options.baseline_dir)
+        self.progress = progress
+        self.results: list = []
+        self._env = None
+
+    def skip_reason(self) -> str | None:
+        """Why gated tests cannot run in this session, or None.  Creates no CUDA context."""
+        if not self.options.enabled:
+            return "AMP regression test: run it with pytest --ampgate"
+        if self.options.device_type == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return (
+                    "no CUDA device available for the AMP gate (--ampgate-device cuda); "
+                    "run the numerical checks on the CPU with --ampgate --ampgate-device cpu"
+                )
+            index = int(self.options.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                return f"--ampgate-device {self.options.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return None
+
+    def config_for(self, test_id: str, marker_args: Sequence[Any] = (), marker_kwargs: Mapping[str, Any] | None = None) -> GateConfig:
+        """Defaults, the CPU profile (on cpu), ini options, then the test's marker arguments."""
+        if marker_args:
+            raise ConfigError(
+                f"marker amp_regression on {test_id}: takes keyword arguments only, got positional {list(marker_args)!r}"
+            )
+        layers = []
+        if self.options.device_type == "cpu":
+            layers.append(("CPU profile", CPU_PROFILE))
+        layers.append(("ini option ampgate_<name>", dict(self.options.ini_settings)))
+        layers.append((f"marker amp_regression on {test_id}", dict(marker_kwargs or {})))
+        config = build_config(*layers)
+        if self.options.strict and not config.strict:
+            config = dataclasses.replace(config, strict=True)
+        return config
+
+    def environment(self):
+        if self._env is None:
+            from .env import fingerprint
+
+            self._env = fingerprint(self.options.device)
+        return self._env
+
+
+class TestGate:
+    """What the ``ampgate`` fixture hands a test: ``run(workload)`` measures and judges it."""
+
+    __test__ = False  # not a test class, whatever pytest's collection patterns say
+
+    def __init__(self, session: GateSession, test_id: str, config: GateConfig):
+        self.session = session
+        self.test_id = test_id
+        self.config = config
+        self.results: list = []
+
+    @property
+    def device(self) -> str:
+        return self.session.options.device
+
+    def run(self, workload, *, modes: Sequence[str] | None = None, dataset=None):
+        """Measure ``workload`` (a built-in name or a :class:`Workload`) and judge it against this test's gate.
+
+        The verdict is applied to the test automatically when it finishes; the returned
+        :class:`GateResult` is there for asserts of your own.
+        """
+        from .gate import GateResult, baseline_from, decide, evaluate
+        from .measurement import measure
+        from .workloads import BUILTIN, get_workload
+
+        if self.results:
+            raise ConfigError(
+                f"{self.test_id}: one gated run per test (baselines are keyed by test id); "
+                "split the workloads into separate tests or parametrize the test"
+            )
+        options = self.session.options
+        by_name = isinstance(workload, str) and workload in BUILTIN
+        workload = get_workload(workload)
+        if options.device_type == "cpu" and by_name:
+            workload = workload.with_options(**CPU_WORKLOAD_SIZES[workload.name])
+        config = self.config
+        if modes is not None:
+            config = build_config(("defaults", {}), ("run(modes=...)", {"modes": modes}))
+            config = dataclasses.replace(self.config, modes=config.modes)
+        env = self.session.environment()
+        env_key = env.key()
+
+        def measure_once():
+            return measure(
+                workload,
+                config.modes,
+                device=options.device,
+                config=config.measure_config(),
+                dataset=dataset,
+                data_root=options.data_root,
+                download=options.download,
+                progress=self.session.progress,
+            )
+
+        if options.update:
+            config = dataclasses.replace(config, missing_baseline="ignore")
+            measurements = measure_once()
+            verdict = evaluate(measurements, config, None)
+            baseline = None
+        else:
+            baseline = self.session.store.lookup(self.test_id, env_key)
+            note = ""
+            if baseline is None:
+                others = self.session.store.environments(self.test_id)
+                where = f"recorded for: {'; '.join(others)}" if others else "none recorded for this test"
+                note = f"no baseline for {env_key} ({where}); record one with: pytest --ampgate --ampgate-update"
+            measurements, verdict = decide(measure_once, config, baseline, missing_baseline_note=note)
+
+        result = GateResult(
+            test_id=self.test_id,
+            env_key=env_key,
+            measurements=measurements,
+            verdict=verdict,
+            baseline_accuracy={k: v.accuracy for k, v in baseline.modes.items() if v.accuracy is not None} if baseline else {},
+            strict=config.strict,
+        )
+        if options.update and not result.failed:
+            settings = {"config": config.to_dict(), "measure": measurements.config.to_dict()}
+            result.update = baseline_from(measurements, self.test_id, env_key, settings).to_entry()
+        self.results.append(result)
+        return result
+
+
+def stage_updates(store: BaselineStore, results) -> int:
+    """Stage the baselines of every result that carries one; returns how many."""
+    count = 0
+    for r in results:
+        if r.update is not None:
+            store.stage(Baseline.from_entry(r.test_id, r.env_key, r.update, f"update for {r.test_id}"))
+            count += 1
+    return count
