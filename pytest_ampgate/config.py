@@ -5,6 +5,12 @@ Settings come from three layers, later ones winning: built-in defaults, ini opti
 command-line flags, then the keyword arguments of ``@pytest.mark.amp_regression(...)``.  Each layer
 is checked against the same table, so an unknown name or a bad value is reported with where it
 came from and what is allowed, before anything is measured.
+
+``missing_baseline`` defaults to "warn": with no baseline for this environment the absolute margins
+still gate, and accuracy (the one check with nothing else to compare against) is INCONCLUSIVE with
+the command that records one.  The first run on a new GPU or torch release should neither break CI
+for want of a number nobody has measured yet nor pass silently; "fail" (or ``--ampgate-strict``)
+makes it a failure, "ignore" skips the check.
 """
 
 from __future__ import annotations
@@ -68,7 +74,10 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{name} must be a non-empty list of precision modes, got {value!r}")
-    resolved = tuple(resolve_mode(v).name for v in value)
+    try:
+        resolved = tuple(resolve_mode(v).name for v in value)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
     if len(set(resolved)) != len(resolved):
         raise ConfigError(f"{name} names a mode twice: {list(value)}")
     return resolved
@@ -156,7 +165,8 @@ assert set(SETTINGS) == {f.name for f in fields(GateConfig)}
 def build_config(*layers: tuple[str, Mapping[str, Any]]) -> GateConfig:
     """Defaults, then each (source, values) layer in order; errors name the source and the setting.
 
-    ``source`` reads like "marker amp_regression on tests/test_x.py::test_y" or "ini ampgate_".
+    ``source`` reads like "marker amp_regression on tests/test_x.py::test_y" or "ini option
+    ampgate_<name>" (``<name>`` becomes the setting at fault, so the message names the ini key).
     Values of ``None`` in a layer mean "not set here".
     """
     values: dict[str, Any] = {}
@@ -173,5 +183,5 @@ def build_config(*layers: tuple[str, Mapping[str, Any]]) -> GateConfig:
             try:
                 values[name] = SETTINGS[name][0](name, value)
             except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                raise ConfigError(f"{source.replace('<name>', name)}: {exc}") from None
     return GateConfig(**values)

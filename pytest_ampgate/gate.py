@@ -73,7 +73,12 @@ class Verdict:
         if self.of(FAIL):
             lines.append("  " + UPDATE_HINT)
         elif self.of(INCONCLUSIVE):
-            lines.append("  " + ("--ampgate-strict treats this as a failure; " if strict else "") + "rerun on a quiet GPU, or raise rounds")
+            # Only a timing doubt is cured by a quiet GPU; a missing baseline's line already says how to record one.
+            timing = any(c.metric in TIMING_METRICS for c in self.of(INCONCLUSIVE))
+            advice = ["--ampgate-strict treats this as a failure"] if strict else []
+            advice += ["rerun on a quiet GPU, or raise rounds"] if timing else []
+            if advice:
+                lines.append("  " + "; ".join(advice))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -338,6 +343,8 @@ class GateResult:
     update: dict | None = None
     """The baseline entry to store (``Baseline.to_entry()``), set only under --ampgate-update."""
     strict: bool = False
+    config: dict = field(default_factory=dict)
+    """The test's GateConfig as a dict (margins, limits): reports and charts draw floors from it."""
 
     @property
     def failed(self) -> bool:
@@ -376,6 +383,7 @@ class GateResult:
             "baseline_accuracy": self.baseline_accuracy,
             "update": self.update,
             "strict": self.strict,
+            "config": self.config,
         }
 
     @classmethod
@@ -388,4 +396,5 @@ class GateResult:
             baseline_accuracy=d.get("baseline_accuracy", {}),
             update=d.get("update"),
             strict=d.get("strict", False),
+            config=d.get("config", {}),
         )

@@ -267,7 +267,10 @@ def _read_losses(losses: list[torch.Tensor]) -> list[float]:
 
 
 def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:
-    """One fp32 forward and loss on two samples, so a misfit is reported as the user's error, not ours."""
+    """One fp32 forward and loss on a batch, so a misfit is reported as the user's error, not ours.
+
+    The batch is the training batch size (capped at 32, to stay cheap on the CPU): with two samples
+    a two-class output (2, 2) against targets (2,) broadcasts in an elementwise loss and slips by."""
     n_train = dataset.train_x.shape[0]
     if workload.batch_size > n_train:
         raise WorkloadError(
@@ -275,7 +278,7 @@ def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDatas
         )
     param = next(model.parameters(), None)
     where = param.device if param is not None else torch.device("cpu")
-    x, y = (t[:2].to(where) for t in dataset.batch(0, min(2, n_train)))
+    x, y = (t.to(where) for t in dataset.batch(0, min(workload.batch_size, n_train, 32)))
     try:
         with torch.no_grad():
             out = model(x)
@@ -403,7 +406,7 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
     for round_index, positions in enumerate(order):
-        say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}")
+        say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
             slot = slots[i]
             if slot.runner is None:

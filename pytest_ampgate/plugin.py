@@ -8,12 +8,14 @@ are written once, at session end, by the process that saw every report.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from .config import SETTINGS
-from .errors import AmpGateError, BaselineError, ConfigError
+from .errors import AmpGateError, BaselineError, ConfigError, WorkloadError
 
 MARKER = "amp_regression"
 FIXTURES = ("ampgate", "ampgate_mnist", "ampgate_cifar")
@@ -22,6 +24,8 @@ SESSION_KEY = pytest.StashKey["object"]()
 CONFIG_KEY = pytest.StashKey["object"]()
 GATE_KEY = pytest.StashKey["object"]()
 STATE_KEY = pytest.StashKey[dict]()
+LOCK_KEY = pytest.StashKey["object"]()
+RUN_ATTR = "ampgate_run"
 
 
 def pytest_addoption(parser):
@@ -42,6 +46,12 @@ def pytest_addoption(parser):
                     help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing")
     group.addoption("--ampgate-strict", action="store_true", default=False,
                     help="treat INCONCLUSIVE verdicts as failures")
+    group.addoption("--ampgate-json", default=None, metavar="PATH",
+                    help="write a JSON report of the gated run to PATH (schema: docs/json-report.md)")
+    group.addoption("--ampgate-markdown", default=None, metavar="PATH",
+                    help="write the summary table as Markdown to PATH (also appended to $GITHUB_STEP_SUMMARY when set)")
+    group.addoption("--ampgate-plot", default=None, metavar="PATH",
+                    help="write a PNG chart of speedups and memory ratios against their limits (needs matplotlib)")
     parser.addini("ampgate_device", "default for --ampgate-device", default="cuda")
     parser.addini("ampgate_baseline_dir", "default for --ampgate-baseline-dir (relative to the rootdir)", default="baselines")
     parser.addini("ampgate_data_root", "default for --ampgate-data-root", default="")
@@ -93,13 +103,26 @@ def pytest_configure(config):
     gate = GateSession(options, progress=_progress_writer(config))
     config.stash[SESSION_KEY] = gate
     config.pluginmanager.register(ResultCollector(gate), "ampgate-results")
+    if not hasattr(config, "workerinput"):  # the process that sees every result writes the CI outputs
+        if config.getoption("ampgate_plot"):
+            from .plot import PlotUnavailable, require_matplotlib
+
+            try:
+                require_matplotlib()
+            except PlotUnavailable as exc:
+                raise pytest.UsageError(str(exc)) from None
+        config.pluginmanager.register(CIOutputs(gate), "ampgate-outputs")
+        if gate.options.enabled and config.pluginmanager.hasplugin("benchmark"):
+            from .benchmark_compat import BenchmarkBridge
+
+            config.pluginmanager.register(BenchmarkBridge(config, gate), "ampgate-benchmark")
     config.stash[STATE_KEY] = {"gated_ids": set(), "partial_modules": set(), "modules": set()}
 
 
 def _progress_writer(config):
     """Progress lines at -v, written past output capturing; silent at the default verbosity."""
-    if config.getoption("verbose") <= 0:
-        return None
+    if config.getoption("verbose") <= 0 or hasattr(config, "workerinput"):
+        return None  # xdist workers have no terminal: the controller reports their gated tests instead
 
     def write(message: str) -> None:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -119,6 +142,25 @@ def _is_gated(item) -> bool:
     return item.get_closest_marker(MARKER) is not None or any(f in getattr(item, "fixturenames", ()) for f in FIXTURES)
 
 
+def _named_in_part(config, modules: set) -> set:
+    """Modules the command line picks tests from by node id (``tests/test_x.py::test_y``).
+
+    Like ``-k``, that collects a module in part, so the entries of its other tests are not stale.
+    When such an argument cannot be mapped to a node id, every module counts as picked in part.
+    """
+    picked = set()
+    root = Path(config.rootpath).resolve()
+    for arg in config.args:
+        path, sep, _rest = str(arg).partition("::")
+        if not sep:
+            continue
+        try:
+            picked.add(Path(config.invocation_params.dir, path).resolve().relative_to(root).as_posix())
+        except ValueError:
+            return set(modules)
+    return picked
+
+
 def pytest_collection_modifyitems(session, config, items):
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
@@ -129,8 +171,15 @@ def pytest_collection_modifyitems(session, config, items):
             item.stash[CONFIG_KEY] = gate.config_for(item.nodeid, marker.args if marker else (), marker.kwargs if marker else {})
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
+        if item.nodeid.startswith("::") and gate.options.enabled:  # baselines are keyed by node id
+            raise pytest.UsageError(
+                f"{item.path} lies outside the rootdir {config.rootpath}, so pytest gives its gated test "
+                f"the node id {item.nodeid!r} with no file in it, and its baselines would mix with those "
+                "of same-named tests in other files; run pytest with a --rootdir that contains it"
+            )
         state["gated_ids"].add(item.nodeid)
         state["modules"].add(item.nodeid.split("::", 1)[0])
+    state["partial_modules"] |= _named_in_part(config, state["modules"])
     if gated:
         reason = gate.skip_reason()
         if reason:
@@ -185,17 +234,40 @@ def ampgate_cifar(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, AmpGateError):
+        report.longrepr = _bad_input_repr(item, call.excinfo)
+    if call.when == "teardown" and LOCK_KEY in item.stash:  # still inside the device lock
+        hold = item.stash[LOCK_KEY].to_dict()
+        report.__dict__[RUN_ATTR] = {**hold, "released_at": time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
     if call.when != "call" or GATE_KEY not in item.stash or not item.stash[GATE_KEY].results:
         return
     results = item.stash[GATE_KEY].results
     report.__dict__[REPORT_ATTR] = [r.to_dict() for r in results]
-    text = "\n\n".join(r.explain() for r in results)
+    from .report import junit_properties
+
+    for r in results:  # read by --junitxml from the teardown report, in the controller too
+        item.user_properties.extend(junit_properties(r))
+    # No test id in the text: pytest names the test already ("FAILED <id> - AMP REGRESSION").
+    text = "\n\n".join(r.verdict.explain(strict=r.strict) for r in results)
     if item.config.stash[SESSION_KEY].options.update and any(r.failed for r in results):
         text += "\n  baseline NOT recorded: fix the failing checks, or relax their margins in the marker"
-    report.sections.append(("ampgate", text))
     if any(r.failed for r in results) and report.passed:
         report.outcome = "failed"
-        report.longrepr = text
+        report.longrepr = text  # the verdict is the failure; a section would repeat it
+    else:
+        report.sections.append(("ampgate", text))
+
+
+def _bad_input_repr(item, excinfo):
+    """Bad input (an AmpGateError) is its message alone: it names the culprit and the fix, and a
+    traceback into the plugin's internals would only bury it.  ``--full-trace`` brings it back."""
+    if item.config.getoption("fulltrace", False):
+        return excinfo.getrepr(style="long")
+    exc = excinfo.value
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, WorkloadError):
+        text += "\n  (the workload this test built is at fault, not pytest-ampgate: fix its model, data or loss)"
+    return text
 
 
 class ResultCollector:
@@ -203,18 +275,131 @@ class ResultCollector:
 
     def __init__(self, session):
         self.session = session
+        self.runs: dict = {}
+        """Device-lock holdings by test id: worker, pid, when acquired and released."""
 
     def pytest_runtest_logreport(self, report):
         records = report.__dict__.get(REPORT_ATTR)
         if records:
             from .gate import GateResult
 
-            self.session.results.extend(GateResult.from_dict(d) for d in records)
+            results = [GateResult.from_dict(d) for d in records]
+            self.session.results.extend(results)
+            if self.session.progress and getattr(report, "node", None) is not None:  # sent by an xdist worker
+                for r in results:
+                    m = r.measurements
+                    self.session.progress(
+                        f"{getattr(report.node, 'gateway', report.node).id} {r.test_id}: {m.workload}, "
+                        f"{m.reference.mode} vs {', '.join(m.modes)}, {m.config.rounds} rounds x {m.config.steps_per_block} "
+                        f"steps, {m.wall_time_s:.1f} s: {r.verdict.outcome}"
+                    )
+        run = report.__dict__.get(RUN_ATTR)
+        if run:
+            self.runs[report.nodeid] = run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Gated tests hold their device exclusively (see gpu_lock): xdist workers and other sessions wait."""
+    gate = item.config.stash[SESSION_KEY] if SESSION_KEY in item.config.stash else None
+    if gate is None or not gate.options.enabled or not _is_gated(item) or item.get_closest_marker("skip") or gate.skip_reason():
+        return (yield)
+    from .gpu_lock import hold_device
+
+    workerinput = getattr(item.config, "workerinput", None)
+    run_id = workerinput.get("testrunuid") if workerinput else f"pid{os.getpid()}"
+    with hold_device(gate.options.device, holder=item.nodeid, on_wait=gate.progress, run_id=run_id) as hold:
+        item.stash[LOCK_KEY] = hold
+        if gate.options.device_type != "cuda":  # a per-run lock file: removed at session end
+            item.config.stash[STATE_KEY].setdefault("run_locks", set()).add(hold.path)
+        return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist: the controller collects nothing itself, so stale-baseline detection uses the workers' collection."""
+    collected = getattr(node, "workeroutput", {}).get("ampgate_collected")
+    config = node.config
+    if collected and STATE_KEY in config.stash:
+        config.stash[STATE_KEY].setdefault("workers", set()).add(getattr(getattr(node, "gateway", None), "id", "?"))
+        for key, values in collected.items():
+            config.stash[STATE_KEY].setdefault(key, set()).update(values)
+
+
+class CIOutputs:
+    """The run's artefacts for CI (JSON report, Markdown summary, chart, pytest-benchmark entries),
+    written at session end by the process that saw every result, after the baselines."""
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        config = session.config
+        gate, state = self.gate, config.stash[STATE_KEY]
+        lines = state.setdefault("summary", [])
+        json_path, md_path, plot_path = (config.getoption(o) for o in ("ampgate_json", "ampgate_markdown", "ampgate_plot"))
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if gate.options.enabled else None
+        for path in state.get("run_locks", ()):  # every worker is done with them
+            Path(path).unlink(missing_ok=True)
+        bridge = config.pluginmanager.get_plugin("ampgate-benchmark")
+        if bridge is not None:
+            lines += bridge.finish()
+        if not (json_path or md_path or plot_path or step_summary):
+            return
+        skip_reason = gate.skip_reason()
+        if json_path:
+            from .json_report import build_report, write_report
+
+            collector = config.pluginmanager.get_plugin("ampgate-results")
+            info = {
+                "args": [str(a) for a in config.invocation_params.args],
+                "rootdir": config.rootpath,
+                "device": gate.options.device,
+                "update": gate.options.update,
+                "strict": gate.options.strict,
+                "baseline_dir": gate.options.baseline_dir,
+                "exit_status": int(session.exitstatus),
+                "workers": len(state["workers"]) if state.get("workers") else None,
+                "skip_reason": skip_reason,
+                "baselines_written": [line.split(": ", 1)[1] for line in lines if line.startswith("baseline written: ")],
+                "stale_baselines": [test_id for _path, test_id in _stale(config)],
+            }
+            path = write_report(_at_root(config, json_path), build_report(gate.results, runs=collector.runs, run_info=info))
+            lines.append(f"ampgate JSON report: {path}")
+        if md_path or step_summary:
+            from .report import markdown_summary
+
+            text = markdown_summary(gate.results, skip_reason)
+            if md_path:
+                target = _at_root(config, md_path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+                lines.append(f"ampgate Markdown summary: {target}")
+            if step_summary:
+                with open(step_summary, "a", encoding="utf-8") as fh:
+                    fh.write(text + "\n")
+        if plot_path:
+            from .plot import write_chart
+
+            if any(r.measurements.comparisons for r in gate.results):
+                lines.append(f"ampgate chart: {write_chart(gate.results, _at_root(config, plot_path))}")
+            else:
+                lines.append("ampgate chart NOT written: no gated test compared a mode with fp32 in this run")
+
+
+def _at_root(config, path) -> Path:
+    """Output paths are relative to the invocation directory, like --junitxml."""
+    path = Path(path)
+    return (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
 
 
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
+        state = config.stash[STATE_KEY]
+        keys = ("gated_ids", "partial_modules", "modules", "run_locks")
+        config.workeroutput["ampgate_collected"] = {k: sorted(state.get(k, ())) for k in keys}
         return
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
@@ -227,9 +412,17 @@ def pytest_sessionfinish(session, exitstatus):
         count = stage_updates(gate.store, gate.results)
         written = gate.store.commit() if count else []
         summary += [f"baseline written: {p}" for p in written]
+        if written and exitstatus == pytest.ExitCode.INTERRUPTED:
+            summary.append("the run was interrupted: baselines were recorded for the tests that finished only")
     except BaselineError as exc:
         summary.append(f"baselines NOT fully written: {exc}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    except KeyboardInterrupt:  # Ctrl-C mid-commit: every file is whole (old or new), so say so, not a traceback
+        summary.append(
+            "baselines NOT fully written: interrupted while writing them; each baseline file is either "
+            "unchanged or fully updated. Run pytest --ampgate --ampgate-update again"
+        )
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
 
 
 def _stale(config):
@@ -267,8 +460,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     stale = _stale(config)
     if stale:
         if gate.options.update and gate.options.prune:
-            gate.store.prune(stale)
-            terminalreporter.write_line(f"pruned {len(stale)} stale baseline entr{'y' if len(stale) == 1 else 'ies'}")
+            try:
+                gate.store.prune(stale)
+            except BaselineError as exc:  # a file gone bad since it was read, or a lock held too long
+                terminalreporter.write_line(f"stale baseline entries NOT pruned: {exc}", red=True)
+            else:
+                terminalreporter.write_line(f"pruned {len(stale)} stale baseline entr{'y' if len(stale) == 1 else 'ies'}")
         else:
             terminalreporter.write_line(
                 "stale baseline entries (their tests no longer exist): "
@@ -276,7 +473,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 + "; delete them with --ampgate-update --ampgate-prune"
             )
     for line in state.get("summary", []):
-        terminalreporter.write_line(line)
+        terminalreporter.write_line(line, red=line.startswith("baselines NOT"))
 
 
 def pytest_report_header(config):

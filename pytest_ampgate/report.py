@@ -78,3 +78,73 @@ def format_table(rows: list[list[str]], columns=COLUMNS) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# --- CI outputs: Markdown summary and JUnit properties ----------------------------------------
+
+_MARK = {"FAIL": "❌ FAIL", "INCONCLUSIVE": "⚠️ INCONCLUSIVE", "pass": "✅ pass"}
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(results: list[GateResult], skip_reason: str | None = None) -> str:
+    """The summary table as GitHub-flavoured Markdown (``--ampgate-markdown``, ``$GITHUB_STEP_SUMMARY``)."""
+    counts = {o: sum(1 for r in results if r.verdict.outcome == o) for o in WORST_FIRST}
+    said = ", ".join(f"{n} {o}" for o, n in counts.items() if n) or "no gated tests ran"
+    lines = [f"### AMP gate (pytest-ampgate): {said}", ""]
+    if not results:
+        lines.append(f"No gated test produced a result{': ' + skip_reason if skip_reason else '.'}")
+        return "\n".join(lines) + "\n"
+    envs = sorted({r.env_key for r in results})
+    lines.append("Environment: " + ", ".join(f"`{e}`" for e in envs))
+    if any(r.measurements.device.startswith("cpu") for r in results):
+        lines.append("")
+        lines.append("CPU run: numerics and accuracy are gated; timing and memory are gated on CUDA only.")
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in table_rows(results):
+        cells = [f"`{row[0]}`", *row[1:-1], _MARK.get(row[-1], row[-1])]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    doubts = [(r.test_id, c) for r in results for c in r.verdict.checks if c.outcome in (FAIL, INCONCLUSIVE)]
+    if doubts:
+        lines += ["", "Checks that did not pass:", ""]
+        lines += [f"- **{c.outcome.upper()}** `{test_id}`: {_md_cell(c.why)}" for test_id, c in doubts]
+    return "\n".join(lines) + "\n"
+
+
+def _round(value: float | None, digits: int = 4):
+    return None if value is None or not math.isfinite(value) else float(f"{value:.{digits}g}")
+
+
+def junit_properties(result: GateResult) -> list[tuple[str, object]]:
+    """Key figures of one gated test as (name, value) pairs for JUnit XML ``<property>`` elements.
+
+    Dashboards that read JUnit (GitLab, Jenkins, Azure) show them next to the test without parsing
+    our own report.  Absent figures are left out rather than written as empty values.
+    """
+    m = result.measurements
+    props: list[tuple[str, object]] = [
+        ("ampgate_verdict", result.verdict.outcome),
+        ("ampgate_env", result.env_key),
+        ("ampgate_device", m.device),
+        ("ampgate_workload", m.workload),
+    ]
+    for mm in [m.reference, *m.modes.values()]:
+        prefix = f"ampgate_{mm.mode}"
+        comparison = m.comparisons.get(mm.mode) if mm is not m.reference else None
+        speedup = comparison.speedup if comparison else None
+        figures = {
+            "outcome": mode_outcome(result.verdict, mm.mode) if mm.supported else "unsupported",
+            "step_time_ms": _round(mm.step_time_s * 1e3) if mm.step_time_s is not None else None,
+            "speedup": _round(speedup.median) if speedup else None,
+            "speedup_low": _round(speedup.low) if speedup else None,
+            "speedup_high": _round(speedup.high) if speedup else None,
+            "peak_memory_mib": _round(mm.peak_memory_bytes / 2**20) if mm.peak_memory_bytes is not None else None,
+            "memory_ratio": _round(comparison.memory_ratio) if comparison and comparison.memory_ratio is not None else None,
+            "accuracy": _round(mm.accuracy) if mm.accuracy is not None else None,
+            "final_loss": None if mm.final_loss is None else (_round(mm.final_loss) if math.isfinite(mm.final_loss) else str(mm.final_loss)),
+            "first_nonfinite_step": mm.first_nonfinite_step,
+        }
+        props += [(f"{prefix}_{k}", v) for k, v in figures.items() if v is not None]
+    return props

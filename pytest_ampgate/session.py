@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .baselines import Baseline, BaselineStore
 from .config import GateConfig, build_config
-from .errors import ConfigError
+from .errors import BaselineError, ConfigError
 
 CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
 """Protocol defaults on ``--ampgate-device cpu``: enough steps for the numerics and accuracy to mean
@@ -163,9 +163,13 @@ class TestGate:
             )
 
         if options.update:
+            try:  # a corrupt file would be refused at session end anyway: say so before measuring
+                self.session.store.lookup(self.test_id, env_key)
+            except BaselineError as exc:
+                raise BaselineError(f"refusing to update baselines: {exc}") from None
             config = dataclasses.replace(config, missing_baseline="ignore")
             measurements = measure_once()
-            verdict = evaluate(measurements, config, None)
+            verdict = evaluate(measurements, config, None, missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)")
             baseline = None
         else:
             baseline = self.session.store.lookup(self.test_id, env_key)
@@ -183,6 +187,7 @@ class TestGate:
             verdict=verdict,
             baseline_accuracy={k: v.accuracy for k, v in baseline.modes.items() if v.accuracy is not None} if baseline else {},
             strict=config.strict,
+            config=config.to_dict(),
         )
         if options.update and not result.failed:
             settings = {"config": config.to_dict(), "measure": measurements.config.to_dict()}

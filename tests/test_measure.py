@@ -24,8 +24,8 @@ def mnist_run():
 
 @pytest.fixture(scope="module")
 def cifar_run():
-    config = MeasureConfig(warmup_steps=1, rounds=4, steps_per_block=5, memory_steps=0)
-    workload = cifar_cnn().with_options(batch_size=32, data_options={"n_train": 1024, "n_test": 256})
+    config = MeasureConfig(warmup_steps=1, rounds=4, steps_per_block=30, memory_steps=0)
+    workload = cifar_cnn().with_options(batch_size=32, data_options={"n_train": 2048, "n_test": 256})
     return measure(workload, ["amp_bf16"], device="cpu", config=config)
 
 
@@ -169,7 +169,7 @@ def test_a_mode_that_crashes_does_not_stop_the_others():
 
 def test_a_model_that_does_not_fit_its_data_is_the_users_error():
     wrong = _tiny_workload(model=lambda: nn.Linear(10, 2))
-    with pytest.raises(WorkloadError, match=r"workload 'tiny': the model rejected a batch .*input shape \(2, 8\)"):
+    with pytest.raises(WorkloadError, match=r"workload 'tiny': the model rejected a batch .*input shape \(32, 8\)"):
         measure(wrong, ["amp_bf16"], device="cpu", config=TINY)
     bad_loss = _tiny_workload(loss=nn.functional.binary_cross_entropy_with_logits)
     with pytest.raises(WorkloadError, match="the loss rejected the model's output"):
