@@ -460,6 +460,24 @@ def _new_document() -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def try_exclusive_lock(fd: int) -> bool:
+    """Take an exclusive lock on an open file without waiting; False when another process holds it.
+
+    Shared with the device lock (gpu_lock.py): one place knows the flock / msvcrt difference.
+    """
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, 0, os.SEEK_SET)
+            _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
+            return False
+        raise
+    return True
+
+
 class _Lock:
     """An exclusive inter-process lock on ``<file>.lock``; see the module docstring for the protocol."""
 
@@ -501,7 +519,7 @@ class _Lock:
                 continue
             try:
                 delay = 0.001
-                while not self._try_lock(fd):
+                while not try_exclusive_lock(fd):
                     if time.monotonic() >= deadline:
                         raise self._timeout(fd)
                     time.sleep(delay)
@@ -525,20 +543,6 @@ class _Lock:
                 raise
             self.fd = fd
             return
-
-    @staticmethod
-    def _try_lock(fd: int) -> bool:
-        try:
-            if _fcntl is not None:
-                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-            else:  # pragma: no cover - Windows
-                os.lseek(fd, 0, os.SEEK_SET)
-                _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
-                return False
-            raise
-        return True
 
     def release(self) -> None:
         fd, self.fd = self.fd, None

@@ -24,7 +24,7 @@ from .errors import ConfigError
 MISSING_BASELINE_POLICIES = ("warn", "fail", "ignore")
 
 
-def _number(low: float | None = None, high: float | None = None, low_open: bool = False):
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     def check(name: str, value: Any) -> float:
         if isinstance(value, str):
             try:
@@ -35,8 +35,8 @@ def _number(low: float | None = None, high: float | None = None, low_open: bool 
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if low is not None and (value <= low if low_open else value < low):
             raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-        if high is not None and value > high:
-            raise ConfigError(f"{name} must be <= {high}, got {value!r}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ConfigError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
         return float(value)
 
     return check
@@ -93,6 +93,49 @@ def _choice(options: tuple[str, ...]):
 
 
 @dataclass(frozen=True)
+class MeasureConfig:
+    """How much the engine measures (the protocol).  Defaults are for a GPU; tests pass tiny counts.
+
+    Its fields are validated by the same checks as the gate's settings of the same names.
+    """
+
+    warmup_steps: int = 10
+    rounds: int = 10
+    steps_per_block: int = 20
+    memory_steps: int = 5
+    confidence: float = 0.95
+    noise_threshold: float = 0.10
+    reference_mode: str = "fp32"
+    seed: int = 0
+    cudnn_benchmark: bool = True
+    precision_coverage: bool = True
+
+    def __post_init__(self):
+        for name in PROTOCOL:
+            SETTINGS[name][0](name, getattr(self, name))
+        _whole(0)("seed", self.seed)
+        from .modes import resolve_mode
+
+        resolve_mode(self.reference_mode)
+
+    def total_steps(self) -> int:
+        coverage = 1 if self.precision_coverage else 0
+        return coverage + self.warmup_steps + self.memory_steps + self.rounds * self.steps_per_block
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MeasureConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PROTOCOL = ("warmup_steps", "rounds", "steps_per_block", "memory_steps", "confidence", "noise_threshold")
+"""The gate settings that are the engine's protocol, passed through to MeasureConfig."""
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """What one gated test demands.  See SETTINGS for each field's meaning."""
 
@@ -110,12 +153,12 @@ class GateConfig:
     missing_baseline: str = "warn"
     confirm: bool = True
     strict: bool = False
-    warmup_steps: int = 10
-    rounds: int = 10
-    steps_per_block: int = 20
-    memory_steps: int = 5
-    confidence: float = 0.95
-    noise_threshold: float = 0.10
+    warmup_steps: int = MeasureConfig.warmup_steps
+    rounds: int = MeasureConfig.rounds
+    steps_per_block: int = MeasureConfig.steps_per_block
+    memory_steps: int = MeasureConfig.memory_steps
+    confidence: float = MeasureConfig.confidence
+    noise_threshold: float = MeasureConfig.noise_threshold
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,10 +167,7 @@ class GateConfig:
 
     def measure_config(self, **overrides):
         """The engine's MeasureConfig for this gate's protocol settings."""
-        from .measurement import MeasureConfig
-
-        names = ("warmup_steps", "rounds", "steps_per_block", "memory_steps", "confidence", "noise_threshold")
-        return MeasureConfig(**{n: getattr(self, n) for n in names}, **overrides)
+        return MeasureConfig(**{n: getattr(self, n) for n in PROTOCOL}, **overrides)
 
     def timing_applies(self, device_type: str) -> bool:
         return self.check_speed if self.check_speed is not None else device_type == "cuda"
@@ -155,7 +195,7 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "rounds": (_whole(1), "timed rounds (ABBA-interleaved across modes)"),
     "steps_per_block": (_whole(1), "training steps in each timed block"),
     "memory_steps": (_whole(0), "steps in each mode's peak-memory pass (CUDA)"),
-    "confidence": (_number(0, 1, low_open=True), "coverage of the speedup's interval"),
+    "confidence": (_number(0, 1, low_open=True, high_open=True), "coverage of the speedup's interval"),
     "noise_threshold": (_number(0, 1, low_open=True), "interval width (relative to the median) above which a speedup is flagged noisy"),
 }
 

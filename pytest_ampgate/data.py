@@ -27,7 +27,7 @@ import math
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -665,46 +665,61 @@ def load_mnist(
     set is shuffled once with ``seed``; ``n_train`` takes a prefix of the shuffled training set,
     ``n_test`` a prefix of the test set in file order.
     """
+    return _load_real(_MNIST, root, download, device, n_train, n_test, seed)
+
+
+@dataclass(frozen=True)
+class _RealDataset:
+    """What differs between the built-in datasets on the real-file path; the steps are shared."""
+
+    key: str
+    label: str
+    sample_shape: Tuple[int, ...]
+    tv_class: str
+    file_shape: Tuple[int, ...]
+    """Shape of one image as torchvision stores it."""
+    folder: str
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    absent_note: Callable[[str], Optional[str]]
+    raise_failure: Callable[[str, BaseException, bool], None]
+
+
+def _load_real(spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int) -> DeviceDataset:
+    """Real files through torchvision when they are there, else the synthetic stand-in, saying why."""
     n_train, n_test = _check_sizes(n_train, n_test)
-    path = _resolve_root(root, "MNIST", download)
+    path = _resolve_root(root, spec.label, download)
     if path is None:
-        note = "no data root given: synthetic MNIST-shaped data (set --ampgate-data-root for real MNIST)"
-        return _stand_in("mnist", _MNIST_SHAPE, n_train, n_test, seed, device, note, None)
+        note = f"no data root given: synthetic {spec.label}-shaped data (set --ampgate-data-root for real {spec.label})"
+        return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, None)
     if not download:
-        absent = _mnist_absent_note(path)
+        absent = spec.absent_note(path)
         if absent is not None:
             note = f"synthetic: {absent}; pass download=True (--ampgate-download) to fetch it"
-            return _stand_in("mnist", _MNIST_SHAPE, n_train, n_test, seed, device, note, path)
-    datasets = _tv_datasets()
+            return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, path)
+    cls = getattr(_tv_datasets(), spec.tv_class)
     try:
-        train = datasets.MNIST(path, train=True, download=download)
-        test = datasets.MNIST(path, train=False, download=False)
-    except Exception as exc:  # torchvision raises assorted types for a bad file
-        _raise_mnist_failure(path, exc, download)
-        raise  # unreachable: _raise_mnist_failure always raises
-    where = os.path.join(path, "MNIST")
+        train = cls(path, train=True, download=download)
+        test = cls(path, train=False, download=False)
+    except Exception as exc:  # torchvision raises assorted types for a bad or corrupt file
+        spec.raise_failure(path, exc, download)
+        raise  # unreachable: raise_failure always raises
+    where = os.path.join(path, spec.folder)
+    arrays = []
     for split, ds in (("training", train), ("test", test)):
         data, targets = torch.as_tensor(ds.data), torch.as_tensor(ds.targets)
-        if data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape[1:]) != (28, 28) or targets.dim() != 1:
+        if data.dtype != torch.uint8 or tuple(data.shape[1:]) != spec.file_shape or targets.dim() != 1:
             raise DataError(
-                f"MNIST {split} set under {where} has images {tuple(data.shape)} {data.dtype} and labels "
-                f"{tuple(targets.shape)}; expected (N, 28, 28) uint8 and (N,): delete {where} and download again"
+                f"{spec.label} {split} set under {where} has images {tuple(data.shape)} {data.dtype} and labels "
+                f"{tuple(targets.shape)}; expected (N, {', '.join(map(str, spec.file_shape))}) uint8 and (N,): "
+                f"delete {where} and download again"
             )
-    return _finish_real(
-        "mnist",
-        where,
-        path,
-        torch.as_tensor(train.data).unsqueeze(1),
-        torch.as_tensor(train.targets),
-        torch.as_tensor(test.data).unsqueeze(1),
-        torch.as_tensor(test.targets),
-        MNIST_MEAN,
-        MNIST_STD,
-        n_train,
-        n_test,
-        seed,
-        device,
-    )
+        if data.dim() == 3:  # MNIST: (N, H, W) -> (N, 1, H, W)
+            data = data.unsqueeze(1)
+        else:  # CIFAR-10 is stored NHWC -> NCHW (made contiguous by _normalise)
+            data = data.permute(0, 3, 1, 2)
+        arrays += [data, targets]
+    return _finish_real(spec.key, where, path, *arrays, spec.mean, spec.std, n_train, n_test, seed, device)
 
 
 def _cifar_names() -> Tuple[str, list]:
@@ -784,37 +799,17 @@ def load_cifar10(
     test by default) whose ``note`` says why. Downloads only when ``download=True``. Shuffling and
     ``n_train``/``n_test`` work as in :func:`load_mnist`.
     """
-    n_train, n_test = _check_sizes(n_train, n_test)
-    path = _resolve_root(root, "CIFAR-10", download)
-    if path is None:
-        note = "no data root given: synthetic CIFAR-10-shaped data (set --ampgate-data-root for real CIFAR-10)"
-        return _stand_in("cifar10", _CIFAR10_SHAPE, n_train, n_test, seed, device, note, None)
-    if not download:
-        absent = _cifar_absent_note(path)
-        if absent is not None:
-            note = f"synthetic: {absent}; pass download=True (--ampgate-download) to fetch it"
-            return _stand_in("cifar10", _CIFAR10_SHAPE, n_train, n_test, seed, device, note, path)
-    datasets = _tv_datasets()
-    try:
-        train = datasets.CIFAR10(path, train=True, download=download)
-        test = datasets.CIFAR10(path, train=False, download=False)
-    except Exception as exc:  # "Dataset not found or corrupted", unpickling errors, bad reshapes
-        _raise_cifar_failure(path, exc, download)
-        raise  # unreachable
-    where = os.path.join(path, datasets.CIFAR10.base_folder)
-    arrays = []
-    for split, ds in (("training", train), ("test", test)):
-        data = torch.as_tensor(ds.data)
-        targets = torch.as_tensor(ds.targets)
-        if data.dtype != torch.uint8 or data.dim() != 4 or tuple(data.shape[1:]) != (32, 32, 3) or targets.dim() != 1:
-            raise DataError(
-                f"CIFAR-10 {split} set under {where} has images {tuple(data.shape)} {data.dtype} and labels "
-                f"{tuple(targets.shape)}; expected (N, 32, 32, 3) uint8 and (N,): delete {where} and download again"
-            )
-        arrays += [data.permute(0, 3, 1, 2), targets]  # NHWC -> NCHW (made contiguous by _normalise)
-    return _finish_real(
-        "cifar10", where, path, *arrays, CIFAR10_MEAN, CIFAR10_STD, n_train, n_test, seed, device
-    )
+    return _load_real(_CIFAR10, root, download, device, n_train, n_test, seed)
+
+
+_MNIST = _RealDataset(
+    "mnist", "MNIST", _MNIST_SHAPE, "MNIST", (28, 28), "MNIST", MNIST_MEAN, MNIST_STD,
+    _mnist_absent_note, _raise_mnist_failure,
+)
+_CIFAR10 = _RealDataset(
+    "cifar10", "CIFAR-10", _CIFAR10_SHAPE, "CIFAR10", (32, 32, 3), "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD,
+    _cifar_absent_note, _raise_cifar_failure,
+)
 
 
 BUILTIN_DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}

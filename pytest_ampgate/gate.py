@@ -196,7 +196,7 @@ def _accuracy_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline 
     if mm.accuracy < low:
         return Check(mm.mode, "accuracy", FAIL, f"{text} dropped below {low:.3f}", measured=mm.accuracy, threshold=low, baseline=base.accuracy)
     if mm.accuracy > base.accuracy + config.accuracy_tolerance:
-        text += f"; above the baseline by more than the tolerance, refresh it with --ampgate-update"
+        text += "; above the baseline by more than the tolerance, refresh it with --ampgate-update"
     return Check(mm.mode, "accuracy", PASS, text, measured=mm.accuracy, threshold=low, baseline=base.accuracy)
 
 

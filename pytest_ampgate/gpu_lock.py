@@ -13,7 +13,6 @@ lock file that someone is waiting on lets two holders in at once).  Nothing here
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import tempfile
@@ -22,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 from contextlib import contextmanager
+
+from .baselines import try_exclusive_lock
 
 try:
     import fcntl as _fcntl
@@ -101,19 +102,6 @@ class DeviceLock:
         self.path = Path(directory or lock_dir()) / f"{_safe(key)}.lock"
         self._fd: int | None = None
 
-    def _try(self, fd: int) -> bool:
-        try:
-            if _fcntl is not None:
-                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-            else:  # pragma: no cover - Windows
-                os.lseek(fd, 0, os.SEEK_SET)
-                _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
-                return False
-            raise
-        return True
-
     def holder(self) -> str:
         """Who holds the lock now, as its holder wrote it (best effort, for waiting messages)."""
         try:
@@ -131,7 +119,7 @@ class DeviceLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
         try:
             noticed = False
-            while not self._try(fd):
+            while not try_exclusive_lock(fd):
                 if on_wait and not noticed and time.time() - hold.requested_at >= WAIT_NOTICE_S:
                     noticed = True
                     on_wait(f"waiting for the {self.key} lock ({self.path}), held by: {self.holder() or 'unknown'}")

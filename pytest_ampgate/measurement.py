@@ -29,6 +29,7 @@ import torch
 
 from . import env as env_mod
 from .data import DeviceDataset
+from .config import MeasureConfig
 from .errors import ConfigError, WorkloadError
 from .modes import ModeRunner, PrecisionMode, ScalerStats, cudnn_benchmark, numerics_policy, prepare, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
@@ -37,50 +38,6 @@ from .workloads import Workload, get_workload
 
 RESULTS_VERSION = 1
 DEFAULT_MODES = ("amp_fp16", "amp_bf16")
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How much to measure.  Defaults are for a GPU; tests pass tiny counts."""
-
-    warmup_steps: int = 10
-    rounds: int = 10
-    steps_per_block: int = 20
-    memory_steps: int = 5
-    confidence: float = 0.95
-    noise_threshold: float = 0.10
-    reference_mode: str = "fp32"
-    seed: int = 0
-    cudnn_benchmark: bool = True
-    precision_coverage: bool = True
-
-    def __post_init__(self):
-        for name in ("warmup_steps", "memory_steps"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("rounds", "steps_per_block"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        for name, value in (("confidence", self.confidence), ("noise_threshold", self.noise_threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ConfigError(f"{name} must be a number between 0 and 1 (exclusive), got {value!r}")
-        resolve_mode(self.reference_mode)
-
-    def total_steps(self) -> int:
-        coverage = 1 if self.precision_coverage else 0
-        return coverage + self.warmup_steps + self.memory_steps + self.rounds * self.steps_per_block
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MeasureConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 @dataclass

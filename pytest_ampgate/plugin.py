@@ -327,65 +327,45 @@ def pytest_testnodedown(node, error):
 
 
 class CIOutputs:
-    """The run's artefacts for CI (JSON report, Markdown summary, chart, pytest-benchmark entries),
-    written at session end by the process that saw every result, after the baselines."""
+    """Writes the run's CI artefacts at session end, in the process that saw every result, after the baselines."""
 
     def __init__(self, gate):
         self.gate = gate
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
+        from .outputs import write_ci_outputs
+
         config = session.config
         gate, state = self.gate, config.stash[STATE_KEY]
         lines = state.setdefault("summary", [])
-        json_path, md_path, plot_path = (config.getoption(o) for o in ("ampgate_json", "ampgate_markdown", "ampgate_plot"))
-        step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if gate.options.enabled else None
         for path in state.get("run_locks", ()):  # every worker is done with them
             Path(path).unlink(missing_ok=True)
         bridge = config.pluginmanager.get_plugin("ampgate-benchmark")
         if bridge is not None:
             lines += bridge.finish()
-        if not (json_path or md_path or plot_path or step_summary):
-            return
-        skip_reason = gate.skip_reason()
-        if json_path:
-            from .json_report import build_report, write_report
-
-            collector = config.pluginmanager.get_plugin("ampgate-results")
-            info = {
-                "args": [str(a) for a in config.invocation_params.args],
-                "rootdir": config.rootpath,
-                "device": gate.options.device,
-                "update": gate.options.update,
-                "strict": gate.options.strict,
-                "baseline_dir": gate.options.baseline_dir,
-                "exit_status": int(session.exitstatus),
-                "workers": len(state["workers"]) if state.get("workers") else None,
-                "skip_reason": skip_reason,
-                "baselines_written": [line.split(": ", 1)[1] for line in lines if line.startswith("baseline written: ")],
-                "stale_baselines": [test_id for _path, test_id in _stale(config)],
-            }
-            path = write_report(_at_root(config, json_path), build_report(gate.results, runs=collector.runs, run_info=info))
-            lines.append(f"ampgate JSON report: {path}")
-        if md_path or step_summary:
-            from .report import markdown_summary
-
-            text = markdown_summary(gate.results, skip_reason)
-            if md_path:
-                target = _at_root(config, md_path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text, encoding="utf-8")
-                lines.append(f"ampgate Markdown summary: {target}")
-            if step_summary:
-                with open(step_summary, "a", encoding="utf-8") as fh:
-                    fh.write(text + "\n")
-        if plot_path:
-            from .plot import write_chart
-
-            if any(r.measurements.comparisons for r in gate.results):
-                lines.append(f"ampgate chart: {write_chart(gate.results, _at_root(config, plot_path))}")
-            else:
-                lines.append("ampgate chart NOT written: no gated test compared a mode with fp32 in this run")
+        paths = {o: config.getoption(f"ampgate_{o}") for o in ("json", "markdown", "plot")}
+        run_info = {
+            "args": [str(a) for a in config.invocation_params.args],
+            "rootdir": config.rootpath,
+            "device": gate.options.device,
+            "update": gate.options.update,
+            "strict": gate.options.strict,
+            "baseline_dir": gate.options.baseline_dir,
+            "exit_status": int(session.exitstatus),
+            "workers": len(state["workers"]) if state.get("workers") else None,
+            "baselines_written": [line.split(": ", 1)[1] for line in lines if line.startswith("baseline written: ")],
+        }
+        lines += write_ci_outputs(
+            gate,
+            json_path=paths["json"] and _at_root(config, paths["json"]),
+            markdown_path=paths["markdown"] and _at_root(config, paths["markdown"]),
+            plot_path=paths["plot"] and _at_root(config, paths["plot"]),
+            step_summary=os.environ.get("GITHUB_STEP_SUMMARY") if gate.options.enabled else None,
+            runs=config.pluginmanager.get_plugin("ampgate-results").runs,
+            run_info=run_info,
+            stale=lambda: [test_id for _path, test_id in _stale(config)],
+        )
 
 
 def _at_root(config, path) -> Path:
@@ -484,9 +464,3 @@ def pytest_report_header(config):
         return None
     mode = "update" if options.update else "check"
     return f"ampgate: {mode} baselines in {options.baseline_dir}, device {options.device}"
-
-
-def pytest_internalerror(excrepr, excinfo):
-    if isinstance(excinfo.value, AmpGateError):
-        return True
-    return None
