@@ -179,8 +179,12 @@ class BenchmarkBridge:
         lines = []
         text = json.dumps(output, indent=4, ensure_ascii=True, default=str).encode()
         if wants_json:
-            with wants_json as fh:  # argparse opened it for writing when the options were parsed
-                fh.write(text)
+            if hasattr(wants_json, "write"):  # pytest-benchmark < 5.3: argparse opened the file already
+                with wants_json as fh:
+                    fh.write(text)
+            else:  # pytest-benchmark >= 5.3 hands over the path
+                with open(wants_json, "wb") as fh:
+                    fh.write(text)
             lines.append(f"pytest-benchmark JSON: {count} AMP entries written to {getattr(wants_json, 'name', wants_json)}")
         if save:
             from pytest_benchmark.logger import Logger

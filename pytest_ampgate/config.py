@@ -120,7 +120,8 @@ class MeasureConfig:
 
     def total_steps(self) -> int:
         coverage = 1 if self.precision_coverage else 0
-        return coverage + self.warmup_steps + self.memory_steps + self.rounds * self.steps_per_block
+        lead_in = self.steps_per_block  # the reference's untimed block before round 0 (see measurement._run)
+        return coverage + self.warmup_steps + self.memory_steps + lead_in + self.rounds * self.steps_per_block
 
     def to_dict(self) -> dict:
         return asdict(self)

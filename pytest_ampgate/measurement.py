@@ -362,6 +362,19 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
                 slot.fail(device, exc)
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
+    if order and order[0]:
+        # Lead-in: one untimed block of the mode that opens round 0.  Under ABBA the mode that
+        # closes a round also opens the next, running two blocks back to back (the second one on
+        # warm caches); the lead-in gives the first mode that same start, so with an even number
+        # of rounds the first and last modes get equally many back-to-back blocks, and nobody's
+        # first timed block comes straight after another mode's warm-up.  The other modes take
+        # their matching block after the rounds, so every mode trains for the same steps.
+        lead = slots[order[0][0]]
+        try:
+            _seconds, losses = time_block(lead.runner, dataset, batch, config.steps_per_block)
+            lead.m.record_losses(losses)
+        except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
+            lead.fail(device, exc)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
@@ -376,6 +389,14 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
                 continue
             slot.m.step_times_s.append(seconds / config.steps_per_block)
             slot.m.record_losses(losses)
+
+    for slot in slots:
+        if slot.runner is not None and order and slot is not slots[order[0][0]]:
+            try:
+                _seconds, losses = time_block(slot.runner, dataset, batch, config.steps_per_block)
+                slot.m.record_losses(losses)
+            except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
+                slot.fail(device, exc)
 
     for slot in slots:
         if slot.runner is None:

@@ -129,7 +129,7 @@ def test_json_report_follows_its_schema_and_holds_every_test_mode_and_check(two_
         for m in modes.values():
             assert m["step_time"]["rounds"] == 3 and len(m["step_time"]["samples_s"]) == 3
             assert m["step_time"]["min_s"] <= m["step_time"]["median_s"] <= m["step_time"]["max_s"]
-            assert m["steps"] == 1 + 1 + 3 * 3 and m["nonfinite_steps"] == 0 and 0 <= m["accuracy"] <= 1
+            assert m["steps"] == 1 + 1 + (1 + 3) * 3 and m["nonfinite_steps"] == 0 and 0 <= m["accuracy"] <= 1
         s = modes["amp_bf16"]["speedup"]
         assert s["low"] <= s["median"] <= s["high"] and len(s["samples"]) == 3
         assert {(c["mode"], c["metric"]) for c in test["checks"]} >= {("fp32", "finite_loss"), ("amp_bf16", "accuracy")}

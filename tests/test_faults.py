@@ -319,7 +319,7 @@ BAD_OPTIONS = {
     "ini_mode_twice": (("-o", "ampgate_modes=amp_fp16,O1"), "names a mode twice"),
     "ini_policy": (("-o", "ampgate_missing_baseline=maybe"), "missing_baseline must be one of warn, fail, ignore, got 'maybe'"),
     "ini_flag": (("-o", "ampgate_confirm=perhaps"), "confirm must be true or false, got 'perhaps'"),
-    "ini_confidence_one": (("-o", "ampgate_confidence=1.5"), "confidence must be <= 1, got 1.5"),
+    "ini_confidence_one": (("-o", "ampgate_confidence=1.5"), "confidence must be < 1, got 1.5"),
 }
 
 

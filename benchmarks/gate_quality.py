@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Gate quality (issue 5): how often the gate raises a false alarm, and how often it catches a real regression.
+
+It runs the whole gate (``pytest_ampgate.gate.decide``: measure, judge, re-measure before a timing
+FAIL) many times per workload and counts outcomes:
+
+* **A/A control**: fp32 against fp32.  Configured as "a mode against a baseline of itself": the
+  speedup floor is ``1 - speedup_tolerance`` and the memory limit ``1 + memory_tolerance``.  It
+  must never FAIL; INCONCLUSIVE is how the gate says the timing was too noisy.
+* **unchanged vs baseline**: the AMP modes of the unplanted workload against a baseline recorded
+  once, like ``--ampgate-update``, with the same protocol.  The false-alarm rate of real use.
+* **planted regressions** (:mod:`pytest_ampgate.plants`): a slowdown and a memory plant at
+  several sizes relative to the tolerance (0.5x, 1x, 1.5x, 2x), and the forced-fp32 layer, the
+  fp16-only loss overflow and the collapsing loss scale.  Detection = the share of (run, mode)
+  pairs in which the plant's own check FAILs; "other FAIL" counts failures of any other check.
+
+For the tolerance scenarios the absolute margins are set out of the way (``min_speedup=0.01``,
+``max_memory_ratio=100``), so what is measured is the baseline-relative floor the tolerances set.
+Deterministic plants (coverage, overflow, scale collapse) run with a short numerics protocol.
+
+On the CPU it runs the parts that mean something there, with CPU (wall-clock) timing on one
+thread: A/A, unchanged vs baseline, the slowdown plant as a busy-wait, and the deterministic plants.
+The memory plant and the default-gate wall time are CUDA figures.
+
+    python benchmarks/gate_quality.py                          # GPU if there is one, else CPU
+    python benchmarks/gate_quality.py --device cuda --json gate_quality.json
+    python benchmarks/gate_quality.py --device cpu --quick      # a minute-sized smoke run
+    python benchmarks/gate_quality.py --device cuda --rounds 6 --steps-per-block 20   # try a protocol
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from pytest_ampgate import plants  # noqa: E402
+from pytest_ampgate.config import GateConfig  # noqa: E402
+from pytest_ampgate.env import fingerprint  # noqa: E402
+from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide  # noqa: E402
+from pytest_ampgate.measurement import measure  # noqa: E402
+from pytest_ampgate.workloads import get_workload  # noqa: E402
+
+SIZES = (0.5, 1.0, 1.5, 2.0)
+"""Planted sizes, as multiples of the tolerance (speedup_tolerance, memory_tolerance)."""
+
+TARGETS = {
+    "aa_fail": 0.005,
+    "aa_inconclusive": 0.02,
+    "slowdown_1.5x": 0.95,
+    "slowdown_2x": 0.99,
+    "memory_2x": 1.0,
+    "force_fp32_layer": 1.0,
+    "default_gate_s": 30.0,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to run on one device: workloads and their sizes, the protocols, the repetitions."""
+
+    device: str
+    workloads: dict
+    timed_modes: tuple
+    protocol: dict
+    numerics_protocol: dict
+    aa_repeats: int
+    plant_repeats: int
+    numeric_repeats: int
+    sizes: tuple = SIZES
+    threads: int | None = None
+    confirm: bool = True
+
+
+NUMERICS = {"warmup_steps": 2, "rounds": 2, "steps_per_block": 10, "memory_steps": 2}
+"""1 + 2 + 20 steps: enough for a GradScaler that halves every step to fall from 65536 below 1."""
+
+
+def profile_for(device: str, quick: bool) -> Profile:
+    if device == "cuda":
+        protocol = {f: getattr(GateConfig(), f) for f in ("warmup_steps", "rounds", "steps_per_block", "memory_steps")}
+        if quick:
+            protocol = {"warmup_steps": 3, "rounds": 6, "steps_per_block": 10, "memory_steps": 2}
+        return Profile(
+            device="cuda",
+            workloads={"mnist_mlp": {}, "cifar_cnn": {}},
+            timed_modes=("amp_fp16", "amp_bf16"),
+            protocol=protocol,
+            numerics_protocol=NUMERICS,
+            aa_repeats=3 if quick else 30,
+            plant_repeats=2 if quick else 20,
+            numeric_repeats=1 if quick else 5,
+            sizes=(1.0, 2.0) if quick else SIZES,
+        )
+    # CPU: a small MNIST MLP on one thread (on a shared 2-core machine, torch's own thread pool
+    # fighting other processes is most of the noise); amp_bf16 is the CPU's useful AMP mode.
+    return Profile(
+        device="cpu",
+        workloads={"mnist_mlp": {"batch_size": 64, "data_options": {"n_train": 2048, "n_test": 512}}},
+        timed_modes=("amp_bf16",),
+        protocol={"warmup_steps": 1, "rounds": 6, "steps_per_block": 5, "memory_steps": 0}
+        if quick
+        else {"warmup_steps": 5, "rounds": 10, "steps_per_block": 20, "memory_steps": 0},
+        numerics_protocol={**NUMERICS, "memory_steps": 0},
+        aa_repeats=3 if quick else 100,
+        plant_repeats=2 if quick else 30,
+        numeric_repeats=1 if quick else 3,
+        sizes=(1.0, 2.0) if quick else SIZES,
+        threads=1,
+    )
+
+
+@dataclass
+class Tally:
+    """Outcomes of one scenario: counts, and the speedup figures of every run's first measurement."""
+
+    workload: str
+    scenario: str
+    size: float | None = None
+    expected: list = field(default_factory=list)
+    """(mode, metric) pairs the plant must FAIL; empty for controls."""
+    runs: int = 0
+    fail: int = 0
+    inconclusive: int = 0
+    detected: int = 0
+    chances: int = 0
+    other_fail: int = 0
+    speedups: list = field(default_factory=list)
+    speedup_modes: list = field(default_factory=list)
+    widths: list = field(default_factory=list)
+    walls: list = field(default_factory=list)
+    step_times: dict = field(default_factory=dict)
+    """Per timed mode, the median step time of every run (seconds)."""
+    example: str = ""
+    note: str = ""
+    drop: float | None = None
+    """Slowdown rows: the speedup drop measured against the unchanged runs (the plant's real size)."""
+
+    def add(self, measurements, verdict, wall: float, timed_modes) -> None:
+        self.runs += 1
+        self.walls.append(wall)
+        outcome = verdict.outcome
+        self.fail += outcome == FAIL
+        self.inconclusive += outcome == INCONCLUSIVE
+        failed = {(c.mode, c.metric) for c in verdict.of(FAIL)}
+        expected = {tuple(e) for e in self.expected}
+        modes = sorted({m for m, _ in expected})
+        for mode in modes:
+            self.chances += 1
+            self.detected += all((mode, metric) in failed for m, metric in expected if m == mode)
+        self.other_fail += bool(failed - expected)
+        if failed and not self.example:
+            fails = verdict.of(FAIL)
+            self.example = next((c.why for c in fails if (c.mode, c.metric) in expected), fails[0].why)
+        for mode in timed_modes:
+            comparison = measurements.comparisons.get(mode)
+            if comparison is not None and comparison.speedup is not None:
+                self.speedups.append(comparison.speedup.median)
+                self.speedup_modes.append(mode)
+                self.widths.append(comparison.speedup.relative_width)
+                self.step_times.setdefault(mode, []).append(measurements.modes[mode].step_time_s)
+
+    def rate(self, count: int, of: int | None = None) -> float | None:
+        of = self.runs if of is None else of
+        return count / of if of else None
+
+    def summary(self) -> dict:
+        mean = statistics.fmean(self.speedups) if self.speedups else None
+        sd = statistics.stdev(self.speedups) if len(self.speedups) > 1 else None
+        return {
+            "workload": self.workload,
+            "scenario": self.scenario,
+            "size_x_tolerance": self.size,
+            "runs": self.runs,
+            "fail_rate": self.rate(self.fail),
+            "inconclusive_rate": self.rate(self.inconclusive),
+            "detection_rate": self.rate(self.detected, self.chances) if self.expected else None,
+            "other_fail_rate": self.rate(self.other_fail) if self.expected else None,
+            "speedup_mean": mean,
+            "speedup_run_to_run_cv": sd / mean if sd is not None and mean else None,
+            "ci_relative_width_median": statistics.median(self.widths) if self.widths else None,
+            "wall_s_median": statistics.median(self.walls) if self.walls else None,
+            "wall_s_total": sum(self.walls),
+            "measured_speedup_drop": self.drop,
+            "example": self.example,
+            "note": self.note,
+        }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+COLUMNS = ["workload", "scenario", "size", "measured drop", "runs", "FAIL", "INCONCL", "detected", "other FAIL", "speedup", "run-to-run cv", "CI width", "wall/run"]
+
+
+def table(tallies: list[Tally]) -> str:
+    rows = []
+    for t in tallies:
+        s = t.summary()
+        rows.append([
+            t.workload, t.scenario, "-" if t.size is None else f"{t.size:g}x tol", _pct(t.drop), str(t.runs),
+            _pct(s["fail_rate"]), _pct(s["inconclusive_rate"]), _pct(s["detection_rate"]), _pct(s["other_fail_rate"]),
+            _num(s["speedup_mean"], ".3f"), _pct(s["speedup_run_to_run_cv"]), _pct(s["ci_relative_width_median"]),
+            _num(s["wall_s_median"], ".2f") + " s",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+class Runner:
+    """Runs the gate on one workload; every scenario goes through ``decide`` as a gated test does."""
+
+    def __init__(self, profile: Profile, name: str, say):
+        self.profile = profile
+        self.say = say
+        self.workload = get_workload(name).with_options(**profile.workloads[name])
+        self.dataset = self.workload.dataset(profile.device)
+        self.tol = GateConfig().speedup_tolerance
+        self.mem_tol = GateConfig().memory_tolerance
+        self.memory = profile.device == "cuda"
+        base = dict(check_speed=True, check_memory=self.memory, missing_baseline="ignore", confirm=profile.confirm, **profile.protocol)
+        self.timed = GateConfig(modes=profile.timed_modes, min_speedup=0.01, max_memory_ratio=100.0, **base)
+        self.aa = GateConfig(modes=("fp32",), min_speedup=1 - self.tol, max_memory_ratio=1 + self.mem_tol, **base)
+        numerics = dict(check_speed=False, check_memory=False, missing_baseline="ignore", **profile.numerics_protocol)
+        self.numerics = GateConfig(modes=("amp_fp16", "amp_bf16"), **numerics)
+        self.env = fingerprint(profile.device)
+        self.baseline = None
+        self.baseline_measurements = None
+        self.baseline_offsets: dict = {}
+
+    def gate(self, workload, config: GateConfig, baseline=None):
+        def once():
+            return measure(workload, config.modes, device=self.profile.device, config=config.measure_config(), dataset=self.dataset)
+
+        started = time.perf_counter()
+        measurements, verdict = decide(once, config, baseline)
+        return measurements, verdict, time.perf_counter() - started
+
+    def repeat(self, tally: Tally, workload, config: GateConfig, repeats: int, baseline=None) -> Tally:
+        for i in range(repeats):
+            m, verdict, wall = self.gate(workload, config, baseline)
+            tally.add(m, verdict, wall, config.modes if config.check_speed else ())
+            self.say(f"  {tally.workload} {tally.scenario} {'' if tally.size is None else f'{tally.size:g}x '}run {i + 1}/{repeats}: {verdict.outcome} ({wall:.2f} s)")
+        return tally
+
+    def record_baseline(self) -> dict:
+        """What --ampgate-update would store, measured with the same protocol the gate runs use."""
+        m, verdict, wall = self.gate(self.workload, self.timed)
+        self.baseline_measurements = m
+        self.baseline = baseline_from(m, f"gate_quality::{self.workload.name}", self.env.key(), {})
+        info = {"wall_s": wall, "outcome": verdict.outcome}
+        for mode in self.timed.modes:
+            c = m.comparisons[mode]
+            info[mode] = {"speedup": c.speedup.describe() if c.speedup else None, "memory_ratio": c.memory_ratio, "step_time_s": m.modes[mode].step_time_s}
+        info["fp32"] = {"step_time_s": m.reference.step_time_s, "peak_memory_bytes": m.reference.peak_memory_bytes}
+        return info
+
+    def scenarios(self) -> list[Tally]:
+        p, name = self.profile, self.workload.name
+        out = [self.repeat(Tally(name, "A/A fp32 vs fp32"), self.workload, self.aa, p.aa_repeats)]
+        unchanged = self.repeat(Tally(name, "unchanged vs baseline"), self.workload, self.timed, p.aa_repeats, self.baseline)
+        out.append(unchanged)
+        for mode in self.timed.modes:  # the baseline is one run: how far its draw lies from the typical run
+            stored = self.baseline.modes[mode].speedup
+            typical = statistics.median(s for s, m in zip(unchanged.speedups, unchanged.speedup_modes) if m == mode)
+            self.baseline_offsets[mode] = stored / typical - 1
+        # CUDA: size the sleep from the median step time over all unchanged runs, not from one run
+        # (a single noisy step time would plant a different regression than the one named).  The
+        # CPU busy-wait sizes itself from each step's own CPU time.
+        steps = None
+        if p.device == "cuda":
+            steps = {mode: statistics.median(unchanged.step_times[mode]) for mode in self.timed.modes}
+        for k in p.sizes:
+            fraction = plants.slowdown_for_drop(k * self.tol)
+            planted = plants.slow_down(self.workload, fraction, modes=self.timed.modes, step_time_s=steps, device=p.device)
+            tally = Tally(name, "slowdown", k, [(m, "speedup") for m in self.timed.modes], note=f"+{fraction:.1%} of the step")
+            self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline)
+            if tally.speedups and unchanged.speedups:
+                tally.drop = 1 - statistics.fmean(tally.speedups) / statistics.fmean(unchanged.speedups)
+            out.append(tally)
+        if self.memory:
+            fp32_peak = self.baseline_measurements.reference.peak_memory_bytes
+            for k in p.sizes:
+                extra = int(math.ceil(k * self.mem_tol * fp32_peak))
+                planted = plants.retain_activation(self.workload, extra, modes=self.timed.modes)
+                tally = Tally(name, "memory", k, [(m, "memory") for m in self.timed.modes], note=f"+{extra / 2**20:.2f} MiB")
+                out.append(self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline))
+        layer = plants.largest_layer(self.workload)
+        for scenario, planted, info in (
+            (f"forced fp32 layer {layer}", plants.force_fp32_layer(self.workload), plants.PLANTS["force_fp32_layer"]),
+            ("fp16 loss overflow", plants.overflow_in_fp16(self.workload), plants.PLANTS["overflow_in_fp16"]),
+            ("loss scale collapse", plants.collapse_loss_scale(self.workload), plants.PLANTS["collapse_loss_scale"]),
+        ):
+            expected = [(m, metric) for m in info.modes if m in self.numerics.modes for metric in info.metrics]
+            out.append(self.repeat(Tally(name, scenario, None, expected), planted, self.numerics, p.numeric_repeats))
+        return out
+
+    def default_gate(self) -> float:
+        """Wall time of one default gate run (fp32 + amp_fp16 + amp_bf16, default protocol) on this workload."""
+        config = GateConfig(missing_baseline="ignore")
+        _m, verdict, wall = self.gate(self.workload, config, self.baseline)
+        self.say(f"  {self.workload.name} default gate: {verdict.outcome} in {wall:.2f} s")
+        return wall
+
+
+def targets(tallies: list[Tally], default_gate_s: float | None) -> list[tuple[str, str, str, bool | None]]:
+    """(target, required, measured, met) for each of issue 5's targets that this run measured."""
+    rows = []
+
+    def worst(pred, key, higher_is_better: bool):
+        values = [t.summary()[key] for t in tallies if pred(t) and t.runs]
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return min(values) if higher_is_better else max(values)
+
+    def add(label, required, value, ok):
+        rows.append((label, required, "-" if value is None else (f"{value:.1f} s" if label.startswith("default") else f"{value:.1%}"), None if value is None else ok(value)))
+
+    aa = lambda t: t.scenario.startswith("A/A") or t.scenario.startswith("unchanged")  # noqa: E731
+    v = worst(aa, "fail_rate", False)
+    add("A/A and unchanged: FAIL rate", "0 (< 0.5%)", v, lambda x: x == 0)
+    v = worst(aa, "inconclusive_rate", False)
+    add("A/A and unchanged: INCONCLUSIVE rate", "< 2%", v, lambda x: x < TARGETS["aa_inconclusive"])
+    v = worst(lambda t: t.scenario == "slowdown" and t.size == 1.5, "detection_rate", True)
+    add("slowdown at 1.5x tolerance detected", ">= 95%", v, lambda x: x >= TARGETS["slowdown_1.5x"])
+    v = worst(lambda t: t.scenario == "slowdown" and t.size == 2.0, "detection_rate", True)
+    add("slowdown at 2x tolerance detected", ">= 99%", v, lambda x: x >= TARGETS["slowdown_2x"])
+    v = worst(lambda t: t.scenario == "memory" and t.size == 2.0, "detection_rate", True)
+    add("memory plant at 2x tolerance detected", "100%", v, lambda x: x >= 1.0)
+    v = worst(lambda t: t.scenario.startswith("forced fp32"), "detection_rate", True)
+    add("forced-fp32 layer caught by coverage", "100%", v, lambda x: x >= 1.0)
+    add("default gate, both workloads", "< 30 s (H100)", default_gate_s, lambda x: x < TARGETS["default_gate_s"])
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="A/A and unchanged-vs-baseline gate runs per workload")
+    parser.add_argument("--plant-repeats", type=int, default=None, help="gate runs per planted slowdown/memory size")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats, short protocol, sizes 1x and 2x only")
+    parser.add_argument("--workloads", default=None, help="comma-separated built-in workloads (default: the profile's)")
+    parser.add_argument("--sizes", default=None, help="planted sizes in multiples of the tolerance, e.g. 0.5,1,1.5,2")
+    parser.add_argument("--rounds", type=int, default=None, help="override the timed protocol's rounds (to choose its defaults)")
+    parser.add_argument("--steps-per-block", type=int, default=None, help="override the timed protocol's steps per block")
+    parser.add_argument("--warmup", type=int, default=None, help="override the timed protocol's warm-up steps")
+    parser.add_argument("--no-confirm", action="store_true", help="judge timing on one measurement (to see what confirmation buys)")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gate_quality: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
+        return 2
+    profile = profile_for(device, args.quick)
+    changes = {}
+    if args.repeats is not None:
+        changes["aa_repeats"] = max(1, args.repeats)
+    if args.plant_repeats is not None:
+        changes["plant_repeats"] = max(1, args.plant_repeats)
+    if args.workloads:
+        names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+        sizes = {**profile_for(device, args.quick).workloads}
+        changes["workloads"] = {n: sizes.get(n, {}) for n in names}
+    if args.sizes:
+        changes["sizes"] = tuple(float(x) for x in args.sizes.split(",") if x.strip())
+    protocol = dict(profile.protocol)
+    for key, value in (("rounds", args.rounds), ("steps_per_block", args.steps_per_block), ("warmup_steps", args.warmup)):
+        if value is not None:
+            protocol[key] = value
+    changes["protocol"] = protocol
+    changes["confirm"] = not args.no_confirm
+    profile = replace(profile, **changes)
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+    env = fingerprint(device)
+    started = time.perf_counter()
+    print(f"gate quality on {env.device_name} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"protocol {profile.protocol}, confirm {profile.confirm}; numerics protocol {profile.numerics_protocol}")
+    print(f"repeats: A/A and unchanged {profile.aa_repeats}, per planted size {profile.plant_repeats}, deterministic plants {profile.numeric_repeats}")
+    tallies, baselines, default_walls = [], {}, {}
+    for name in profile.workloads:
+        runner = Runner(profile, name, say)
+        say(f"{name}: recording the baseline")
+        baselines[name] = runner.record_baseline()
+        shown = "; ".join(f"{m} {baselines[name][m]['speedup']}" for m in profile.timed_modes)
+        print(f"{name}: batch {runner.workload.batch_size}, baseline {shown}")
+        tallies += runner.scenarios()
+        baselines[name]["offset_from_typical"] = runner.baseline_offsets
+        print(f"{name}: the stored baseline's speedup vs the median unchanged run: "
+              + ", ".join(f"{m} {o:+.1%}" for m, o in runner.baseline_offsets.items()))
+        if device == "cuda":
+            default_walls[name] = runner.default_gate()
+    default_gate_s = sum(default_walls.values()) if default_walls else None
+
+    print()
+    print(table(tallies))
+    print()
+    if default_walls:
+        print("default gate wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in default_walls.items()) + f"; total {default_gate_s:.1f} s")
+    print("targets (issue 5):")
+    for label, required, measured, ok in targets(tallies, default_gate_s):
+        word = "not measured here" if ok is None else ("met" if ok else "NOT MET")
+        print(f"  {label}: {measured} (target {required}) {word}")
+    examples = [t for t in tallies if t.example]
+    if examples:
+        print("what the failing checks said (first run of each plant):")
+        for t in examples:
+            print(f"  {t.scenario}{'' if t.size is None else f' {t.size:g}x'}: {t.example}")
+    total = time.perf_counter() - started
+    print(f"benchmark wall time {total:.1f} s")
+
+    if args.json:
+        data = {
+            "command": " ".join(["python", "benchmarks/gate_quality.py", *(argv if argv is not None else sys.argv[1:])]),
+            "environment": env.to_dict(),
+            "profile": asdict(profile),
+            "baselines": baselines,
+            "scenarios": [t.summary() for t in tallies],
+            "default_gate_s": default_walls,
+            "targets": [dict(zip(("target", "required", "measured", "met"), row)) for row in targets(tallies, default_gate_s)],
+            "wall_time_s": total,
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Planted regressions through the whole gate: each fails its own check, with a message that explains it.
+
+Everything here runs on the CPU (tiny MNIST MLP, one thread's worth of steps); the memory plant and
+the GPU slowdown have CUDA tests that skip without a GPU.  The A/A control runs the real timing
+path (``check_speed=True``) on CPU wall-clock time and must never FAIL.
+"""
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+
+from pytest_ampgate import plants
+from pytest_ampgate.config import GateConfig
+from pytest_ampgate.errors import ConfigError, WorkloadError
+from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, baseline_from, decide
+from pytest_ampgate.measurement import measure
+from pytest_ampgate.modes import prepare
+from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+QUICK = {"warmup_steps": 1, "rounds": 2, "steps_per_block": 3, "memory_steps": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """CPU timing on one thread: on a shared 2-core machine a parallel region can stall for tens of
+    milliseconds waiting for a descheduled sibling thread, which is noise no gate should judge."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return mnist_mlp().with_options(batch_size=32, data_options={"n_train": 512, "n_test": 128})
+
+
+@pytest.fixture(scope="module")
+def dataset(mnist):
+    return mnist.dataset("cpu")
+
+
+def gate(workload, dataset, *, baseline=None, device="cpu", **settings):
+    """One gated run, as a gated test makes it: measure, judge, confirm a timing FAIL."""
+    config = GateConfig(**{"modes": ("amp_fp16", "amp_bf16"), "missing_baseline": "ignore", **QUICK, **settings})
+
+    def once():
+        return measure(workload, config.modes, device=device, config=config.measure_config(), dataset=dataset)
+
+    return decide(once, config, baseline)
+
+
+def checks(verdict, metric):
+    return {c.mode: c for c in verdict.checks if c.metric == metric}
+
+
+def failures(verdict):
+    return {(c.mode, c.metric) for c in verdict.of(FAIL)}
+
+
+def test_unchanged_model_passes_every_check(mnist, dataset):
+    _m, verdict = gate(mnist, dataset)
+    assert failures(verdict) == set(), verdict.explain()
+    coverage = checks(verdict, "precision_coverage")
+    assert set(coverage) == {"amp_fp16", "amp_bf16"}
+    assert all(c.outcome == PASS and c.measured == 1.0 for c in coverage.values())
+    assert all(c.outcome == PASS for c in checks(verdict, "finite_loss").values())
+
+
+def test_largest_layer_is_found_by_parameter_count(mnist):
+    assert plants.largest_layer(mnist) == "1"  # Linear(784, 128)
+    assert plants.largest_layer(cifar_cnn()) == "7"  # Linear(4096, 512)
+
+
+def test_forced_fp32_layer_fails_coverage_and_names_the_layer(mnist, dataset):
+    m, verdict = gate(plants.force_fp32_layer(mnist), dataset)
+    assert failures(verdict) == {("amp_fp16", "precision_coverage"), ("amp_bf16", "precision_coverage")}, verdict.explain()
+    for mode, check in checks(verdict, "precision_coverage").items():
+        assert check.measured < 0.2 and check.threshold == 0.9
+        assert check.why.endswith("< 90%; still fp32: 1.layer (88.3%)"), check.why
+        hot = m.modes[mode].precision_coverage.fp32_hotspots()
+        assert hot[0][0] == "1.layer"
+    assert "AMP REGRESSION" in verdict.explain() and "1.layer" in verdict.explain()
+    # the planted copy starts from the same weights: fp32 is untouched by the plant
+    clean, _ = gate(mnist, dataset)
+    assert m.reference.losses == clean.reference.losses
+
+
+def test_forced_fp32_small_layer_is_gated_against_the_configured_minimum(mnist, dataset):
+    planted = plants.force_fp32_layer(mnist, layer="3")  # Linear(128, 64): 10.8% of the step's FLOPs
+    _m, strict = gate(planted, dataset, modes=("amp_bf16",))
+    check = checks(strict, "precision_coverage")["amp_bf16"]
+    assert check.outcome == FAIL and "fp32: 3.layer (10.8%)" in check.why
+    _m, lenient = gate(planted, dataset, modes=("amp_bf16",), min_low_precision_share=0.85)
+    assert checks(lenient, "precision_coverage")["amp_bf16"].outcome == PASS
+
+
+def test_forced_fp32_layer_fails_coverage_on_a_cnn():
+    workload = cifar_cnn().with_options(batch_size=8, data_options={"n_train": 64, "n_test": 16})
+    config = {"warmup_steps": 0, "rounds": 1, "steps_per_block": 1}
+    _m, verdict = gate(plants.force_fp32_layer(workload), workload.dataset("cpu"), modes=("amp_bf16",), **config)
+    check = checks(verdict, "precision_coverage")["amp_bf16"]
+    assert check.outcome == FAIL and "fp32: 7.layer" in check.why, check.why
+
+
+def test_unknown_layer_is_refused_with_the_layers_there_are(mnist):
+    with pytest.raises(WorkloadError, match=r"no layer 'fc9'.*Linear/Conv layers: 1, 3, 5"):
+        plants.force_fp32_layer(mnist, layer="fc9")
+
+
+def test_fp16_overflow_fails_finite_loss_in_amp_fp16_only(mnist, dataset):
+    _m, verdict = gate(plants.overflow_in_fp16(mnist), dataset)
+    assert failures(verdict) == {("amp_fp16", "finite_loss")}, verdict.explain()
+    finite = checks(verdict, "finite_loss")
+    assert "amp_fp16 loss non-finite (inf) first at step 0" in finite["amp_fp16"].why
+    assert finite["fp32"].outcome == PASS and finite["amp_bf16"].outcome == PASS
+    # gradients stay finite: the scaler is not what fires
+    assert checks(verdict, "skipped_steps")["amp_fp16"].outcome == PASS
+    assert checks(verdict, "loss_scale")["amp_fp16"].outcome == PASS
+
+
+def test_overflow_value_must_overflow_fp16(mnist):
+    with pytest.raises(ConfigError, match="square past 65504"):
+        plants.overflow_in_fp16(mnist, value=100.0)
+
+
+def test_loss_scale_collapse_fails_the_scaler_checks_with_a_finite_loss(mnist, dataset):
+    # 1 coverage + 2 warm-up + 10 balance + 2 x 10 timed steps = 33 halvings: 65536 / 2**33 < 1
+    _m, verdict = gate(plants.collapse_loss_scale(mnist), dataset, warmup_steps=2, rounds=2, steps_per_block=10)
+    assert failures(verdict) == {("amp_fp16", "loss_scale"), ("amp_fp16", "skipped_steps")}, verdict.explain()
+    scale = checks(verdict, "loss_scale")["amp_fp16"]
+    assert scale.measured == 65536 / 2**33
+    assert "collapse limit 1" in scale.why and "start 65536" in scale.why
+    assert "skipped 33 of 33 steps (100.0%)" in checks(verdict, "skipped_steps")["amp_fp16"].why
+    assert all(c.outcome == PASS for c in checks(verdict, "finite_loss").values())
+
+
+def test_running_mode_tells_the_modes_apart():
+    x = torch.ones(2, 2)
+    assert plants.running_mode(x) == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plants.running_mode(x) == "amp_bf16"
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert plants.running_mode(x) == "amp_fp16"
+    assert plants.running_mode(x.half()) == "fp16"
+    assert plants.running_mode(x.bfloat16()) == "bf16"
+    layer = torch.nn.Embedding(4, 2).half()
+    assert plants.running_mode(torch.zeros(2, dtype=torch.long), layer) == "fp16"
+
+
+def test_slowdown_acts_only_in_the_named_modes(mnist, monkeypatch):
+    waits = []
+    monkeypatch.setattr(plants, "busy_wait", waits.append)
+    model = plants.slow_down(mnist, 0.5, modes=("amp_bf16",), step_time_s=0.004, device="cpu").model_factory()
+    x = torch.randn(3, 784)
+    model(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(x)
+    assert waits == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert waits == [pytest.approx(0.002)]
+
+
+def _cpu_seconds_per_step(runner, dataset, steps=12):
+    times = []
+    for _ in range(steps):
+        begin = time.thread_time()
+        runner.step(*dataset.batch(runner.steps_taken, 32))
+        times.append(time.thread_time() - begin)
+    return statistics.median(times[2:])
+
+
+def test_cpu_slowdown_adds_its_fraction_of_the_step(mnist, dataset):
+    """Sized in CPU time, so other processes on the machine cannot change its size.
+
+    The spin is calibrated so that a step with it costs 1 + fraction times a step without (a spin
+    also slows the step after it), so with fraction 1.0 a step costs about twice as much.
+    """
+    clean = prepare("amp_bf16", mnist.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
+    planted_workload = plants.slow_down(mnist, 1.0, modes=("amp_bf16",), device="cpu")
+    planted = prepare("amp_bf16", planted_workload.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
+    ratio = _cpu_seconds_per_step(planted, dataset) / _cpu_seconds_per_step(clean, dataset)
+    assert 1.6 < ratio < 2.6, ratio
+
+
+def test_slowdown_size_against_the_tolerance():
+    assert plants.slowdown_for_drop(0.1) == pytest.approx(1 / 0.9 - 1)
+    assert plants.slowdown_for_drop(0.0) == 0.0
+    speedup = 1.5
+    assert speedup / (1 + plants.slowdown_for_drop(0.2)) == pytest.approx(speedup * 0.8)
+    with pytest.raises(ConfigError):
+        plants.slowdown_for_drop(1.0)
+    with pytest.raises(ConfigError, match="no step time given for amp_fp16"):
+        plants.slow_down(mnist_mlp(), 0.1, step_time_s={"amp_bf16": 0.01})
+
+
+def test_retained_activation_is_kept_per_model_copy_in_amp_modes_only(mnist):
+    model = plants.retain_activation(mnist, 4096).model_factory()
+    hook = next(iter(model._forward_pre_hooks.values()))
+    model(torch.randn(2, 784))
+    assert hook.kept is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 784))
+    assert hook.kept.numel() == 4096 and hook.kept.dtype == torch.uint8
+    twin = copy.deepcopy(model)
+    assert next(iter(twin._forward_pre_hooks.values())).kept is None
+
+
+def test_aa_control_never_fails_with_cpu_timing(mnist, dataset):
+    """fp32 against fp32, 20 times, timing gated: PASS or INCONCLUSIVE, never FAIL.
+
+    The A/A floor is 1 - speedup_tolerance (0.9): the question an A/A asks is "did the mode get
+    slower than itself by more than the tolerance", and the truthful answer is no.
+    """
+    config = {"modes": ("fp32",), "min_speedup": 0.9, "check_speed": True, "warmup_steps": 1, "rounds": 6, "steps_per_block": 3}
+    outcomes = []
+    for _ in range(20):
+        _m, verdict = gate(mnist, dataset, **config)
+        speedup = checks(verdict, "speedup")["fp32"]
+        assert speedup.outcome in (PASS, INCONCLUSIVE), verdict.explain()
+        assert failures(verdict) == set(), verdict.explain()
+        outcomes.append(speedup.outcome)
+    assert len(outcomes) == 20
+
+
+@cuda
+def test_gpu_memory_plant_fails_the_memory_check():
+    workload = mnist_mlp().with_options(batch_size=1024, data_options={"n_train": 8192, "n_test": 1024})
+    dataset = workload.dataset("cuda")
+    settings = {"modes": ("amp_bf16",), "check_memory": True, "max_memory_ratio": 100.0, "memory_steps": 2}
+    clean, _ = gate(workload, dataset, device="cuda", **settings)
+    baseline = baseline_from(clean, "test", "cuda", {})
+    extra = int(2 * 0.05 * clean.reference.peak_memory_bytes) + 2**20
+    m, verdict = gate(plants.retain_activation(workload, extra), dataset, device="cuda", baseline=baseline, **settings)
+    grown = m.modes["amp_bf16"].peak_memory_bytes - clean.modes["amp_bf16"].peak_memory_bytes
+    assert abs(grown - extra) <= 2**20
+    check = checks(verdict, "memory")["amp_bf16"]
+    assert check.outcome == FAIL and "baseline" in check.why, verdict.explain()
+
+
+@cuda
+def test_gpu_slowdown_fails_the_speedup_check():
+    workload = mnist_mlp()
+    dataset = workload.dataset("cuda")
+    settings = {"modes": ("amp_bf16",), "check_speed": True, "min_speedup": 0.01, "rounds": 10, "steps_per_block": 10, "warmup_steps": 3}
+    clean, _ = gate(workload, dataset, device="cuda", **settings)
+    baseline = baseline_from(clean, "test", "cuda", {})
+    planted = plants.slow_down(workload, 1.0, modes=("amp_bf16",), step_time_s=clean.modes["amp_bf16"].step_time_s)
+    m, verdict = gate(planted, dataset, device="cuda", baseline=baseline, **settings)
+    assert m.modes["amp_bf16"].step_time_s > 1.5 * clean.modes["amp_bf16"].step_time_s
+    assert checks(verdict, "speedup")["amp_bf16"].outcome == FAIL, verdict.explain()
+
+
+@cuda
+def test_gpu_forced_fp32_layer_fails_coverage_and_names_the_layer():
+    workload = mnist_mlp().with_options(batch_size=256, data_options={"n_train": 2048, "n_test": 512})
+    _m, verdict = gate(plants.force_fp32_layer(workload), workload.dataset("cuda"), device="cuda")
+    for mode in ("amp_fp16", "amp_bf16"):
+        check = checks(verdict, "precision_coverage")[mode]
+        assert check.outcome == FAIL and "fp32: 1.layer" in check.why, verdict.explain()
