@@ -574,8 +574,8 @@ FAULTS = {
     "oom_at_setup": ('model=lambda: Faulty("oom")', "amp_bf16 failed while running: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB (simulated) FAILED"),
     "oom_in_timed_rounds": ('model=lambda: Faulty("oom", after=2)', "amp_bf16 failed while running: out of memory: CUDA out of memory."),
     "oom_in_evaluation": ('model=lambda: Faulty("oom_eval")', "amp_bf16 failed while running: out of memory: CUDA out of memory."),
-    "nan_from_the_start": ('model=lambda: Faulty("nan")', "amp_bf16 loss non-finite (nan) first at step 0 of 6 (6 non-finite steps) FAILED"),
-    "inf_from_step_3": ("loss=InfLoss(after=3)", "amp_bf16 loss non-finite (inf) first at step 3 of 6 (3 non-finite steps) FAILED"),
+    "nan_from_the_start": ('model=lambda: Faulty("nan")', "amp_bf16 loss non-finite (nan) first at step 0 of 8 (8 non-finite steps) FAILED"),
+    "inf_from_step_3": ("loss=InfLoss(after=3)", "amp_bf16 loss non-finite (inf) first at step 3 of 8 (5 non-finite steps) FAILED"),
 }
 
 
