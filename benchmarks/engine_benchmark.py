@@ -283,8 +283,7 @@ class Case:
     ops: dict[str, OpCount] = field(default_factory=dict)
 
     def rows_by_mode(self):
-        m = self.measurements
-        return [m.reference, *m.modes.values()]
+        return [mm for mm, _comparison in self.measurements.each_mode()]
 
     def to_dict(self) -> dict:
         return {
@@ -304,7 +303,7 @@ def run_case(workload: Workload, modes, device: torch.device, config: MeasureCon
     say(f"{workload.name} batch {workload.batch_size}: measure() {', '.join([config.reference_mode, *others])}")
     m = measure(workload, others, device=device, config=config, dataset=dataset)
     overhead, ops = {}, {}
-    for mm in [m.reference, *m.modes.values()]:
+    for mm, _comparison in m.each_mode():
         if mm.ok:
             say(f"{workload.name} batch {workload.batch_size}: {mm.mode}: engine vs bare loop")
             overhead[mm.mode] = engine_vs_bare(workload, mm.mode, dataset, device, config)

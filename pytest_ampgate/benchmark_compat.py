@@ -47,14 +47,13 @@ def entries(results: Iterable) -> list[dict]:
     out = []
     for r in results:
         m = r.measurements
-        for mm in [m.reference, *m.modes.values()]:
+        for mm, comparison in m.each_mode():
             if not mm.step_times_s:  # unsupported or failed modes have no timings to compare
                 continue
             stats = Stats()
             for t in mm.step_times_s:
                 stats.update(t)
             stat_dict = {**stats.as_dict(), "data": list(stats.data), "iterations": m.config.steps_per_block}
-            comparison = m.comparisons.get(mm.mode) if mm is not m.reference else None
             speedup = comparison.speedup if comparison else None
             cov = mm.precision_coverage
             extra = {

@@ -245,7 +245,7 @@ def evaluate(
     missing = missing_baseline_note or f"no stored baseline; {RECORD_HINT}"
     device_type = measurements.device.split(":")[0]
     checks: list[Check] = []
-    for mm in [measurements.reference, *measurements.modes.values()]:
+    for mm, _comparison in measurements.each_mode():
         if not mm.supported:
             checks.append(Check(mm.mode, "supported", SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
             continue
@@ -313,10 +313,9 @@ def decide(
 def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:
     """What ``--ampgate-update`` stores for one test: per-mode figures with their spread."""
     modes = {}
-    for mm in [measurements.reference, *measurements.modes.values()]:
+    for mm, comparison in measurements.each_mode():
         if not mm.ok:
             continue
-        comparison = measurements.comparisons.get(mm.mode) if mm is not measurements.reference else None
         speedup = comparison.speedup if comparison else None
         cov = mm.precision_coverage
         final = mm.final_loss

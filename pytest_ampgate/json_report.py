@@ -24,18 +24,12 @@ OUTCOMES = ("pass", "fail", "inconclusive", "skipped")
 
 
 def _num(value: Any) -> float | int | None:
-    """Strict JSON has no NaN or infinity: those become null (a loss keeps them as strings, see _loss)."""
+    """Strict JSON has no NaN or infinity: those become null (a loss keeps them as strings: measurement.json_float)."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and math.isfinite(value):
         return value
     return None
-
-
-def _loss(value: float | None):
-    if value is None:
-        return None
-    return value if math.isfinite(value) else str(value)
 
 
 def _step_time(mm, steps_per_round: int) -> dict | None:
@@ -61,11 +55,12 @@ def _speedup(comparison) -> dict | None:
     }
 
 
-def _mode_record(result, mm, role: str) -> dict:
-    from .report import mode_outcome
+def _mode_record(result, mm, comparison) -> dict:
+    from .measurement import json_float
+    from .report import mode_status, reference_memory_ratio
 
     m = result.measurements
-    comparison = m.comparisons.get(mm.mode) if role == "compared" else None
+    role = "reference" if mm is m.reference else "compared"
     cov = mm.precision_coverage
     return {
         "mode": mm.mode,
@@ -73,15 +68,15 @@ def _mode_record(result, mm, role: str) -> dict:
         "supported": mm.supported,
         "unsupported_reason": mm.unsupported_reason,
         "error": mm.error,
-        "outcome": mode_outcome(result.verdict, mm.mode) if mm.supported else "unsupported",
+        "outcome": mode_status(result, mm),
         "step_time": _step_time(mm, m.config.steps_per_block),
         "speedup": _speedup(comparison),
         "peak_memory_bytes": mm.peak_memory_bytes,
-        "memory_ratio": _num(comparison.memory_ratio) if comparison else (1.0 if role == "reference" and mm.peak_memory_bytes else None),
+        "memory_ratio": _num(comparison.memory_ratio) if comparison else (reference_memory_ratio(mm) if role == "reference" else None),
         "memory_note": mm.memory_note,
         "accuracy": _num(mm.accuracy),
         "baseline_accuracy": _num(result.baseline_accuracy.get(mm.mode)),
-        "final_loss": _loss(mm.final_loss),
+        "final_loss": None if mm.final_loss is None else json_float(mm.final_loss),
         "steps": len(mm.losses),
         "first_nonfinite_step": mm.first_nonfinite_step,
         "nonfinite_steps": mm.nonfinite_steps,
@@ -107,8 +102,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "dataset": m.dataset,
         "wall_time_s": m.wall_time_s,
         "run": dict(run) if run else None,
-        "modes": [_mode_record(result, m.reference, "reference")]
-        + [_mode_record(result, mm, "compared") for mm in m.modes.values()],
+        "modes": [_mode_record(result, mm, comparison) for mm, comparison in m.each_mode()],
         "checks": [c.to_dict() for c in result.verdict.checks],
         "verdict": {"outcome": result.verdict.outcome, "confirmed": result.verdict.confirmed, "strict": result.strict},
         "noise": m.noise,

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ class ModeMeasurement:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["losses"] = [_json_float(v) for v in self.losses]
+        d["losses"] = [json_float(v) for v in self.losses]
         d["scaler"] = self.scaler.to_dict() if self.scaler else None
         d["precision_coverage"] = self.precision_coverage.to_dict() if self.precision_coverage else None
         d["step_time_summary"] = summarize_times(self.step_times_s)
@@ -101,7 +101,7 @@ class ModeMeasurement:
         return cls(**values)
 
 
-def _json_float(value: float):
+def json_float(value: float):
     """Strict JSON has no NaN/inf: non-finite losses are written as the strings 'nan', 'inf', '-inf'."""
     return value if math.isfinite(value) else str(value)
 
@@ -174,6 +174,12 @@ class Measurements:
             wall_time_s=d.get("wall_time_s", 0.0),
             version=d.get("version", RESULTS_VERSION),
         )
+
+    def each_mode(self) -> Iterator[tuple[ModeMeasurement, Comparison | None]]:
+        """Every measured mode, the reference first, with its comparison to the reference (None for the reference)."""
+        yield self.reference, None
+        for name, mm in self.modes.items():
+            yield mm, self.comparisons.get(name)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
@@ -277,6 +283,16 @@ class _Slot:
         self.m = measurement
         self.runner: ModeRunner | None = None
 
+    def block(self, dataset: DeviceDataset, batch: int, steps: int, device: torch.device) -> float | None:
+        """One block of training steps, its losses recorded; its seconds, or None if the mode failed in it."""
+        try:
+            seconds, losses = time_block(self.runner, dataset, batch, steps)
+        except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
+            self.fail(device, exc)
+            return None
+        self.m.record_losses(losses)
+        return seconds
+
     def fail(self, device: torch.device, exc: BaseException) -> None:
         oom = isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
         self.m.error = _oom_message(device, exc) if oom else f"{type(exc).__name__}: {exc}"
@@ -369,34 +385,21 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
         # of rounds the first and last modes get equally many back-to-back blocks, and nobody's
         # first timed block comes straight after another mode's warm-up.  The other modes take
         # their matching block after the rounds, so every mode trains for the same steps.
-        lead = slots[order[0][0]]
-        try:
-            _seconds, losses = time_block(lead.runner, dataset, batch, config.steps_per_block)
-            lead.m.record_losses(losses)
-        except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-            lead.fail(device, exc)
+        slots[order[0][0]].block(dataset, batch, config.steps_per_block, device)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
             slot = slots[i]
             if slot.runner is None:
                 continue
-            try:
-                seconds, losses = time_block(slot.runner, dataset, batch, config.steps_per_block)
+            seconds = slot.block(dataset, batch, config.steps_per_block, device)
+            if seconds is not None:
                 slot.runner.note_scale()
-            except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-                slot.fail(device, exc)
-                continue
-            slot.m.step_times_s.append(seconds / config.steps_per_block)
-            slot.m.record_losses(losses)
+                slot.m.step_times_s.append(seconds / config.steps_per_block)
 
     for slot in slots:
         if slot.runner is not None and order and slot is not slots[order[0][0]]:
-            try:
-                _seconds, losses = time_block(slot.runner, dataset, batch, config.steps_per_block)
-                slot.m.record_losses(losses)
-            except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-                slot.fail(device, exc)
+            slot.block(dataset, batch, config.steps_per_block, device)
 
     for slot in slots:
         if slot.runner is None:

@@ -38,14 +38,23 @@ def mode_outcome(verdict: Verdict, mode: str) -> str:
     return next((o for o in WORST_FIRST if o in outcomes), SKIPPED)
 
 
+def mode_status(result: GateResult, mm: ModeMeasurement) -> str:
+    """A mode's worst check outcome, or 'unsupported' for a mode the hardware could not run."""
+    return mode_outcome(result.verdict, mm.mode) if mm.supported else "unsupported"
+
+
+def reference_memory_ratio(mm: ModeMeasurement) -> float | None:
+    """The reference against itself: 1.0 where its peak memory was measured."""
+    return 1.0 if mm.peak_memory_bytes else None
+
+
 def table_rows(results: list[GateResult]) -> list[list[str]]:
     """One row per test and mode (the reference first), in the order of COLUMNS."""
     rows = []
     for r in results:
         m = r.measurements
-        for mm in [m.reference, *m.modes.values()]:
+        for mm, comparison in m.each_mode():
             is_reference = mm is m.reference
-            comparison = None if is_reference else m.comparisons.get(mm.mode)
             speedup = comparison.speedup if comparison else None
             if is_reference:
                 speed = "reference"
@@ -57,15 +66,13 @@ def table_rows(results: list[GateResult]) -> list[list[str]]:
             stored = r.baseline_accuracy.get(mm.mode)
             if stored is not None and mm.accuracy is not None:
                 accuracy += f" ({stored:.3f})"
-            outcome = mode_outcome(r.verdict, mm.mode)
-            if not mm.supported:
-                outcome = "unsupported"
+            outcome = mode_status(r, mm)
             rows.append([
                 r.test_id,
                 mm.mode,
                 _time(mm.step_time_s),
                 speed,
-                _mem(mm, comparison.memory_ratio if comparison else (1.0 if mm.peak_memory_bytes else None)),
+                _mem(mm, comparison.memory_ratio if comparison else reference_memory_ratio(mm)),
                 _loss(mm.final_loss),
                 accuracy,
                 outcome.upper() if outcome in (FAIL, INCONCLUSIVE) else outcome,
@@ -130,12 +137,11 @@ def junit_properties(result: GateResult) -> list[tuple[str, object]]:
         ("ampgate_device", m.device),
         ("ampgate_workload", m.workload),
     ]
-    for mm in [m.reference, *m.modes.values()]:
+    for mm, comparison in m.each_mode():
         prefix = f"ampgate_{mm.mode}"
-        comparison = m.comparisons.get(mm.mode) if mm is not m.reference else None
         speedup = comparison.speedup if comparison else None
         figures = {
-            "outcome": mode_outcome(result.verdict, mm.mode) if mm.supported else "unsupported",
+            "outcome": mode_status(result, mm),
             "step_time_ms": _round(mm.step_time_s * 1e3) if mm.step_time_s is not None else None,
             "speedup": _round(speedup.median) if speedup else None,
             "speedup_low": _round(speedup.low) if speedup else None,

@@ -66,9 +66,19 @@ class GateSession:
         self.progress = progress
         self.results: list = []
         self._env = None
+        self._skip_reason: tuple[str | None] | None = None
 
     def skip_reason(self) -> str | None:
-        """Why gated tests cannot run in this session, or None.  Creates no CUDA context."""
+        """Why gated tests cannot run in this session, or None.  Creates no CUDA context.
+
+        Asked at collection, for every gated test and at session end; the answer cannot change
+        within a session, so it is worked out once.
+        """
+        if self._skip_reason is None:
+            self._skip_reason = (self._find_skip_reason(),)
+        return self._skip_reason[0]
+
+    def _find_skip_reason(self) -> str | None:
         if not self.options.enabled:
             return "AMP regression test: run it with pytest --ampgate"
         if self.options.device_type == "cuda":
