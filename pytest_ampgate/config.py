@@ -146,6 +146,8 @@ class GateConfig:
     max_memory_ratio: float = 0.9
     memory_tolerance: float = 0.05
     accuracy_tolerance: float = 0.02
+    same_run_tolerance: float = 0.05
+    same_run_loss_tolerance: float = 0.25
     max_skipped_fraction: float = 0.05
     min_loss_scale: float = 1.0
     min_low_precision_share: float = 0.9
@@ -184,7 +186,9 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "max_memory_ratio": (_number(0, low_open=True), "largest peak-memory ratio mode / fp32"),
     "memory_tolerance": (_number(0), "how far (absolute) the memory ratio may rise above the stored baseline's"),
     "accuracy_tolerance": (_number(0, 1), "how far (absolute) held-out accuracy may fall below the stored baseline's"),
-    "max_skipped_fraction": (_number(0, 1), "largest fraction of amp_fp16 steps that GradScaler may skip for inf/NaN gradients"),
+    "same_run_tolerance": (_number(0, 1), "how far (absolute) a mode's held-out metric may fall behind fp32's measured in the same run (no baseline needed)"),
+    "same_run_loss_tolerance": (_number(0), "how far (relative) a mode's mean loss over the last block may exceed fp32's in the same run"),
+    "max_skipped_fraction": (_number(0, 1), "largest fraction of steps that a dynamic loss scaler (amp_fp16, fp16_master) may skip for inf/NaN gradients"),
     "min_loss_scale": (_number(0), "smallest final GradScaler loss scale before it counts as collapsed"),
     "min_low_precision_share": (_number(0, 1), "least share of matmul/conv FLOPs that must run in low precision under AMP"),
     "check_speed": (_auto_flag, "gate the speedup (auto: on CUDA only)"),

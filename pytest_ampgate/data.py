@@ -81,8 +81,9 @@ _SYN_GRID = 4  # templates are random on a grid this many times coarser, then sm
 class DeviceDataset:
     """A train/test split held as one resident tensor per split on one device.
 
-    ``train_x``/``test_x`` are float32 of shape ``(N, *sample_shape)``, already normalised;
-    ``train_y``/``test_y`` are int64 class labels. The training split is shuffled once at load, so
+    ``train_x``/``test_x`` are float32 of shape ``(N, *sample_shape)``, already normalised, or
+    integer ids (``int64``/``int32``, e.g. tokens); ``train_y``/``test_y`` are int64 class labels
+    (``(N,)``, or per position), or float32 targets for a workload with its own metric. The training split is shuffled once at load, so
     contiguous slices are mixed batches and :meth:`batch` can be a plain view.
     """
 
@@ -219,10 +220,15 @@ def from_tensors(
 
     Bad tensors are caught here, with a message naming the tensor, rather than as a shape error
     inside a timed step of some precision mode. ``x`` must be floating with a batch dimension;
-    it is cast to float32 (the precision modes cast inputs themselves) but NOT normalised.
-    Labels must be 1-D integers in ``[0, num_classes)``; ``num_classes`` defaults to the
-    largest label + 1. NaN/inf inputs are refused: they would be blamed on AMP by the numerics
-    check. Everything is detached, moved to ``device`` and made contiguous.
+    Floating inputs are cast to float32 (the precision modes cast them themselves) but NOT
+    normalised. Integer inputs (``int64``/``int32`` token ids, indices) stay integers in every
+    mode: a pure-bf16 cast would silently change most token ids. Targets are 1-D integer class
+    labels in ``[0, num_classes)`` (``num_classes`` defaults to the largest label + 1), integer
+    labels with more dimensions (per token or pixel, e.g. ``(N, T)``; negative values such as
+    CrossEntropyLoss's ``ignore_index`` -100 are allowed there), or floating targets (regression,
+    soft labels; then ``num_classes`` is 0 and the workload brings a metric). NaN/inf inputs are
+    refused: they would be blamed on AMP by the numerics check. Everything is detached, moved to
+    ``device`` and made contiguous.
     """
     tensors = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     for key, t in tensors.items():
@@ -230,11 +236,8 @@ def from_tensors(
             raise WorkloadError(f"dataset {name!r}: {key} must be a torch.Tensor, got {type(t).__name__}")
     for key in ("train_x", "test_x"):
         t = tensors[key]
-        if not t.is_floating_point():
-            raise WorkloadError(
-                f"dataset {name!r}: {key} has dtype {t.dtype} and shape {_shape(t)}; expected a floating "
-                f"tensor of inputs (N, *sample_shape), e.g. {key}.float() / 255 for uint8 images"
-            )
+        if not (t.is_floating_point() or t.dtype in INTEGER_INPUTS):
+            raise WorkloadError(_input_dtype_message(name, key, t))
         if t.dim() < 2:
             raise WorkloadError(
                 f"dataset {name!r}: {key} has shape {_shape(t)}; expected (N, *sample_shape) with a "
@@ -244,16 +247,24 @@ def from_tensors(
             raise WorkloadError(f"dataset {name!r}: {key} has shape {_shape(t)}: it holds no samples")
     for key in ("train_y", "test_y"):
         t = tensors[key]
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if t.is_complex() or t.dtype == torch.bool:
             raise WorkloadError(
                 f"dataset {name!r}: {key} has dtype {t.dtype}; expected integer class labels "
-                f"(int64), e.g. {key}.long()"
+                f"(int64), e.g. {key}.long(), or floating regression targets, e.g. {key}.float()"
             )
-        if t.dim() != 1:
-            raise WorkloadError(
-                f"dataset {name!r}: {key} has shape {_shape(t)}; expected 1-D class indices of shape (N,) "
-                "(not one-hot: use y.argmax(1))"
-            )
+        if t.dim() < 1:
+            raise WorkloadError(f"dataset {name!r}: {key} is a scalar; expected one target per sample, shape (N, ...)")
+    floating_y = [k for k in ("train_y", "test_y") if tensors[k].is_floating_point()]
+    if len(floating_y) == 1:
+        raise WorkloadError(
+            f"dataset {name!r}: {floating_y[0]} is floating but the other split's targets are integers; "
+            "use one kind of target for both splits"
+        )
+    if tensors["train_y"].shape[1:] != tensors["test_y"].shape[1:]:
+        raise WorkloadError(
+            f"dataset {name!r}: test_y has shape {_shape(test_y)} but train_y has shape {_shape(train_y)}; "
+            "targets must have the same per-sample shape in both splits"
+        )
     for split in ("train", "test"):
         x, y = tensors[f"{split}_x"], tensors[f"{split}_y"]
         if y.shape[0] != x.shape[0]:
@@ -265,12 +276,14 @@ def from_tensors(
             f"dataset {name!r}: test_x has shape {_shape(test_x)} but train_x has shape {_shape(train_x)}; "
             f"test samples must have the training sample shape {tuple(train_x.shape[1:])}"
         )
-    for key in ("train_x", "test_x"):
-        if not bool(torch.isfinite(tensors[key]).all()):
+    for key in ("train_x", "test_x", *floating_y):
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
             raise WorkloadError(
                 f"dataset {name!r}: {key} contains NaN or inf; non-finite inputs would make every "
                 "precision mode's loss non-finite and be reported as an AMP failure"
             )
+    if floating_y or train_y.dim() > 1:
+        return _user_dataset(name, tensors, device, _target_classes(train_y, test_y, num_classes, name))
     lo = min(int(train_y.min()), int(test_y.min()))
     hi = max(int(train_y.max()), int(test_y.max()))
     if lo < 0:
@@ -295,15 +308,58 @@ def from_tensors(
                 f"dataset {name!r}: {which} holds label {hi} but num_classes={num_classes}; "
                 f"labels must lie in [0, {num_classes - 1}]"
             )
+    return _user_dataset(name, tensors, device, int(num_classes))
+
+
+INTEGER_INPUTS = (torch.int64, torch.int32)
+"""Integer input dtypes a user's data may hold (token ids, indices: what nn.Embedding takes)."""
+
+
+def _input_dtype_message(name: str, key: str, t: torch.Tensor) -> str:
+    """What is wrong with an input dtype, and the fix; the uint8 advice only where it applies (images)."""
+    text = (
+        f"dataset {name!r}: {key} has dtype {t.dtype} and shape {_shape(t)}; inputs must be floating "
+        f"(float32, float64, float16, bfloat16) or integer ids (int64, int32)"
+    )
+    if t.dtype == torch.uint8:
+        text += f": for uint8 images use {key}.float() / 255, for uint8 token ids {key}.long()"
+    elif t.dtype == torch.bool:
+        text += f": for a mask use {key}.float()"
+    elif not (t.is_floating_point() or t.is_complex()):
+        text += f": use {key}.long()"
+    return text
+
+
+def _target_classes(train_y: torch.Tensor, test_y: torch.Tensor, num_classes, name: str) -> int:
+    """Classes of per-position integer labels (largest label + 1), or 0 for floating targets."""
+    if train_y.is_floating_point():
+        return 0
+    if num_classes is not None:
+        try:
+            return operator.index(num_classes)
+        except TypeError:
+            raise WorkloadError(f"dataset {name!r}: num_classes={num_classes!r} must be an integer") from None
+    return max(int(train_y.max()), int(test_y.max())) + 1
+
+
+def _user_dataset(name: str, tensors: dict, device, num_classes: int) -> DeviceDataset:
+    """Detached, contiguous, on ``device``: floating inputs as float32, integer inputs and labels kept integer."""
     dev = torch.device(device)
+
+    def inputs(t):
+        return t.detach().to(device=dev, dtype=torch.float32 if t.is_floating_point() else t.dtype).contiguous()
+
+    def targets(t):
+        return t.detach().to(device=dev, dtype=torch.float32 if t.is_floating_point() else torch.int64).contiguous()
+
     return DeviceDataset(
         name=name,
         source="user",
-        train_x=train_x.detach().to(device=dev, dtype=torch.float32).contiguous(),
-        train_y=train_y.detach().to(device=dev, dtype=torch.int64).contiguous(),
-        test_x=test_x.detach().to(device=dev, dtype=torch.float32).contiguous(),
-        test_y=test_y.detach().to(device=dev, dtype=torch.int64).contiguous(),
-        num_classes=int(num_classes),
+        train_x=inputs(tensors["train_x"]),
+        train_y=targets(tensors["train_y"]),
+        test_x=inputs(tensors["test_x"]),
+        test_y=targets(tensors["test_y"]),
+        num_classes=num_classes,
     )
 
 

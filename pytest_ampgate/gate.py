@@ -28,6 +28,8 @@ MARGIN_SETTING = {
     "skipped_steps": "max_skipped_fraction",
     "loss_scale": "min_loss_scale",
     "precision_coverage": "min_low_precision_share",
+    "same_run": "same_run_tolerance",
+    "same_run_loss": "same_run_loss_tolerance",
 }
 """The marker setting behind each check that a fixed margin (not a stored baseline) can fail."""
 
@@ -172,6 +174,14 @@ def _finite_check(mm: ModeMeasurement) -> Check:
     )
 
 
+def _scaler_name(mm: ModeMeasurement) -> str:
+    """GradScaler for amp_fp16; the master weights' own dynamic loss scaler for fp16_master (Apex O2)."""
+    from .modes import MODES
+
+    mode = MODES.get(mm.mode)
+    return "loss scaler" if mode is not None and mode.master_weights else "GradScaler"
+
+
 def _scaler_checks(mm: ModeMeasurement, config: GateConfig) -> list[Check]:
     s = mm.scaler
     if s is None:
@@ -182,7 +192,7 @@ def _scaler_checks(mm: ModeMeasurement, config: GateConfig) -> list[Check]:
         ok = fraction <= config.max_skipped_fraction
         checks.append(Check(
             mm.mode, "skipped_steps", PASS if ok else FAIL,
-            f"{mm.mode} GradScaler skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
+            f"{mm.mode} {_scaler_name(mm)} skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
             f"{'<=' if ok else '>'} {config.max_skipped_fraction:.1%}",
             measured=fraction, threshold=config.max_skipped_fraction,
         ))
@@ -193,6 +203,89 @@ def _scaler_checks(mm: ModeMeasurement, config: GateConfig) -> list[Check]:
         f"{'>=' if ok else '< collapse limit'} {config.min_loss_scale:g}",
         measured=s.final_scale, threshold=config.min_loss_scale,
     ))
+    return checks
+
+
+def stored_metric(base: ModeBaseline | None, name: str) -> float | None:
+    """A mode's stored metric: ``accuracy`` in its own field, any other metric under its name."""
+    if base is None:
+        return None
+    if name == "accuracy":
+        return base.accuracy
+    value = base.extra.get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _fmt_metric(value: float) -> str:
+    return f"{value:.3f}" if abs(value) >= 0.1 or value == 0 else f"{value:.4g}"
+
+
+def _metric_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, missing: str, tolerance: float | None) -> Check:
+    """The mode's held-out metric against its stored baseline, in the metric's direction and units."""
+    if mm.metric_name == "accuracy" and mm.metric is None and mm.accuracy is not None:
+        mm.metric = mm.accuracy
+    name = mm.metric_name
+    if name == "accuracy" and tolerance is None:
+        return _accuracy_check(mm, config, baseline, missing)
+    tol = config.accuracy_tolerance if tolerance is None else tolerance
+    value = mm.metric
+    if value is None or not math.isfinite(value):
+        if value is None:
+            return Check(mm.mode, name, SKIPPED, f"{mm.mode} {name} not measured")
+        return Check(mm.mode, name, FAIL, f"{mm.mode} {name} is {value} (non-finite)", measured=None)
+    base = stored_metric(baseline.modes.get(mm.mode) if baseline else None, name)
+    if base is None:
+        outcome = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}[config.missing_baseline]
+        return Check(mm.mode, name, outcome, f"{mm.mode} {name} {_fmt_metric(value)}: {missing}", measured=value)
+    higher = mm.higher_is_better
+    limit = base - tol if higher else base + tol
+    text = (f"{mm.mode} {name} {_fmt_metric(value)} vs baseline {_fmt_metric(base)} "
+            f"(tol {tol:g}, {'higher' if higher else 'lower'} is better)")
+    worse = value < limit if higher else value > limit
+    if worse:
+        return Check(mm.mode, name, FAIL, f"{text} {'dropped below' if higher else 'rose above'} {_fmt_metric(limit)}",
+                     measured=value, threshold=limit, baseline=base)
+    if (value > base + tol) if higher else (value < base - tol):
+        text += "; better than the baseline by more than the tolerance, refresh it with --ampgate-update"
+    return Check(mm.mode, name, PASS, text, measured=value, threshold=limit, baseline=base)
+
+
+def tail_loss(mm: ModeMeasurement, steps: int) -> float | None:
+    """Mean loss over the last ``steps`` training steps: every mode trains on the same batches in the
+    same order, so these are comparable across modes, and steadier than the very last step's loss."""
+    tail = mm.losses[-max(1, steps):]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _same_run_checks(name: str, m: Measurements, config: GateConfig, tolerance: float | None) -> list[Check]:
+    """The mode's metric and late loss against the reference's in this very run: needs no baseline,
+    so a mode that trains to chance while fp32 learns fails on the first run."""
+    mm, ref = m.modes[name], m.reference
+    checks = []
+    metric = mm.metric_name
+    tol = config.same_run_tolerance if tolerance is None else tolerance
+    if mm.metric is not None and ref.metric is not None and math.isfinite(ref.metric):
+        value, base = mm.metric, ref.metric
+        higher = mm.higher_is_better
+        limit = base - tol if higher else base + tol
+        ok = math.isfinite(value) and (value >= limit if higher else value <= limit)
+        text = (f"{name} {metric} {_fmt_metric(value) if math.isfinite(value) else value} vs {ref.mode} "
+                f"{_fmt_metric(base)} in this run ({'higher' if higher else 'lower'} is better, tol {tol:g})")
+        if not ok:
+            text += f": {'below' if higher else 'above'} {_fmt_metric(limit)}"
+        checks.append(Check(name, "same_run", PASS if ok else FAIL, text,
+                            measured=value if math.isfinite(value) else None, threshold=limit))
+    steps = m.config.steps_per_block
+    loss, ref_loss = tail_loss(mm, steps), tail_loss(ref, steps)
+    if loss is not None and ref_loss is not None and math.isfinite(ref_loss) and math.isfinite(loss):
+        ltol = config.same_run_loss_tolerance
+        limit = ref_loss + ltol * max(abs(ref_loss), 1e-3)
+        ok = loss <= limit
+        text = (f"{name} loss over the last {min(steps, len(mm.losses))} steps {loss:.4g} vs {ref.mode} {ref_loss:.4g} "
+                f"in this run (at most +{ltol:.0%})")
+        if not ok:
+            text += f": above {limit:.4g}"
+        checks.append(Check(name, "same_run_loss", PASS if ok else FAIL, text, measured=loss, threshold=limit))
     return checks
 
 
@@ -222,11 +315,23 @@ def _coverage_check(mm: ModeMeasurement, config: GateConfig) -> Check | None:
         return Check(mm.mode, "precision_coverage", SKIPPED, f"{mm.mode}: no matmul/convolution FLOPs recorded")
     ok = cov.share >= config.min_low_precision_share
     text = f"{mm.mode} ran {cov.share:.1%} of matmul/conv FLOPs in low precision {'>=' if ok else '<'} {config.min_low_precision_share:.0%}"
-    hotspots = cov.fp32_hotspots(3)
-    if hotspots:
-        text += "; still fp32: " + ", ".join(f"{name} ({fraction:.1%})" for name, _flops, fraction in hotspots)
+    text += fp32_layers_text(cov)
     return Check(mm.mode, "precision_coverage", PASS if ok else FAIL, text,
                  measured=cov.share, threshold=config.min_low_precision_share)
+
+
+def fp32_layers_text(cov, shown: int = 5) -> str:
+    """``; still fp32: a (60.0%), b (20.0%), and 3 more (8.0%)``: every layer left in fp32, or the top
+    ones and the rest summed, so the shares add up to what did not run in low precision."""
+    every = cov.fp32_hotspots(limit=None)
+    if not every:
+        return ""
+    head = every if len(every) <= shown else every[: shown - 1]
+    parts = [f"{name} ({fraction:.1%})" for name, _flops, fraction in head]
+    rest = every[len(head):]
+    if rest:
+        parts.append(f"and {len(rest)} more ({sum(f for _n, _fl, f in rest):.1%})")
+    return "; still fp32: " + ", ".join(parts)
 
 
 def evaluate(
@@ -235,11 +340,14 @@ def evaluate(
     baseline: Baseline | None = None,
     *,
     missing_baseline_note: str = "",
+    metric_tolerance: float | None = None,
+    same_run_tolerance: float | None = None,
 ) -> Verdict:
     """All checks for one measured workload.
 
     ``missing_baseline_note`` says why no baseline applied (e.g. which environments have one) so
-    the accuracy check can say how to record one.
+    the accuracy check can say how to record one.  ``metric_tolerance`` and ``same_run_tolerance``
+    are a custom metric's own tolerances (its units); None uses the config's.
     """
     env_label = _env_label(baseline.environment) if baseline else ""
     missing = missing_baseline_note or f"no stored baseline; {RECORD_HINT}"
@@ -257,10 +365,11 @@ def evaluate(
         coverage = _coverage_check(mm, config)
         if coverage:
             checks.append(coverage)
-        checks.append(_accuracy_check(mm, config, baseline, missing))
+        checks.append(_metric_check(mm, config, baseline, missing, metric_tolerance))
     for name, mm in measurements.modes.items():
         if not mm.ok or not measurements.reference.ok:
             continue
+        checks += _same_run_checks(name, measurements, config, same_run_tolerance)
         base = baseline.modes.get(name) if baseline else None
         if config.timing_applies(device_type):
             checks.append(_speedup_check(name, measurements, config, base, env_label))
@@ -283,6 +392,8 @@ def decide(
     baseline: Baseline | None = None,
     *,
     missing_baseline_note: str = "",
+    metric_tolerance: float | None = None,
+    same_run_tolerance: float | None = None,
 ) -> tuple[Measurements, Verdict]:
     """Measure, judge, and re-measure before reporting a timing failure (when ``config.confirm``).
 
@@ -290,13 +401,14 @@ def decide(
     check is INCONCLUSIVE.  Non-timing checks (numerics, memory) come from the first run: they are
     deterministic enough not to need a second opinion.
     """
+    tolerances = dict(metric_tolerance=metric_tolerance, same_run_tolerance=same_run_tolerance)
     first = measure_once()
-    verdict = evaluate(first, config, baseline, missing_baseline_note=missing_baseline_note)
+    verdict = evaluate(first, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances)
     timing_failures = [c for c in verdict.of(FAIL) if c.metric in TIMING_METRICS]
     if not (config.confirm and timing_failures):
         return first, verdict
     second = measure_once()
-    again = {(c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note).checks}
+    again = {(c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances).checks}
     checks = []
     for c in verdict.checks:
         if c in timing_failures:
@@ -329,6 +441,7 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
             accuracy=mm.accuracy,
             final_loss=final if final is not None and math.isfinite(final) else None,
             low_precision_share=cov.share if cov is not None and cov.total_flops else None,
+            extra=_metric_extra(mm),
         )
     return Baseline(
         test_id=test_id,
@@ -338,6 +451,13 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
         settings={"workload": measurements.workload, "batch_size": measurements.batch_size, **settings},
         modes=modes,
     )
+
+
+def _metric_extra(mm: ModeMeasurement) -> dict:
+    """A custom metric is stored under its own name (accuracy has its own field)."""
+    if mm.metric_name == "accuracy" or mm.metric is None or not math.isfinite(mm.metric):
+        return {}
+    return {mm.metric_name: mm.metric}
 
 
 @dataclass
@@ -353,6 +473,8 @@ class GateResult:
     verdict: Verdict
     baseline_accuracy: dict = field(default_factory=dict)
     """Stored accuracy per mode, for the table (empty when there was no baseline)."""
+    baseline_metric: dict = field(default_factory=dict)
+    """Stored value of the workload's metric (whatever its name) per mode (empty when there was no baseline)."""
     update: dict | None = None
     """The baseline entry to store (``Baseline.to_entry()``), set only under --ampgate-update."""
     strict: bool = False
@@ -394,6 +516,7 @@ class GateResult:
             "measurements": self.measurements.to_dict(),
             "verdict": self.verdict.to_dict(),
             "baseline_accuracy": self.baseline_accuracy,
+            "baseline_metric": self.baseline_metric,
             "update": self.update,
             "strict": self.strict,
             "config": self.config,
@@ -407,6 +530,7 @@ class GateResult:
             measurements=Measurements.from_dict(d["measurements"]),
             verdict=Verdict.from_dict(d["verdict"]),
             baseline_accuracy=d.get("baseline_accuracy", {}),
+            baseline_metric=d.get("baseline_metric", d.get("baseline_accuracy", {})),
             update=d.get("update"),
             strict=d.get("strict", False),
             config=d.get("config", {}),

@@ -76,6 +76,13 @@ def _mode_record(result, mm, comparison) -> dict:
         "memory_note": mm.memory_note,
         "accuracy": _num(mm.accuracy),
         "baseline_accuracy": _num(result.baseline_accuracy.get(mm.mode)),
+        "metric": {
+            "name": mm.metric_name,
+            "value": None if mm.metric is None else json_float(mm.metric),
+            "higher_is_better": mm.higher_is_better,
+            "baseline": _num((getattr(result, "baseline_metric", None) or
+                              ({} if mm.metric_name != "accuracy" else result.baseline_accuracy)).get(mm.mode)),
+        },
         "final_loss": None if mm.final_loss is None else json_float(mm.final_loss),
         "steps": len(mm.losses),
         "first_nonfinite_step": mm.first_nonfinite_step,
@@ -196,7 +203,7 @@ _MODE = {
     "type": "object",
     "required": [
         "mode", "role", "supported", "unsupported_reason", "error", "outcome", "step_time", "speedup",
-        "peak_memory_bytes", "memory_ratio", "memory_note", "accuracy", "baseline_accuracy", "final_loss",
+        "peak_memory_bytes", "memory_ratio", "memory_note", "accuracy", "baseline_accuracy", "metric", "final_loss",
         "steps", "first_nonfinite_step", "nonfinite_steps", "scaler", "low_precision_share",
     ],
     "properties": {
@@ -213,6 +220,16 @@ _MODE = {
         "memory_note": _STR,
         "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
         "baseline_accuracy": _NUM,
+        "metric": {
+            "type": "object",
+            "required": ["name", "value", "higher_is_better", "baseline"],
+            "properties": {
+                "name": _STR,
+                "value": {"type": ["number", "string", "null"]},
+                "higher_is_better": {"type": "boolean"},
+                "baseline": _NUM,
+            },
+        },
         "final_loss": {"type": ["number", "string", "null"]},
         "steps": {"type": "integer", "minimum": 0},
         "first_nonfinite_step": _INT,

@@ -33,8 +33,9 @@ from .config import MeasureConfig
 from .errors import ConfigError, WorkloadError
 from .modes import ModeRunner, PrecisionMode, ScalerStats, cudnn_benchmark, numerics_policy, prepare, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
+from .profiles import SLOW_ON_CPU, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, get_workload
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
 DEFAULT_MODES = ("amp_fp16", "amp_bf16")
@@ -59,7 +60,21 @@ class ModeMeasurement:
     nonfinite_steps: int = 0
     scaler: ScalerStats | None = None
     accuracy: float | None = None
+    """Held-out accuracy when the workload's metric is accuracy (the default); None for another metric."""
     precision_coverage: PrecisionCoverage | None = None
+    metric_name: str = "accuracy"
+    """The workload's held-out metric: ``accuracy`` unless the workload brings its own."""
+    metric: float | None = None
+    higher_is_better: bool = True
+
+    def __post_init__(self):
+        if self.metric is None and self.accuracy is not None and self.metric_name == "accuracy":
+            self.metric = self.accuracy  # results written before metrics had names
+
+    def set_metric(self, name: str, value: float, higher_is_better: bool) -> None:
+        """Record the held-out metric; accuracy stays readable as ``.accuracy``."""
+        self.metric_name, self.metric, self.higher_is_better = name, value, higher_is_better
+        self.accuracy = value if name == "accuracy" else None
 
     @property
     def ok(self) -> bool:
@@ -86,6 +101,8 @@ class ModeMeasurement:
         d["losses"] = [json_float(v) for v in self.losses]
         d["scaler"] = self.scaler.to_dict() if self.scaler else None
         d["precision_coverage"] = self.precision_coverage.to_dict() if self.precision_coverage else None
+        d["metric"] = None if self.metric is None else json_float(self.metric)
+        d["accuracy"] = None if self.accuracy is None else json_float(self.accuracy)
         d["step_time_summary"] = summarize_times(self.step_times_s)
         return d
 
@@ -94,6 +111,9 @@ class ModeMeasurement:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values["losses"] = [float(v) for v in values.get("losses", [])]
+        for key in ("metric", "accuracy"):
+            if isinstance(values.get(key), str):
+                values[key] = float(values[key])
         if values.get("scaler"):
             values["scaler"] = ScalerStats.from_dict(values["scaler"])
         if values.get("precision_coverage"):
@@ -261,6 +281,51 @@ def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDatas
     if not torch.is_tensor(loss) or loss.numel() != 1:
         shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
         raise WorkloadError(f"workload {workload.name!r}: the loss must be a scalar tensor, got {shape}")
+    _check_metric_fits(workload, model, out, y, dataset)
+
+
+def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch.Tensor, dataset: DeviceDataset) -> None:
+    """Before training: the model's output must fit the metric (shapes named), and a custom metric
+    must return one number, so a misfit is not found after every mode has trained."""
+    where = f"workload {workload.name!r}"
+    if workload.metric is None:
+        try:
+            pred = (workload.prediction or prediction_of)(out)
+        except WorkloadError as exc:
+            raise WorkloadError(f"{where}: {exc}") from None
+        problem = accuracy_fit_problem(pred, y)
+        if problem:
+            raise WorkloadError(
+                f"{where}: the model's output {describe_output(out)} does not fit the default metric, accuracy, "
+                f"against targets {tuple(y.shape)} {y.dtype}: {problem}"
+            )
+        return
+    metric = metric_of(workload)
+    x_test, y_test = next(iter(dataset.test_batches(min(32, dataset.n_test))))
+    param = next(model.parameters(), None)
+    if param is not None:
+        x_test, y_test = x_test.to(param.device), y_test.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = metric.fn(model, [(x_test, y_test)])
+    except Exception as exc:
+        raise WorkloadError(
+            f"{where}: its metric {metric.name!r} failed on a held-out batch (input {tuple(x_test.shape)} {x_test.dtype}, "
+            f"targets {tuple(y_test.shape)} {y_test.dtype}; the model returns {describe_output(out)}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    metric.check_value(value, workload.name)
+
+
+def _evaluate_metric(slot: "_Slot", workload: Workload, dataset: DeviceDataset) -> None:
+    """The workload's metric for one mode, recorded under its name."""
+    metric = metric_of(workload)
+    value = slot.runner.evaluate(dataset.test_batches(workload.eval_batch_size), metric)
+    slot.m.set_metric(metric.name, metric.check_value(value, workload.name), metric.higher_is_better)
 
 
 def _oom_message(device: torch.device, exc: BaseException) -> str:
@@ -310,7 +375,7 @@ def measure(
     dataset: DeviceDataset | None = None,
     data_root=None,
     download: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | bool | None = True,
 ) -> Measurements:
     """Train ``workload`` under the reference mode and each of ``modes``; measure and compare them.
 
@@ -318,12 +383,18 @@ def measure(
     itself in ``modes`` gives an A/A control (two independent runs of the same mode).  Modes the
     hardware cannot run come back with ``supported=False`` and the reason; a mode that fails while
     running (out of memory) comes back with ``error`` set, and the others are still measured.
+
+    Without ``config``, the protocol suits the device: GPU defaults on CUDA, the CPU profile
+    (``profiles.CPU_PROFILE``, the one ``pytest --ampgate-device cpu`` uses) on the CPU, where a
+    built-in workload at its default size also gets its CPU size.  A device that is not there is
+    an error naming it.  ``progress``: True prints what the run will cost and each stage to
+    stderr, a callable receives the same lines, False or None is silent.
     """
     started = time.perf_counter()
-    config = config or MeasureConfig()
-    workload = get_workload(workload)
-    device = torch.device(device)
-    say = progress or (lambda _msg: None)
+    device = _available_device(device)
+    config = config or default_measure_config(device.type)
+    workload = sized_for(get_workload(workload), device.type)
+    say = _progress_printer(progress, started)
     reference_mode = resolve_mode(config.reference_mode)
     slots = [_Slot(reference_mode, ModeMeasurement(reference_mode.name))]
     slots += [_Slot(m, ModeMeasurement(m.name)) for m in (resolve_mode(x) for x in modes)]
@@ -335,6 +406,7 @@ def measure(
         if reason:
             slot.m.supported, slot.m.unsupported_reason = False, reason
 
+    say(_cost_line(workload, slots, device, config))
     environment = env_mod.fingerprint(device).to_dict() if slots[0].m.supported else {"device_type": device.type}
     dataset_info: dict = {}
     noise: dict = {}
@@ -365,6 +437,53 @@ def measure(
         noise=noise,
         wall_time_s=time.perf_counter() - started,
     )
+
+
+def _available_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ConfigError naming it when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"measure(device={device!r}): not a device ({exc}); use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"measure(device={str(device)!r}): no CUDA device is available (no GPU, or a CPU-only torch build); "
+                "measure on the CPU with device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"measure(device={str(device)!r}): this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"measure(device={str(device)!r}): device type {dev.type!r} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
+    return dev
+
+
+def _progress_printer(progress, started: float) -> Callable[[str], None]:
+    """True: lines to stderr with the seconds elapsed; a callable: that; False/None: silent."""
+    if progress is True:
+        import sys
+
+        def say(message: str) -> None:
+            print(f"[ampgate {time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+        return say
+    return progress if callable(progress) else (lambda _msg: None)
+
+
+def _cost_line(workload: Workload, slots, device: torch.device, config: MeasureConfig) -> str:
+    """What the run will cost, said before it starts: modes x steps x batch, and the slow modes on a CPU."""
+    running = [s.mode.name for s in slots if s.m.supported]
+    line = (
+        f"{workload.name} on {device}: {len(running)} mode(s) ({', '.join(running)}) x {config.total_steps()} training steps "
+        f"of batch {workload.batch_size} ({config.warmup_steps} warm-up, {config.rounds} rounds x {config.steps_per_block} steps)"
+    )
+    slow = [name for name in running if name in SLOW_ON_CPU]
+    if device.type == "cpu" and slow:
+        line += (
+            f"; {', '.join(slow)} run in float16, which a CPU without fp16 arithmetic runs many times slower "
+            "than fp32: they are here for their numerics"
+        )
+    return line
 
 
 def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say) -> None:
@@ -404,10 +523,10 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
     for slot in slots:
         if slot.runner is None:
             continue
-        say(f"{workload.name}: {slot.mode.name}: held-out accuracy")
+        say(f"{workload.name}: {slot.mode.name}: held-out {metric_of(workload).name}")
         try:
             with numerics_policy(slot.mode):
-                slot.m.accuracy = slot.runner.evaluate(dataset.test_batches(workload.eval_batch_size))
+                _evaluate_metric(slot, workload, dataset)
             slot.m.scaler = slot.runner.scaler_stats()
         except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
             slot.fail(device, exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -39,6 +40,9 @@ class PrecisionMode:
     tf32: bool = False
     """Float32 matmuls and cuDNN convolutions may use TF32 tensor cores."""
     cuda_only: bool = False
+    master_weights: bool = False
+    """Apex O2: the low-precision model computes, float32 master copies of its parameters are what the
+    optimizer updates, with dynamic loss scaling (see :class:`MasterWeights`)."""
 
     @property
     def low_precision_dtype(self) -> torch.dtype | None:
@@ -63,16 +67,19 @@ MODES: dict[str, PrecisionMode] = {
         PrecisionMode("amp_bf16", "torch.amp.autocast(bfloat16), no scaler", autocast_dtype=torch.bfloat16),
         PrecisionMode("fp16", "pure float16 parameters (BatchNorm kept float32), no scaler", param_dtype=torch.float16),
         PrecisionMode("bf16", "pure bfloat16 parameters (BatchNorm kept float32)", param_dtype=torch.bfloat16),
+        PrecisionMode(
+            "fp16_master",
+            "Apex O2: float16 model (BatchNorm kept float32), float32 master weights updated by the optimizer, "
+            "dynamic loss scaling",
+            param_dtype=torch.float16,
+            master_weights=True,
+        ),
     )
 }
 
-APEX_ALIASES = {"O0": "fp32", "O1": "amp_fp16", "O3": "fp16"}
-REFUSED = {
-    "O2": (
-        "Apex O2 (float16 model with float32 master weights) has no torch.amp equivalent and Apex AMP is "
-        "deprecated; use 'amp_fp16' (torch.amp.autocast + GradScaler), the supported replacement"
-    ),
-}
+APEX_ALIASES = {"O0": "fp32", "O1": "amp_fp16", "O2": "fp16_master", "O3": "fp16"}
+REFUSED: dict[str, str] = {}
+"""Names recognised but refused, with the reason (none at present: every Apex level O0-O3 runs)."""
 
 
 def valid_mode_names() -> list[str]:
@@ -227,6 +234,85 @@ def _keep_norm_in_fp32(model: nn.Module, compute_dtype: torch.dtype) -> None:
             module.register_forward_hook(back)
 
 
+def cast_floats(obj, dtype: torch.dtype):
+    """``obj`` with every floating tensor in it (a tensor, tuple, list, dict, dataclass / ModelOutput) cast to ``dtype``."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: cast_floats(getattr(obj, f.name), dtype) for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(cast_floats(v, dtype) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(v, dtype) for v in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, cast_floats(v, dtype)) for k, v in obj.items())
+    return obj
+
+
+class MasterWeights:
+    """Apex O2 on plain torch: fp32 master copies of a low-precision model's parameters, and a dynamic loss scale.
+
+    Forward and backward run in the model's float16; the scaled gradients are unscaled into the
+    float32 masters, which the optimizer updates and which are then copied back into the model.
+    A step whose gradients hold inf/NaN is skipped and the scale backs off; after
+    ``growth_interval`` clean steps it grows: the same policy and defaults as ``torch.amp.GradScaler``
+    (whose own unscale refuses float16 gradients, hence this class).  Parameters already float32
+    (BatchNorm, kept float32 as Apex's ``keep_batchnorm_fp32``) are their own masters.
+    """
+
+    def __init__(self, model: nn.Module, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.masters = [
+            p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params
+        ]
+        self.scale = float(init_scale)
+        self.initial_scale = float(init_scale)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self._good_steps = 0
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def zero_grad(self) -> None:
+        for p, m in zip(self.model_params, self.masters):
+            p.grad = None
+            m.grad = None
+
+    def unscale_to_masters(self) -> torch.Tensor:
+        """Masters' gradients = model gradients / scale, in float32; returns a device flag: any inf/NaN."""
+        inv = 1.0 / self.scale
+        flags = []
+        for p, m in zip(self.model_params, self.masters):
+            if p.grad is None:
+                continue
+            if p is m:
+                p.grad.mul_(inv)
+            else:
+                m.grad = p.grad.float() * inv
+            flags.append(torch.isfinite(m.grad).all())
+        if not flags:
+            return torch.zeros((), dtype=torch.bool)
+        return torch.logical_not(torch.stack(flags).all())
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, m in zip(self.model_params, self.masters):
+            if p is not m:
+                p.copy_(m)
+
+    def update(self, skipped: bool) -> None:
+        self.steps += 1
+        if skipped:
+            self.skipped_steps += 1
+            self.scale *= self.backoff_factor
+            self._good_steps = 0
+        else:
+            self._good_steps += 1
+            if self._good_steps == self.growth_interval:
+                self.scale *= self.growth_factor
+                self._good_steps = 0
+
+
 @dataclass
 class ScalerStats:
     """GradScaler health over a run: a collapsing scale or many skipped steps means fp16 trouble."""
@@ -263,6 +349,7 @@ class ModeRunner:
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         device: torch.device,
+        master: "MasterWeights | None" = None,
     ):
         self.mode = mode
         self.model = model
@@ -271,6 +358,7 @@ class ModeRunner:
         self.device = device
         self.steps_taken = 0
         self.scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
+        self.master: MasterWeights | None = master
         self._optimizer_steps = 0
         self._scale_seen: list[float] = []
         self._countable = not getattr(optimizer, "_step_supports_amp_scaling", False)
@@ -295,6 +383,8 @@ class ModeRunner:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step; returns the detached loss on the device (no host sync here)."""
         x = self.cast_input(x)
+        if self.master is not None:
+            return self._master_step(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.loss_fn(self.model(x), y)
@@ -308,12 +398,41 @@ class ModeRunner:
         self.steps_taken += 1
         return loss.detach()
 
+    def _master_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Apex O2's step: scaled backward in float16, unscale into the fp32 masters, step them unless
+        the gradients overflowed, copy them back.  The overflow flag is read on the host once, as
+        ``GradScaler.step`` does for every non-fused optimizer."""
+        master = self.master
+        master.zero_grad()
+        loss = self.loss_fn(self.model(x), y)
+        (loss.float() * master.scale).backward()
+        skipped = bool(master.unscale_to_masters().item())
+        if not skipped:
+            self.optimizer.step()
+            master.copy_to_model()
+        master.update(skipped)
+        self.steps_taken += 1
+        return loss.detach()
+
     def note_scale(self) -> None:
         """Read the loss scale (a host sync: call it between timed blocks only)."""
         if self.scaler is not None:
             self._scale_seen.append(float(self.scaler.get_scale()))
+        elif self.master is not None:
+            self._scale_seen.append(self.master.scale)
 
     def scaler_stats(self) -> ScalerStats | None:
+        if self.master is not None:
+            self.note_scale()
+            seen = self._scale_seen
+            return ScalerStats(
+                initial_scale=self.master.initial_scale,
+                final_scale=seen[-1],
+                min_scale=min(seen),
+                steps=self.steps_taken,
+                skipped_steps=self.master.skipped_steps,
+                note="dynamic loss scale of the float32 master weights (Apex O2)",
+            )
         if self.scaler is None:
             return None
         self.note_scale()
@@ -328,21 +447,23 @@ class ModeRunner:
         )
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Held-out accuracy in this mode's precision; counts on the device, one read at the end."""
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], metric=None):
+        """The workload's metric (held-out accuracy by default) in this mode's precision.
+
+        The metric's function sees the model in eval mode, inside this mode's autocast, with
+        inputs already cast as in training, so ``model(x)`` computes as the mode trains.
+        """
+        if metric is None:
+            from .workloads import accuracy
+
+            metric = accuracy()
         was_training = self.model.training
         self.model.eval()
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        total = 0
         try:
-            for x, y in batches:
-                with self.autocast():
-                    out = self.model(self.cast_input(x))
-                correct += (out.argmax(dim=1) == y).sum()
-                total += y.shape[0]
+            with self.autocast():
+                return metric.fn(self.model, ((self.cast_input(x), y) for x, y in batches))
         finally:
             self.model.train(was_training)
-        return float(correct.item()) / total if total else float("nan")
 
 
 def prepare(
@@ -364,5 +485,10 @@ def prepare(
     if mode.param_dtype is not None:
         model.to(mode.param_dtype)
         _keep_norm_in_fp32(model, mode.param_dtype)
+    if mode.master_weights:
+        # Apex O2 casts the model's outputs to float32, so the loss is computed in float32.
+        model.register_forward_hook(lambda _module, _args, output: cast_floats(output, torch.float32))
+        master = MasterWeights(model)
+        return ModeRunner(mode, model, optimizer_factory(master.masters), loss_fn, device, master=master)
     optimizer = optimizer_factory(model.parameters())
     return ModeRunner(mode, model, optimizer, loss_fn, device)

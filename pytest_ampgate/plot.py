@@ -1,5 +1,6 @@
 """The run as a chart (``--ampgate-plot PATH``): per test and mode, the speedup with its interval
-against its floor, and the peak-memory ratio against its limit.
+against its floor, the peak-memory ratio against its limit, and the held-out metric (under its own
+name) against fp32's in the same run and the stored baseline.
 
 A table says whether each check passed; the chart shows how close each one came, which is what
 someone deciding whether to relax a margin or chase a regression needs.  matplotlib is an optional
@@ -45,6 +46,12 @@ class ChartRow:
     memory_gated: bool
     memory_outcome: str
     memory_note: str
+    metric_name: str = "accuracy"
+    metric: float | None = None
+    reference_metric: float | None = None
+    baseline_metric: float | None = None
+    higher_is_better: bool = True
+    metric_outcome: str = "skipped"
 
 
 def chart_rows(results) -> list[ChartRow]:
@@ -72,13 +79,62 @@ def chart_rows(results) -> list[ChartRow]:
                 memory_gated=memory is not None and memory.threshold is not None,
                 memory_outcome=memory.outcome if memory is not None else "skipped",
                 memory_note=m.modes[name].memory_note or m.reference.memory_note or comparison.note or "not measured",
+                **_metric_fields(r, name, checks),
             ))
     return rows
+
+
+def _finite(value):
+    import math
+
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _metric_fields(result, name: str, checks: dict) -> dict:
+    """The mode's held-out metric (under its own name), fp32's in the same run, the stored baseline."""
+    mm, ref = result.measurements.modes[name], result.measurements.reference
+    stored = (getattr(result, "baseline_metric", None) or ({} if mm.metric_name != "accuracy" else result.baseline_accuracy)).get(name)
+    same_run = checks.get((name, "same_run"))
+    return dict(
+        metric_name=mm.metric_name,
+        metric=_finite(mm.metric),
+        reference_metric=_finite(ref.metric),
+        baseline_metric=_finite(stored),
+        higher_is_better=mm.higher_is_better,
+        metric_outcome=same_run.outcome if same_run is not None else "skipped",
+    )
 
 
 def _label(row: ChartRow, short: bool) -> str:
     test = row.test_id.rsplit("::", 1)[-1] if short else row.test_id
     return f"{test}\n{row.mode}"
+
+
+def _draw_metric(ax, rows: list[ChartRow], ys: list[int]) -> None:
+    """Each mode's held-out metric, named, beside fp32's from the same run (a tick) and the stored baseline (a diamond)."""
+    names = sorted({row.metric_name for row in rows})
+    for y, row in zip(ys, rows):
+        colour = COLOURS.get(row.metric_outcome, COLOURS["skipped"])
+        if row.metric is None:
+            ax.text(0.03, y, f"{row.metric_name} not measured", va="center", fontsize=8, color="#555555",
+                    transform=ax.get_yaxis_transform())
+            continue
+        ax.plot([row.metric], [y], "o", color=colour, markersize=7, zorder=3)
+        label = f"{row.metric:.3g}" if len(names) == 1 else f"{row.metric_name} {row.metric:.3g}"
+        ax.annotate(label, (row.metric, y), xytext=(0, 8), textcoords="offset points", fontsize=8, ha="center", color="#333333")
+        if row.reference_metric is not None:
+            ax.plot([row.reference_metric], [y], "|", color="#444444", markersize=16, markeredgewidth=2, zorder=2)
+        if row.baseline_metric is not None:
+            ax.plot([row.baseline_metric], [y], "D", markerfacecolor="none", color="#444444", markersize=6, zorder=2)
+    values = [v for row in rows for v in (row.metric, row.reference_metric, row.baseline_metric) if v is not None]
+    if values:
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.25 or max(abs(high) * 0.1, 0.05)
+        ax.set_xlim(low - pad, high + pad)
+    directions = {row.higher_is_better for row in rows}
+    direction = "" if len(directions) != 1 else (" (higher is better)" if directions.pop() else " (lower is better)")
+    ax.set_xlabel((names[0] if len(names) == 1 else "metric") + direction)
+    ax.set_title(f"{names[0] if len(names) == 1 else 'Metric'} vs fp32 (same run)", fontsize=11, loc="left")
 
 
 def write_chart(results, path: str | Path, title: str | None = None) -> Path:
@@ -94,9 +150,9 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
     names = [row.test_id.rsplit("::", 1)[-1] for row in rows]
     short = len(set(names)) == len({row.test_id for row in rows})
     n = len(rows)
-    fig = Figure(figsize=(11, 1.9 + 0.62 * n), dpi=110, layout="constrained")
+    fig = Figure(figsize=(15, 1.9 + 0.62 * n), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_speed, ax_mem = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.35, 1]})
+    ax_speed, ax_mem, ax_metric = fig.subplots(1, 3, sharey=True, gridspec_kw={"width_ratios": [1.35, 1, 1]})
     ys = list(range(n))[::-1]
 
     # Speedup with its interval, against the floor.
@@ -137,9 +193,11 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
     mems = [v for row in rows if row.memory_ratio is not None for v in (row.memory_ratio, row.memory_limit) if v is not None] + [1.0]
     ax_mem.set_xlim(0, max(mems) * 1.25)
 
+    _draw_metric(ax_metric, rows, ys)
+
     ax_speed.set_yticks(ys, [_label(row, short) for row in rows], fontsize=9)
     ax_speed.set_ylim(-0.7, n - 0.3)
-    for ax in (ax_speed, ax_mem):
+    for ax in (ax_speed, ax_mem, ax_metric):
         ax.grid(axis="x", color="#eeeeee", zorder=0)
         ax.spines[["top", "right"]].set_visible(False)
 
@@ -149,7 +207,9 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
         Line2D([], [], color="black", linewidth=2.2, label="floor / limit (gated)"),
         Line2D([], [], color="black", linewidth=2.2, linestyle=(0, (2, 2)), label="configured, not gated here"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=8, fontsize=8, frameon=False)
+    handles.append(Line2D([], [], color="#444444", marker="|", markersize=12, linestyle="", label="fp32, same run"))
+    handles.append(Line2D([], [], color="#444444", marker="D", markerfacecolor="none", linestyle="", label="stored baseline"))
     envs = sorted({r.env_key for r in results})
     heading = title or "pytest-ampgate: " + "; ".join(envs)
     if any(r.measurements.device.startswith("cpu") for r in results):

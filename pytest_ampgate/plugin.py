@@ -421,7 +421,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if SESSION_KEY not in config.stash or hasattr(config, "workerinput"):
         return
     from .gate import FAIL, INCONCLUSIVE
-    from .report import format_table, table_rows
+    from .report import format_table, table_columns, table_rows
 
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
@@ -429,7 +429,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write_sep("=", "ampgate summary")
     if gate.results:
-        terminalreporter.write_line(format_table(table_rows(gate.results)))
+        terminalreporter.write_line(format_table(table_rows(gate.results), table_columns(gate.results)))
         env = gate.results[0].env_key
         terminalreporter.write_line(f"environment: {env}")
     for r in gate.results:

@@ -33,6 +33,32 @@ def _loss(value: float | None) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+def table_columns(results: list[GateResult]) -> tuple[str, ...]:
+    """COLUMNS, with "metric (baseline)" in place of "accuracy (baseline)" when a workload brings its own metric."""
+    if all(mm.metric_name == "accuracy" for r in results for mm, _c in r.measurements.each_mode()):
+        return COLUMNS
+    return tuple("metric (baseline)" if c == "accuracy (baseline)" else c for c in COLUMNS)
+
+
+def metric_cell(r: GateResult, mm: ModeMeasurement) -> str:
+    """``0.748 (0.750)`` for accuracy; ``mse 0.0312 (0.0309)`` for another metric, named."""
+    value = mm.metric if mm.metric is not None else mm.accuracy
+    if value is None:
+        return "-"
+    named = mm.metric_name != "accuracy"
+    text = _metric(value, named)
+    stored = (r.baseline_metric or ({} if named else r.baseline_accuracy)).get(mm.mode)
+    if stored is not None:
+        text += f" ({_metric(stored, named)})"
+    return f"{mm.metric_name} {text}" if named else text
+
+
+def _metric(value: float, named: bool) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}" if named else f"{value:.3f}"
+
+
 def mode_outcome(verdict: Verdict, mode: str) -> str:
     outcomes = {c.outcome for c in verdict.checks if c.mode == mode}
     return next((o for o in WORST_FIRST if o in outcomes), SKIPPED)
@@ -62,10 +88,7 @@ def table_rows(results: list[GateResult]) -> list[list[str]]:
                 speed = f"{speedup.median:.2f}x [{speedup.low:.2f}-{speedup.high:.2f}]"
             else:
                 speed = "-"
-            accuracy = "-" if mm.accuracy is None else f"{mm.accuracy:.3f}"
-            stored = r.baseline_accuracy.get(mm.mode)
-            if stored is not None and mm.accuracy is not None:
-                accuracy += f" ({stored:.3f})"
+            accuracy = metric_cell(r, mm)
             outcome = mode_status(r, mm)
             rows.append([
                 r.test_id,
@@ -109,7 +132,8 @@ def markdown_summary(results: list[GateResult], skip_reason: str | None = None) 
     if any(r.measurements.device.startswith("cpu") for r in results):
         lines.append("")
         lines.append("CPU run: numerics and accuracy are gated; timing and memory are gated on CUDA only.")
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    columns = table_columns(results)
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in table_rows(results):
         cells = [f"`{row[0]}`", *row[1:-1], _MARK.get(row[-1], row[-1])]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
@@ -149,6 +173,7 @@ def junit_properties(result: GateResult) -> list[tuple[str, object]]:
             "peak_memory_mib": _round(mm.peak_memory_bytes / 2**20) if mm.peak_memory_bytes is not None else None,
             "memory_ratio": _round(comparison.memory_ratio) if comparison and comparison.memory_ratio is not None else None,
             "accuracy": _round(mm.accuracy) if mm.accuracy is not None else None,
+            **({mm.metric_name: _round(mm.metric)} if mm.metric_name != "accuracy" and mm.metric is not None else {}),
             "final_loss": None if mm.final_loss is None else (_round(mm.final_loss) if math.isfinite(mm.final_loss) else str(mm.final_loss)),
             "first_nonfinite_step": mm.first_nonfinite_step,
         }

@@ -16,16 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .baselines import Baseline, BaselineStore
 from .config import GateConfig, build_config
 from .errors import BaselineError, ConfigError
-
-CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
-"""Protocol defaults on ``--ampgate-device cpu``: enough steps for the numerics and accuracy to mean
-something (the MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job."""
-
-CPU_WORKLOAD_SIZES = {
-    "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
-    "cifar_cnn": {"batch_size": 32, "data_options": {"n_train": 2048, "n_test": 512}},
-}
-"""Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there."""
+from .profiles import CPU_PROFILE, CPU_WORKLOAD_SIZES  # noqa: F401  (re-exported: the one source is profiles.py)
 
 
 @dataclass(frozen=True)
@@ -139,9 +130,9 @@ class TestGate:
         The verdict is applied to the test automatically when it finishes; the returned
         :class:`GateResult` is there for asserts of your own.
         """
-        from .gate import GateResult, baseline_from, decide, evaluate
+        from .gate import GateResult, baseline_from, decide, evaluate, stored_metric
         from .measurement import measure
-        from .workloads import BUILTIN, get_workload
+        from .workloads import BUILTIN, get_workload, metric_of
 
         if self.results:
             raise ConfigError(
@@ -157,6 +148,8 @@ class TestGate:
         if modes is not None:
             config = build_config(("defaults", {}), ("run(modes=...)", {"modes": modes}))
             config = dataclasses.replace(self.config, modes=config.modes)
+        metric = metric_of(workload)
+        tolerances = dict(metric_tolerance=metric.tolerance, same_run_tolerance=metric.same_run_tolerance)
         env = self.session.environment()
         env_key = env.key()
 
@@ -179,7 +172,7 @@ class TestGate:
                 raise BaselineError(f"refusing to update baselines: {exc}") from None
             config = dataclasses.replace(config, missing_baseline="ignore")
             measurements = measure_once()
-            verdict = evaluate(measurements, config, None, missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)")
+            verdict = evaluate(measurements, config, None, missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)", **tolerances)
             baseline = None
         else:
             baseline = self.session.store.lookup(self.test_id, env_key)
@@ -188,7 +181,7 @@ class TestGate:
                 others = self.session.store.environments(self.test_id)
                 where = f"recorded for: {'; '.join(others)}" if others else "none recorded for this test"
                 note = f"no baseline for {env_key} ({where}); record one with: pytest --ampgate --ampgate-update"
-            measurements, verdict = decide(measure_once, config, baseline, missing_baseline_note=note)
+            measurements, verdict = decide(measure_once, config, baseline, missing_baseline_note=note, **tolerances)
 
         result = GateResult(
             test_id=self.test_id,
@@ -196,11 +189,14 @@ class TestGate:
             measurements=measurements,
             verdict=verdict,
             baseline_accuracy={k: v.accuracy for k, v in baseline.modes.items() if v.accuracy is not None} if baseline else {},
+            baseline_metric={k: stored_metric(v, metric.name) for k, v in baseline.modes.items()
+                             if stored_metric(v, metric.name) is not None} if baseline else {},
             strict=config.strict,
             config=config.to_dict(),
         )
         if options.update and not result.failed:
-            settings = {"config": config.to_dict(), "measure": measurements.config.to_dict()}
+            settings = {"config": config.to_dict(), "measure": measurements.config.to_dict(),
+                        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better}}
             result.update = baseline_from(measurements, self.test_id, env_key, settings).to_entry()
         self.results.append(result)
         return result

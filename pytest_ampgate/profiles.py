@@ -1,0 +1,42 @@
+"""Per-device run sizes: what a run costs on the CPU, shared by ``measure()`` and the pytest face.
+
+One source of truth, so ``measure("mnist_mlp", device="cpu")`` from a script and
+``pytest --ampgate --ampgate-device cpu`` train the same steps on the same batches and reach the
+same numbers.  GPU defaults live in :class:`~pytest_ampgate.config.MeasureConfig`.
+"""
+
+from __future__ import annotations
+
+CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
+"""Protocol defaults on the CPU: enough steps for the numerics and accuracy to mean something (the
+MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job.  Timing is not gated on the
+CPU, so rounds only need to exist, not to be many; see BENCHMARKS.md for what each costs."""
+
+CPU_WORKLOAD_SIZES = {
+    "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
+    "cifar_cnn": {"batch_size": 32, "data_options": {"n_train": 2048, "n_test": 512}},
+}
+"""Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there."""
+
+SLOW_ON_CPU = ("amp_fp16", "fp16", "fp16_master")
+"""Modes that compute in float16: on a CPU without fp16 arithmetic they run many times slower than
+fp32 (5-13x measured, BENCHMARKS.md); they are there for their numerics, not their speed."""
+
+
+def default_measure_config(device_type: str):
+    """The engine's protocol when the caller gives none: the CPU profile on the CPU, GPU defaults on CUDA."""
+    from .config import MeasureConfig
+
+    return MeasureConfig(**CPU_PROFILE) if device_type == "cpu" else MeasureConfig()
+
+
+def sized_for(workload, device_type: str):
+    """A built-in workload at its default (GPU) size gets its CPU size on the CPU; anything else is left alone."""
+    from .workloads import BUILTIN
+
+    if device_type != "cpu" or workload.name not in CPU_WORKLOAD_SIZES or workload.data_options:
+        return workload
+    default = BUILTIN[workload.name]()
+    if workload.model_factory is not default.model_factory or workload.batch_size != default.batch_size:
+        return workload
+    return workload.with_options(**CPU_WORKLOAD_SIZES[workload.name])
