@@ -161,7 +161,8 @@ def test_modes_from_lists_ini_strings_and_aliases():
     "value, words",
     [
         (["fp8"], "modes: unknown precision mode 'fp8'; valid modes: fp32, tf32, amp_fp16, amp_bf16"),
-        (["O2"], "modes: precision mode 'O2' is not supported"),
+        (["O4"], "modes: unknown precision mode 'O4'"),
+        (["amp_fp16", "O2", "fp16_master"], "modes names a mode twice"),
         ([], "modes must be a non-empty list of precision modes"),
         ("", "modes must be a non-empty list of precision modes"),
         (3, "modes must be a non-empty list of precision modes"),

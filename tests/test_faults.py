@@ -300,7 +300,7 @@ def test_baseline_directory_that_is_a_file(pytester):
 # 2. Bad options, ini values and marker arguments: a usage error naming the key and what is allowed.
 # --------------------------------------------------------------------------------------------------
 
-VALID_MODES = "valid modes: fp32, tf32, amp_fp16, amp_bf16, fp16, bf16, O0, O1, O3"
+VALID_MODES = "valid modes: fp32, tf32, amp_fp16, amp_bf16, fp16, bf16, fp16_master, O0, O1, O2, O3"
 
 BAD_OPTIONS = {
     "device_gpu": (("--ampgate-device", "gpu"), "--ampgate-device must be 'cuda', 'cuda:N' or 'cpu', got 'gpu'"),
@@ -315,7 +315,7 @@ BAD_OPTIONS = {
     "ini_rounds_zero": (("-o", "ampgate_rounds=0"), "ini option ampgate_rounds: rounds must be a whole number >= 1, got 0"),
     "ini_rounds_fraction": (("-o", "ampgate_rounds=2.5"), "rounds must be a whole number >= 1, got '2.5'"),
     "ini_unknown_mode": (("-o", "ampgate_modes=amp_fp16 fp8"), f"ini option ampgate_modes: modes: unknown precision mode 'fp8'; {VALID_MODES}"),
-    "ini_apex_o2": (("-o", "ampgate_modes=O2"), "Apex O2 (float16 model with float32 master weights) has no torch.amp equivalent"),
+    "ini_apex_o2_twice": (("-o", "ampgate_modes=O2 fp16_master"), "ini option ampgate_modes: modes names a mode twice: ['O2', 'fp16_master']"),
     "ini_mode_twice": (("-o", "ampgate_modes=amp_fp16,O1"), "names a mode twice"),
     "ini_policy": (("-o", "ampgate_missing_baseline=maybe"), "missing_baseline must be one of warn, fail, ignore, got 'maybe'"),
     "ini_flag": (("-o", "ampgate_confirm=perhaps"), "confirm must be true or false, got 'perhaps'"),

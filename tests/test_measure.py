@@ -127,12 +127,11 @@ def test_unsupported_modes_are_reported_not_crashed():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
-def test_cuda_requested_without_a_gpu_measures_nothing_and_says_why():
-    m = measure(_tiny_workload(), ["amp_fp16"], device="cuda", config=TINY)
-    assert not m.reference.supported and "no CUDA device" in m.reference.unsupported_reason
-    assert not m.modes["amp_fp16"].supported
-    assert m.dataset == {} and m.comparisons["amp_fp16"].speedup is None
-    Measurements.from_json(m.to_json())
+def test_cuda_requested_without_a_gpu_is_an_error_naming_the_device():
+    from pytest_ampgate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"measure\(device='cuda'\): no CUDA device is available"):
+        measure(_tiny_workload(), ["amp_fp16"], device="cuda", config=TINY)
 
 
 def test_first_nonfinite_step_is_reported():

@@ -17,9 +17,9 @@ def test_resolve_names_and_apex_aliases():
     assert modes.resolve_mode(" AMP_BF16 ").name == "amp_bf16"
 
 
-def test_apex_o2_is_refused_with_the_replacement():
-    with pytest.raises(ModeError, match="O2.*use 'amp_fp16'"):
-        modes.resolve_mode("O2")
+def test_apex_o2_is_the_fp16_master_weights_mode():
+    mode = modes.resolve_mode("O2")
+    assert mode.name == "fp16_master" and mode.master_weights and mode.param_dtype == torch.float16
 
 
 def test_unknown_mode_lists_valid_names():
