@@ -7,14 +7,14 @@ same numbers.  GPU defaults live in :class:`~pytest_ampgate.config.MeasureConfig
 
 from __future__ import annotations
 
-CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
+CPU_PROFILE = {"warmup_steps": 2, "rounds": 4, "steps_per_block": 20, "memory_steps": 0}
 """Protocol defaults on the CPU: enough steps for the numerics and accuracy to mean something (the
 MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job.  Timing is not gated on the
 CPU, so rounds only need to exist, not to be many; see BENCHMARKS.md for what each costs."""
 
 CPU_WORKLOAD_SIZES = {
     "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
-    "cifar_cnn": {"batch_size": 32, "data_options": {"n_train": 2048, "n_test": 512}},
+    "cifar_cnn": {"batch_size": 8, "data_options": {"n_train": 2048, "n_test": 256}},
 }
 """Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there."""
 
