@@ -128,6 +128,8 @@ class Tally:
     size: float | None = None
     expected: list = field(default_factory=list)
     """(mode, metric) pairs the plant must FAIL; empty for controls."""
+    consequences: tuple = ()
+    """Checks that may fail as the plant's consequence (PlantInfo.consequences): not counted as other FAILs."""
     runs: int = 0
     fail: int = 0
     inconclusive: int = 0
@@ -157,7 +159,7 @@ class Tally:
         for mode in modes:
             self.chances += 1
             self.detected += all((mode, metric) in failed for m, metric in expected if m == mode)
-        self.other_fail += bool(failed - expected)
+        self.other_fail += bool({f for f in failed if f not in expected and f[1] not in self.consequences})
         if failed and not self.example:
             fails = verdict.of(FAIL)
             self.example = next((c.why for c in fails if (c.mode, c.metric) in expected), fails[0].why)
@@ -307,7 +309,8 @@ class Runner:
             ("loss scale collapse", plants.collapse_loss_scale(self.workload), plants.PLANTS["collapse_loss_scale"]),
         ):
             expected = [(m, metric) for m in info.modes if m in self.numerics.modes for metric in info.metrics]
-            out.append(self.repeat(Tally(name, scenario, None, expected), planted, self.numerics, p.numeric_repeats))
+            out.append(self.repeat(Tally(name, scenario, None, expected, consequences=info.consequences), planted, self.numerics,
+                                   p.numeric_repeats))
         return out
 
     def default_gate(self) -> float:

@@ -495,6 +495,8 @@ class PlantInfo:
     name: str
     metrics: tuple[str, ...]
     modes: tuple[str, ...]
+    consequences: tuple[str, ...] = ()
+    """Checks that may fail too as a consequence, not a false alarm (a mode that never steps never learns)."""
 
 
 PLANTS = {
@@ -502,6 +504,7 @@ PLANTS = {
     "slow_down": PlantInfo("slow_down", ("speedup",), AMP_MODES),
     "retain_activation": PlantInfo("retain_activation", ("memory",), AMP_MODES),
     "overflow_in_fp16": PlantInfo("overflow_in_fp16", ("finite_loss",), ("amp_fp16",)),
-    "collapse_loss_scale": PlantInfo("collapse_loss_scale", ("skipped_steps", "loss_scale"), ("amp_fp16",)),
+    "collapse_loss_scale": PlantInfo("collapse_loss_scale", ("skipped_steps", "loss_scale"), ("amp_fp16",),
+                                     consequences=("same_run", "same_run_loss")),
 }
 """Which checks each plant must fail, and in which modes (the others must not fail for it)."""

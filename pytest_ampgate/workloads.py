@@ -7,10 +7,9 @@ through exactly the same measurement engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-import dataclasses
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import nn

@@ -525,7 +525,8 @@ BAD_WORKLOADS = {
     ),
     "batch_larger_than_data": ("tiny(\"w\", batch_size=1000)", "workload 'w': batch_size 1000 is larger than its training set (64 samples)"),
     "data_three_items": ('tiny("w", data=(torch.randn(8, 8), torch.zeros(8).long(), torch.randn(8, 8)))', "workload 'w': data as a tuple must be (train_x, train_y, test_x, test_y), got 3 items"),
-    "float_labels": ('tiny("w", data=(torch.randn(64, 8), torch.rand(64), torch.randn(8, 8), torch.rand(8)))', "dataset 'w': train_y has dtype torch.float32; expected integer class labels"),
+    "float_labels": ('tiny("w", data=(torch.randn(64, 8), torch.rand(64), torch.randn(8, 8), torch.rand(8)))',
+                     "workload 'w': the loss rejected the model's output (shape (16, 2), torch.float32) with targets (shape (16,), torch.float32)"),
     "length_mismatch": ('tiny("w", data=(torch.randn(64, 8), torch.zeros(32).long(), torch.randn(8, 8), torch.zeros(8).long()))', "dataset 'w': "),
     "data_callable_wrong_type": ('tiny("w", data=lambda **kw: [1, 2])', "workload 'w': its data callable returned list, expected a DeviceDataset"),
 }

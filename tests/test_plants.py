@@ -132,7 +132,9 @@ def test_overflow_value_must_overflow_fp16(mnist):
 def test_loss_scale_collapse_fails_the_scaler_checks_with_a_finite_loss(mnist, dataset):
     # 1 coverage + 2 warm-up + 10 balance + 2 x 10 timed steps = 33 halvings: 65536 / 2**33 < 1
     _m, verdict = gate(plants.collapse_loss_scale(mnist), dataset, warmup_steps=2, rounds=2, steps_per_block=10)
-    assert failures(verdict) == {("amp_fp16", "loss_scale"), ("amp_fp16", "skipped_steps")}, verdict.explain()
+    # A scaler that skips every step never lets the mode learn: the same-run check may say so too.
+    consequences = {("amp_fp16", c) for c in plants.PLANTS["collapse_loss_scale"].consequences}
+    assert failures(verdict) - consequences == {("amp_fp16", "loss_scale"), ("amp_fp16", "skipped_steps")}, verdict.explain()
     scale = checks(verdict, "loss_scale")["amp_fp16"]
     assert scale.measured == 65536 / 2**33
     assert "collapse limit 1" in scale.why and "start 65536" in scale.why
