@@ -534,7 +534,8 @@ def _resolve_root(root: Union[str, "os.PathLike[str]", None], label: str, downlo
     return path
 
 
-def _stand_in(name: str, shape: Tuple[int, ...], n_train, n_test, seed: int, device, note: str, root) -> DeviceDataset:
+def _stand_in(name: str, shape: Tuple[int, ...], n_train, n_test, seed: int, device, note: str, root,
+              noise: Optional[float] = None) -> DeviceDataset:
     ds = synthetic(
         name,
         shape,
@@ -543,8 +544,10 @@ def _stand_in(name: str, shape: Tuple[int, ...], n_train, n_test, seed: int, dev
         n_test=SYNTHETIC_N_TEST if n_test is None else n_test,
         seed=seed,
         device=device,
-        noise=_STAND_IN_NOISE[name],
+        noise=_STAND_IN_NOISE[name] if noise is None else noise,
     )
+    if noise is not None:
+        note += f" (synthetic noise {noise:g} instead of {_STAND_IN_NOISE[name]:g})"
     return dataclasses.replace(ds, note=note, root=root)
 
 
@@ -712,6 +715,7 @@ def load_mnist(
     n_train: Optional[int] = None,
     n_test: Optional[int] = None,
     seed: int = 0,
+    synthetic_noise: Optional[float] = None,
 ) -> DeviceDataset:
     """MNIST as (N, 1, 28, 28) float32, ``(x / 255 - 0.1307) / 0.3081``, on ``device``.
 
@@ -719,9 +723,10 @@ def load_mnist(
     or a root without MNIST files, returns synthetic data of the same shape (20000 train / 2000
     test by default) whose ``note`` says why. Downloads only when ``download=True``. The training
     set is shuffled once with ``seed``; ``n_train`` takes a prefix of the shuffled training set,
-    ``n_test`` a prefix of the test set in file order.
+    ``n_test`` a prefix of the test set in file order. ``synthetic_noise`` changes how hard the
+    synthetic stand-in is (per-pixel noise in template standard deviations; real files ignore it).
     """
-    return _load_real(_MNIST, root, download, device, n_train, n_test, seed)
+    return _load_real(_MNIST, root, download, device, n_train, n_test, seed, synthetic_noise)
 
 
 @dataclass(frozen=True)
@@ -741,18 +746,19 @@ class _RealDataset:
     raise_failure: Callable[[str, BaseException, bool], None]
 
 
-def _load_real(spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int) -> DeviceDataset:
+def _load_real(spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int,
+               synthetic_noise: Optional[float] = None) -> DeviceDataset:
     """Real files through torchvision when they are there, else the synthetic stand-in, saying why."""
     n_train, n_test = _check_sizes(n_train, n_test)
     path = _resolve_root(root, spec.label, download)
     if path is None:
         note = f"no data root given: synthetic {spec.label}-shaped data (set --ampgate-data-root for real {spec.label})"
-        return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, None)
+        return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, None, synthetic_noise)
     if not download:
         absent = spec.absent_note(path)
         if absent is not None:
             note = f"synthetic: {absent}; pass download=True (--ampgate-download) to fetch it"
-            return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, path)
+            return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, path, synthetic_noise)
     cls = getattr(_tv_datasets(), spec.tv_class)
     try:
         train = cls(path, train=True, download=download)
@@ -846,6 +852,7 @@ def load_cifar10(
     n_train: Optional[int] = None,
     n_test: Optional[int] = None,
     seed: int = 0,
+    synthetic_noise: Optional[float] = None,
 ) -> DeviceDataset:
     """CIFAR-10 as (N, 3, 32, 32) float32, ``(x / 255 - mean[c]) / std[c]``, on ``device``.
 
@@ -853,9 +860,10 @@ def load_cifar10(
     every file's md5). torchvision keeps images NHWC; they are permuted to NCHW. With no root, or
     a root without CIFAR-10 files, returns synthetic data of the same shape (20000 train / 2000
     test by default) whose ``note`` says why. Downloads only when ``download=True``. Shuffling and
-    ``n_train``/``n_test`` work as in :func:`load_mnist`.
+    ``n_train``/``n_test`` work as in :func:`load_mnist`. ``synthetic_noise`` changes how hard the
+    synthetic stand-in is (per-pixel noise in template standard deviations; real files ignore it).
     """
-    return _load_real(_CIFAR10, root, download, device, n_train, n_test, seed)
+    return _load_real(_CIFAR10, root, download, device, n_train, n_test, seed, synthetic_noise)
 
 
 _MNIST = _RealDataset(

@@ -14,9 +14,15 @@ CPU, so rounds only need to exist, not to be many; see BENCHMARKS.md for what ea
 
 CPU_WORKLOAD_SIZES = {
     "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
-    "cifar_cnn": {"batch_size": 8, "data_options": {"n_train": 2048, "n_test": 256}},
+    "cifar_cnn": {"batch_size": 8, "data_options": {"n_train": 2048, "n_test": 256, "synthetic_noise": 5.0}},
 }
-"""Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there."""
+"""Built-in workloads shrink on the CPU; their GPU batch sizes would take minutes per mode there.
+
+The CIFAR CNN sees 8 x 103 samples on the CPU (its float16 convolutions are emulated there, and
+dominate the run); at the stand-in's usual noise (8.0) it stays near chance after so few, which
+would leave its accuracy and same-run checks blind, so its CPU stand-in is less noisy (5.0: about
+0.84 after 103 steps, still short of the 1.000 at which an accuracy gate sees nothing).  Real
+CIFAR-10 files (``--ampgate-data-root``) are used as they are."""
 
 SLOW_ON_CPU = ("amp_fp16", "fp16", "fp16_master")
 """Modes that compute in float16: on a CPU without fp16 arithmetic they run many times slower than
