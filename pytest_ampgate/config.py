@@ -146,7 +146,7 @@ class GateConfig:
     max_memory_ratio: float = 0.9
     memory_tolerance: float = 0.05
     accuracy_tolerance: float = 0.02
-    same_run_tolerance: float = 0.05
+    same_run_tolerance: float = 0.08
     same_run_loss_tolerance: float = 0.25
     max_skipped_fraction: float = 0.05
     min_loss_scale: float = 1.0

@@ -33,7 +33,7 @@ from .config import MeasureConfig
 from .errors import ConfigError, WorkloadError
 from .modes import ModeRunner, PrecisionMode, ScalerStats, cudnn_benchmark, numerics_policy, prepare, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
-from .profiles import SLOW_ON_CPU, default_measure_config, sized_for
+from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
 from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
@@ -418,7 +418,8 @@ def measure(
             initial_model = workload.model_factory()
         _check_fits(workload, initial_model, dataset)
         noise["before"] = env_mod.noise_report(device).to_dict()
-        with cudnn_benchmark(config.cudnn_benchmark):
+        # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
+        with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
             _run(workload, slots, initial_model, dataset, device, config, say)
         noise["after"] = env_mod.noise_report(device).to_dict()
 

@@ -7,6 +7,8 @@ same numbers.  GPU defaults live in :class:`~pytest_ampgate.config.MeasureConfig
 
 from __future__ import annotations
 
+import contextlib
+
 CPU_PROFILE = {"warmup_steps": 2, "rounds": 4, "steps_per_block": 20, "memory_steps": 0}
 """Protocol defaults on the CPU: enough steps for the numerics and accuracy to mean something (the
 MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job.  Timing is not gated on the
@@ -46,3 +48,28 @@ def sized_for(workload, device_type: str):
     if workload.model_factory is not default.model_factory or workload.batch_size != default.batch_size:
         return workload
     return workload.with_options(**CPU_WORKLOAD_SIZES[workload.name])
+
+
+CPU_THREADS = 1
+"""Intra-op threads while measuring on the CPU.  One, because a CPU run's numbers must not depend on
+the machine's core count: a float reduction split over 2 threads rounds differently from one over
+1, small-batch training amplifies that, and the CPU baseline key (CPU model, torch version) does
+not name a thread count (measured: the CPU profile's CIFAR CNN, amp_bf16, 0.879 with 2 threads,
+0.855 with 1).  One thread is also what a shared CI machine can give without its other jobs
+stalling every parallel region (BENCHMARKS.md, "CPU gate time")."""
+
+
+@contextlib.contextmanager
+def cpu_threads(device_type: str):
+    """Run with CPU_THREADS intra-op threads on the CPU, restoring the caller's setting afterwards."""
+    import torch
+
+    if device_type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

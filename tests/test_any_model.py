@@ -439,7 +439,7 @@ def test_a_mode_at_chance_fails_the_same_run_check_on_a_first_run(pytester):
     result = pytester.runpytest(*CPU, "--ampgate-update")
     result.assert_outcomes(failed=1)
     text = result.stdout.str()
-    line = re.search(r"amp_bf16 accuracy ([\d.]+) vs fp32 ([\d.]+) in this run \(higher is better, tol 0\.05\): below \S+ FAILED", text)
+    line = re.search(r"amp_bf16 accuracy ([\d.]+) vs fp32 ([\d.]+) in this run \(higher is better, tol 0\.08\): below \S+ FAILED", text)
     assert line, text
     assert float(line.group(1)) < 0.4 and float(line.group(2)) > 0.9
     result.stdout.fnmatch_lines(["*amp_bf16 loss over the last 5 steps * vs fp32 * in this run (at most +25%): above * FAILED*",
@@ -594,3 +594,13 @@ def test_coverage_failure_lists_every_fp32_layer_or_the_rest_summed():
     shares = [float(s) for s in re.findall(r"\((\d+\.\d)%\)", text)]
     assert "and 5 more" in text and text.count("layer") == 4
     assert sum(shares) == pytest.approx((1 - many.share) * 100, abs=0.3)
+
+
+def test_cpu_profile_cifar_stand_in_is_less_noisy_and_says_so():
+    from pytest_ampgate.data import load_cifar10
+    from pytest_ampgate.profiles import CPU_WORKLOAD_SIZES
+
+    noise = CPU_WORKLOAD_SIZES["cifar_cnn"]["data_options"]["synthetic_noise"]
+    easy, usual = load_cifar10(n_train=16, n_test=8, synthetic_noise=noise), load_cifar10(n_train=16, n_test=8)
+    assert f"synthetic noise {noise:g} instead of 8" in easy.note and "synthetic noise" not in usual.note
+    assert easy.train_x.std() < usual.train_x.std()
