@@ -141,7 +141,7 @@ class TestGate:
         """
         from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
-        from .workloads import BUILTIN, get_workload
+        from .workloads import BUILTIN, check_dataset, get_workload
 
         if self.results:
             raise ConfigError(
@@ -149,6 +149,7 @@ class TestGate:
                 "split the workloads into separate tests or parametrize the test"
             )
         options = self.session.options
+        check_dataset(dataset)
         by_name = isinstance(workload, str) and workload in BUILTIN
         workload = get_workload(workload)
         if options.device_type == "cpu" and by_name:
