@@ -175,8 +175,9 @@ def _check_range(value: Any, where: str, name: str) -> None:
     low, low_open, high, what = _RANGES[name]
     if (value <= low if low_open else value < low) or (high is not None and value > high):
         allowed = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        shown = repr(value) if len(repr(value)) <= 24 else f"a {len(str(abs(int(value))))}-digit number"
         raise BaselineError(
-            f"{where}{_key(name)} is {value!r}, but it is {what} and must be {allowed}; correct it, "
+            f"{where}{_key(name)} is {shown}, but it is {what} and must be {allowed}; correct it, "
             f"restore the file from version control, or re-record with {_UPDATE_HINT}"
         )
 
@@ -463,9 +464,8 @@ def _parse(path: Path, data: bytes) -> "_Loaded":
         raise _corrupt(path, f"is not valid JSON: {exc}") from None
     except RecursionError:
         raise _corrupt(path, f"nests JSON arrays or objects more than {_MAX_DEPTH} levels deep") from None
-    depth = _depth(doc)
-    if depth > _MAX_DEPTH:
-        raise _corrupt(path, f"nests JSON arrays or objects {depth} levels deep (at most {_MAX_DEPTH})")
+    if _depth(doc) > _MAX_DEPTH:
+        raise _corrupt(path, f"nests JSON arrays or objects more than {_MAX_DEPTH} levels deep")
     return _Loaded(doc, _validate_document(path, doc))
 
 
@@ -476,7 +476,8 @@ pathological file from overflowing the stack when it is validated or written bac
 
 
 def _depth(doc: Any) -> int:
-    """How deeply ``doc`` nests lists and dicts (iteratively: it must not itself recurse)."""
+    """How deeply ``doc`` nests lists and dicts, counted up to ``_MAX_DEPTH + 1`` (iteratively: it must
+    not itself recurse)."""
     deepest, stack = 0, [(doc, 1)]
     while stack:
         value, level = stack.pop()

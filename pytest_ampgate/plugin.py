@@ -356,11 +356,13 @@ def pytest_runtest_call(item):
     if any(r.failed for r in results):
         raise GateFailed("\n\n".join(r.verdict.explain(strict=r.strict) for r in results))
     if all(r.verdict.no_mode_ran for r in results):
+        item.stash[SKIPPED_KEY] = True
         pytest.skip("\n".join(r.verdict.explain(strict=r.strict) for r in results))
     return result
 
 
 UNMEASURED_KEY = pytest.StashKey[bool]()
+SKIPPED_KEY = pytest.StashKey[bool]()
 
 
 def _outcome_word(report) -> str:
@@ -375,6 +377,11 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()  # outermost wrapper: the outcome after xfail and the like were applied
     if call.excinfo is not None and isinstance(call.excinfo.value, AmpGateError):
         report.longrepr = _bad_input_repr(item, call.excinfo)
+    if call.excinfo is not None and isinstance(call.excinfo.value, GateFailed) and report.failed:
+        report.longrepr = str(call.excinfo.value)  # the verdict alone: replaced below by the full text when there are results
+    if call.when == "call" and SKIPPED_KEY in item.stash and report.skipped and isinstance(report.longrepr, tuple):
+        path, line, _name = item.reportinfo()  # the skip is the test's, as for a skip marker: point at it
+        report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
     if call.when == "call" and UNMEASURED_KEY in item.stash:
         report.__dict__[UNMEASURED_ATTR] = True
     if call.when == "teardown" and LOCK_KEY in item.stash:  # still inside the device lock
