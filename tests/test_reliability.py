@@ -393,24 +393,27 @@ def test_3_cleans_up():
 '''
 
 
-@pytest.mark.parametrize("name", list(LEAKS))
-def test_leaked_global_state_is_reset_for_measuring_and_named(pytester, name):
-    leak, phrase = LEAKS[name]
-    pytester.makepyfile(test_leak=LEAK_TEST.replace("{leak}", leak))
+def test_leaked_global_state_is_reset_for_measuring_and_named(pytester):
+    """Each module leaks one kind of state in an ungated test; the gated test after it is measured
+    from the known state, names the leak, and finds the leak still in place after run()."""
+    for name, (leak, _phrase) in LEAKS.items():
+        pytester.makepyfile(**{f"test_leak_{name}": LEAK_TEST.replace("{leak}", leak)})
     try:
         result = pytester.runpytest(*UPDATE, "-p", "no:randomly")
-    finally:  # an in-process run: never let the leak reach this session
+    finally:  # an in-process run: never let a leak reach this session
         torch.set_autocast_enabled("cpu", False)
         torch.set_grad_enabled(True)
         torch.set_default_dtype(torch.float32)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=3 * len(LEAKS))
     out = _assert_clean(result)
-    assert f"LEAKED STATE test_leak.py::test_2_gated: global torch state was leaked" in out and phrase in out, out
-    modes = json.loads((pytester.path / "baselines" / "test_leak.json").read_text())["tests"]["test_leak.py::test_2_gated"]
-    (entry,) = modes.values()
-    assert entry["modes"]["fp32"].get("low_precision_share", 0.0) == 0.0, "the fp32 reference ran in fp32"
-    assert entry["modes"]["amp_bf16"]["low_precision_share"] == 1.0
-    assert "leaked_state" not in entry["environment"]
+    for name, (_leak, phrase) in LEAKS.items():
+        line = next((x for x in out.splitlines() if x.startswith(f"LEAKED STATE test_leak_{name}.py::test_2_gated: ")), "")
+        assert phrase in line and "global torch state was leaked" in line, (name, out)
+        stored = json.loads((pytester.path / "baselines" / f"test_leak_{name}.json").read_text())["tests"]
+        (entry,) = stored[f"test_leak_{name}.py::test_2_gated"].values()
+        assert entry["modes"]["fp32"].get("low_precision_share", 0.0) == 0.0, "the fp32 reference ran in fp32"
+        assert entry["modes"]["amp_bf16"]["low_precision_share"] == 1.0
+        assert "leaked_state" not in entry["environment"]
 
 
 def test_run_wrapped_in_autocast_by_the_test_body_measures_fp32_as_fp32(pytester):
@@ -437,20 +440,19 @@ WORKLOAD_FAULTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(WORKLOAD_FAULTS))
-def test_reference_failure_is_headlined_as_the_workloads_fault(pytester, name):
-    workload, detail = WORKLOAD_FAULTS[name]
-    pytester.makepyfile(test_wl=HELPERS + f'''
+def test_reference_failure_is_headlined_as_the_workloads_fault(pytester):
+    pytester.makepyfile(test_wl=HELPERS + "".join(f'''
 
 @pytest.mark.amp_regression(**FAST)
-def test_gated(ampgate):
+def test_{name}(ampgate):
     ampgate.run({workload})
-''')
+''' for name, (workload, _detail) in WORKLOAD_FAULTS.items()))
     result = pytester.runpytest(*CPU)
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=len(WORKLOAD_FAULTS))
     out = _assert_clean(result)
-    assert "FAILED test_wl.py::test_gated - WORKLOAD ERROR" in out, out
-    assert "WORKLOAD ERROR: the fp32 reference itself failed, so AMP is not to blame" in out and detail in out, out
+    for name, (_workload, detail) in WORKLOAD_FAULTS.items():
+        assert f"FAILED test_wl.py::test_{name} - WORKLOAD ERROR" in out and detail in out, (name, out)
+    assert out.count("WORKLOAD ERROR: the fp32 reference itself failed, so AMP is not to blame") >= len(WORKLOAD_FAULTS), out
     assert "AMP REGRESSION" not in out and "accept a deliberate change" not in out and "relax" not in out, out
 
 
@@ -594,22 +596,24 @@ def _bad_files():
     }
 
 
-@pytest.mark.parametrize("name", list(_bad_files()))
-def test_bad_baseline_file_is_refused_with_file_key_and_fix(pytester, name):
-    content, message = _bad_files()[name]
-    pytester.makepyfile(test_gated=GATED_TEST)
-    path = pytester.path / "baselines" / "test_gated.json"
-    path.parent.mkdir()
-    path.write_bytes(content)
-    before = _hashes(path.parent)
+def test_bad_baseline_files_are_refused_with_file_key_and_fix(pytester):
+    """One module (and one baseline file) per bad input, all in one session: check, then update."""
+    cases = _bad_files()
+    (pytester.path / "baselines").mkdir()
+    for i, (name, (content, _message)) in enumerate(cases.items()):
+        module = f"test_bad{i}"
+        pytester.makepyfile(**{module: GATED_TEST})
+        (pytester.path / "baselines" / f"{module}.json").write_bytes(content.replace(b"test_gated.py::test_gated", f"{module}.py::test_gated".encode()))
+    before = _hashes(pytester.path / "baselines")
     for args in (CPU, UPDATE):
         result = pytester.runpytest(*args)
-        result.assert_outcomes(failed=1)
+        result.assert_outcomes(failed=len(cases))
         out = _assert_clean(result)
-        assert re.search(r"BaselineError: (refusing to update baselines: )?baselines/test_gated.json", out), out
-        assert message in out, (args, out)
-        assert "git checkout -- baselines/test_gated.json" in out or "re-record with pytest --ampgate --ampgate-update" in out, out
-        assert _hashes(path.parent) == before
+        for i, (name, (_content, message)) in enumerate(cases.items()):
+            assert re.search(rf"BaselineError: (refusing to update baselines: )?baselines/test_bad{i}.json: ", out), (name, out)
+            assert message.replace("test_gated.py::test_gated", f"test_bad{i}.py::test_gated") in out, (name, args, out)
+        assert out.count("re-record with pytest --ampgate --ampgate-update") >= len(cases), out
+        assert _hashes(pytester.path / "baselines") == before, "every refused file is byte for byte as it was"
 
 
 def test_utf8_byte_order_mark_is_read_past(pytester):
@@ -634,7 +638,7 @@ def test_fifo_in_place_of_a_baseline_file_is_refused_without_hanging(pytester):
     path = pytester.path / "baselines" / "test_gated.json"
     path.parent.mkdir()
     os.mkfifo(path)
-    for args in (CPU, UPDATE):
+    for args in (UPDATE,):  # reads it (lookup) and would write it (commit): both must refuse, not hang
         result = pytester.runpytest_subprocess(*args, timeout=120)
         result.assert_outcomes(failed=1)
         out = _assert_clean(result)
