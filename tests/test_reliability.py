@@ -298,14 +298,21 @@ def test_last_failed_never_prunes_or_calls_stale_a_test_that_was_not_rerun(pytes
 
 @pytest.mark.parametrize(
     "args",
-    [("-k", "test_b"), ("test_sel.py::test_b",), ("--deselect", "test_sel.py::test_a"), ("-p", "dropper")],
-    ids=["k", "node_id", "deselect", "plugin_drops_items_silently"],
+    [("-k", "test_b"), ("test_sel.py::test_b",), ("--deselect", "test_sel.py::test_a"), ("-p", "dropper"), ("-p", "uncollector")],
+    ids=["k", "node_id", "deselect", "plugin_drops_items_silently", "plugin_does_not_collect_them"],
 )
 def test_narrower_selection_never_prunes(pytester, monkeypatch, args):
     monkeypatch.setenv("B_PASSES", "1")
     _selection_files(pytester)
-    # A plugin that narrows the run by dropping items without calling pytest_deselected.
-    pytester.makepyfile(dropper="def pytest_collection_modifyitems(items):\n    items[:] = [i for i in items if i.name != 'test_a']\n")
+    # Plugins that narrow the run without calling pytest_deselected: one drops items before anyone
+    # else sees them, one (as --lf does) filters what a module's collection returns.
+    pytester.makepyfile(
+        dropper="import pytest\n\n@pytest.hookimpl(tryfirst=True)\ndef pytest_collection_modifyitems(items):\n"
+                "    items[:] = [i for i in items if i.name != 'test_a']\n",
+        uncollector="import pytest\n\n@pytest.hookimpl(wrapper=True)\ndef pytest_make_collect_report(collector):\n"
+                    "    report = yield\n    if report.result:\n"
+                    "        report.result[:] = [x for x in report.result if x.name != 'test_a']\n    return report\n",
+    )
     pytester.syspathinsert()
     before = _hashes(pytester.path / "baselines")
     result = pytester.runpytest(*CPU, "--ampgate-update", "--ampgate-prune", *args)
@@ -777,3 +784,39 @@ def test_sigterm_keeps_the_finished_tests_results_as_ctrl_c_does(tmp_path):
     stored = json.loads((tmp_path / "baselines" / "test_term.json").read_text())["tests"]
     assert sorted(stored) == ["test_term.py::test_one", "test_term.py::test_two"], stored
     assert not list((tmp_path / "baselines").glob(".*.tmp"))
+
+
+@POSIX
+def test_sigterm_while_baselines_are_written_leaves_the_old_file_whole(tmp_path):
+    """The fault points of test_faults.py: the writer stalls half-way through its temp file."""
+    from test_faults import FAULT_CONFTEST, RACE_TESTS
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "conftest.py").write_text(FAULT_CONFTEST)
+    (tmp_path / "test_race.py").write_text(RACE_TESTS)
+    (tmp_path / "baselines").mkdir()
+    old = _baseline_doc({"test_race.py::test_zero": {"cpu|elsewhere|torch2": _entry(0.8)}})
+    (tmp_path / "baselines" / "test_race.json").write_bytes(old)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_ADDOPTS", "PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env.update(OMP_NUM_THREADS="1", AMPGATE_FAULT="mid-write", AMPGATE_FAULT_MARK=str(tmp_path / "reached"),
+               PYTHONPATH=os.pathsep.join(sys.path), PYTEST_AMPGATE_LOCK_DIR=str(tmp_path / "locks"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-q", "-k", "test_one"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "reached").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=120)[0].decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0].decode(errors="replace") + "\n[killed: SIGTERM did not stop it]"
+    assert (tmp_path / "reached").exists(), out
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "baselines NOT fully written: interrupted while writing them" in out, out
+    assert "Traceback" not in out and not INTERNAL_FRAME.search(out), out
+    assert (tmp_path / "baselines" / "test_race.json").read_bytes() == old, "the old file, byte for byte"
+    assert not list((tmp_path / "baselines").glob(".*.tmp")), list((tmp_path / "baselines").iterdir())
