@@ -513,7 +513,9 @@ def _failure_message(returncode, world_size, job_dir: Path, results: dict, lefto
         if results.get(r):
             return f"rank {r} finished"
         if r in exits:
-            return f"rank {r} died: it {_exit_text(exits[r])}" if first == r else f"rank {r} {_exit_text(exits[r])}"
+            if first == r:
+                return f"rank {r} died: it {_exit_text(exits[r])}"
+            return f"rank {r} was stopped by the launcher (SIGTERM)" if exits[r] == -signal.SIGTERM else f"rank {r} {_exit_text(exits[r])}"
         return f"rank {r} gave no result"
 
     if first is None:
@@ -565,7 +567,7 @@ def merge(ranks: list[dict], config, spec: dict):
     modes = {name: merged_mode(name) for name in base.modes}
     comparisons = {name: _compare(reference, m, config) for name, m in modes.items()}
     rank_records = []
-    for r, (raw, m) in enumerate(zip(ranks, per_rank)):
+    for r, (raw, m) in enumerate(zip(ranks, per_rank, strict=True)):
         rank_records.append({
             "rank": r,
             "host": raw.get("host"),

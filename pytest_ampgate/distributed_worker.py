@@ -10,7 +10,8 @@ its result atomically to ``rank<N>.json`` in the job directory.
 
 For the parent's diagnosis it also writes its pid, its last progress message, and on SIGUSR1
 its Python stack (``faulthandler``); a rank that raises writes ``rank<N>.error.json`` and
-re-raises, so torchrun's own error file (``@record``) names it too.
+re-raises, so torchrun's own error file (``@record``) names it too.  All of that is set up before
+torch is imported (seconds per rank), so even a rank stuck in its first second can be diagnosed.
 """
 
 from __future__ import annotations
@@ -28,16 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from .config import MeasureConfig
 from .distributed import distributed_mode, fsdp2_api, load_workload
-from .measurement import measure
-from .modes import MODES, ModeRunner, PrecisionMode, _keep_norm_in_fp32, resolve_mode
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -46,21 +38,28 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class RankRunner(ModeRunner):
-    """A mode's runner on one rank; carries the faults planted for this rank (tests of the gate)."""
+def _rank_runner_type():
+    from .modes import ModeRunner
 
-    plants: list = []
+    class RankRunner(ModeRunner):
+        """A mode's runner on one rank; carries the faults planted for this rank (tests of the gate)."""
 
-    def step(self, x, y):
-        for p in self.plants:
-            if p.get("step", 0) == self.steps_taken:
-                x = _plant(p, x, where=f"{self.mode.name} step {self.steps_taken}")
-        return super().step(x, y)
+        plants: tuple = ()
+
+        def step(self, x, y):
+            for p in self.plants:
+                if p.get("step", 0) == self.steps_taken:
+                    x = _plant(p, x, where=f"{self.mode.name} step {self.steps_taken}")
+            return super().step(x, y)
+
+    return RankRunner
 
 
 def _plant(p: dict, x=None, where: str = "start"):
     kind = p["kind"]
     if kind == "nan" and x is not None:
+        import torch
+
         return torch.full_like(x, float("nan")) if x.is_floating_point() else x
     if kind == "hang":
         while True:
@@ -72,10 +71,17 @@ def _plant(p: dict, x=None, where: str = "start"):
     return x
 
 
-def _runner_factory(device: torch.device, plants: list, made: dict):
+def _runner_factory(device, plants: list, made: dict):
     """``measurement.measure``'s runner factory: the mode's model wrapped in DDP or FSDP2 before its optimizer exists."""
 
-    def make(mode: PrecisionMode, initial_model, optimizer_factory, loss_fn, _device):
+    import torch
+
+    from .modes import _keep_norm_in_fp32, resolve_mode
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    runner_type = _rank_runner_type()
+
+    def make(mode, initial_model, optimizer_factory, loss_fn, _device):
         dmode = distributed_mode(mode.name)
         precision = resolve_mode(dmode.precision)
         model = copy.deepcopy(initial_model).to(device)
@@ -95,14 +101,14 @@ def _runner_factory(device: torch.device, plants: list, made: dict):
             fully_shard, policy_type = fsdp2_api()
             # Outputs in float32, so the loss is computed in float32 as under autocast.
             policy = policy_type(
-                param_dtype=_DTYPES.get(dmode.param_dtype), reduce_dtype=_DTYPES.get(dmode.reduce_dtype), output_dtype=torch.float32
+                param_dtype=dtypes.get(dmode.param_dtype), reduce_dtype=dtypes.get(dmode.reduce_dtype), output_dtype=torch.float32
             )
             for child in model.children():  # one all-gather unit per layer that has parameters, then the root
                 if any(True for _ in child.parameters()):
                     fully_shard(child, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
         optimizer = optimizer_factory(model.parameters())
-        runner = RankRunner(mode, model, optimizer, loss_fn, device)
+        runner = runner_type(mode, model, optimizer, loss_fn, device)
         runner.plants = [p for p in plants if p["kind"] in ("nan", "hang", "raise", "die") and p.get("mode") in (None, mode.name)]
         made[mode.name] = (dmode, runner)
         return runner
@@ -120,6 +126,8 @@ def _shard(dataset, rank: int, world_size: int):
 
 
 def _fingerprint(model) -> list[tuple[str, str, float]]:
+    import torch
+
     module = getattr(model, "module", model)
     out = []
     for name, p in module.named_parameters():
@@ -131,6 +139,8 @@ def _fingerprint(model) -> list[tuple[str, str, float]]:
 
 def _compare_replicas(made: dict, order: list[str], world_size: int) -> dict:
     """Every rank's parameter fingerprints gathered with ``all_gather_object``; the first that differs, by name."""
+    import torch.distributed as dist
+
     replicas = {}
     for name in order:
         dmode, runner = made[name]
@@ -153,13 +163,17 @@ def _compare_replicas(made: dict, order: list[str], world_size: int) -> dict:
 
 
 def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from .config import MeasureConfig
+    from .measurement import measure
+    from .modes import MODES, PrecisionMode
+
     device = torch.device(f"cuda:{local_rank}") if spec["device_type"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     plants = [p for p in spec.get("plants", []) if p["rank"] == rank]
-    for p in plants:
-        if p.get("step") is None and p["kind"] in ("hang", "raise", "die"):
-            _plant(p, where="start")
     dist.init_process_group(spec["backend"], timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]))
     say("joined the process group")
     workload = load_workload(spec["workload"], spec.get("workload_options"))
@@ -196,7 +210,6 @@ def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> di
     }
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
@@ -212,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
 
     say("started")
     try:
-        result = run_rank(spec, rank, world_size, local_rank, say)
+        for p in spec.get("plants", []):
+            if p["rank"] == rank and p.get("step") is None and p["kind"] in ("hang", "raise", "die"):
+                _plant(p, where="start")
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        # @record: torchrun's error file then names this rank and its exception in the launcher's summary.
+        result = record(run_rank)(spec, rank, world_size, local_rank, say)
         _atomic_write(job / f"rank{rank}.json", json.dumps(result, allow_nan=False))
         say("done")
     except BaseException as exc:
@@ -229,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         _atomic_write(job / f"rank{rank}.error.json", json.dumps(error))
         raise
     finally:
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
