@@ -16,7 +16,6 @@ torch is imported (seconds per rank), so even a rank stuck in its first second c
 
 from __future__ import annotations
 
-import copy
 import datetime
 import faulthandler
 import hashlib
@@ -38,21 +37,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _rank_runner_type():
-    from .modes import ModeRunner
+def _with_plants(runner, plants: list):
+    """The runner, its ``step`` first applying the faults planted for this rank and mode (tests of the gate)."""
+    if not plants:
+        return runner
+    step = runner.step
 
-    class RankRunner(ModeRunner):
-        """A mode's runner on one rank; carries the faults planted for this rank (tests of the gate)."""
+    def planted_step(x, y):
+        for p in plants:
+            if p.get("step", 0) == runner.steps_taken:
+                x = _plant(p, x, where=f"{runner.mode.name} step {runner.steps_taken}")
+        return step(x, y)
 
-        plants: tuple = ()
-
-        def step(self, x, y):
-            for p in self.plants:
-                if p.get("step", 0) == self.steps_taken:
-                    x = _plant(p, x, where=f"{self.mode.name} step {self.steps_taken}")
-            return super().step(x, y)
-
-    return RankRunner
+    runner.step = planted_step
+    return runner
 
 
 def _plant(p: dict, x=None, where: str = "start"):
@@ -72,45 +70,39 @@ def _plant(p: dict, x=None, where: str = "start"):
 
 
 def _runner_factory(device, plants: list, made: dict):
-    """``measurement.measure``'s runner factory: the mode's model wrapped in DDP or FSDP2 before its optimizer exists."""
-
+    """``measurement.measure``'s runner factory: the single-device set-up (:func:`modes.prepare`), then the
+    model wrapped in DDP, or sharded by FSDP2 (whose parameters then need a fresh optimizer)."""
     import torch
 
-    from .modes import _keep_norm_in_fp32, resolve_mode
+    from .modes import prepare
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    runner_type = _rank_runner_type()
 
     def make(mode, initial_model, optimizer_factory, loss_fn, _device):
         dmode = distributed_mode(mode.name)
-        precision = resolve_mode(dmode.precision)
-        model = copy.deepcopy(initial_model).to(device)
-        model.train()
-        if precision.param_dtype is not None:
-            model.to(precision.param_dtype)
-            _keep_norm_in_fp32(model, precision.param_dtype)
-        if dmode.strategy == "ddp":
+        runner = prepare(mode, initial_model, optimizer_factory, loss_fn, device)
+        if dmode.strategy == "ddp":  # DDP keeps the module's parameters, so the optimizer built on them stays valid
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            runner.model = DistributedDataParallel(runner.model, device_ids=[device.index] if device.type == "cuda" else None)
             if dmode.comm_hook:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                model.register_comm_hook(state=None, hook=getattr(default_hooks, dmode.comm_hook))
+                runner.model.register_comm_hook(state=None, hook=getattr(default_hooks, dmode.comm_hook))
         else:
             fully_shard, policy_type = fsdp2_api()
             # Outputs in float32, so the loss is computed in float32 as under autocast.
             policy = policy_type(
                 param_dtype=dtypes.get(dmode.param_dtype), reduce_dtype=dtypes.get(dmode.reduce_dtype), output_dtype=torch.float32
             )
+            model = runner.model
             for child in model.children():  # one all-gather unit per layer that has parameters, then the root
                 if any(True for _ in child.parameters()):
                     fully_shard(child, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
-        optimizer = optimizer_factory(model.parameters())
-        runner = runner_type(mode, model, optimizer, loss_fn, device)
-        runner.plants = [p for p in plants if p["kind"] in ("nan", "hang", "raise", "die") and p.get("mode") in (None, mode.name)]
-        made[mode.name] = (dmode, runner)
+            runner.optimizer = optimizer_factory(model.parameters())  # sharding replaced the parameters (DTensors)
+        mine = [p for p in plants if p["kind"] in ("nan", "hang", "raise", "die") and p.get("mode") in (None, mode.name)]
+        made[mode.name] = (dmode, _with_plants(runner, mine))
         return runner
 
     return make
