@@ -328,7 +328,10 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
     env.pop(PLANT_ENV, None)  # faults travel in the job spec only
     log_path = job_dir / "launcher.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
     deadline = time.monotonic() + timeout_s
     said = ""
     try:
@@ -351,6 +354,20 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
         return [results[r] for r in range(world_size)]
     leftover = _kill_all(proc, job_dir, world_size)
     raise DistributedError(_failure_message(proc.returncode, world_size, job_dir, results, leftover))
+
+
+def _die_with_parent() -> None:
+    """Linux, in the launcher's child before exec: SIGTERM it when this process dies, however it dies.
+
+    A CI job killed hard (``kill -9``, an OOM kill) would otherwise leave torchrun and its ranks
+    running in their own sessions; on SIGTERM torchrun stops its ranks itself.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _read(path: Path) -> str:

@@ -279,3 +279,27 @@ def test_rank_that_raises_or_dies_is_named(monkeypatch, kind, said):
     assert text.startswith(f"distributed run failed: {said}"), text
     assert "rank 0 was stopped by the launcher (SIGTERM)" in text or "rank 0 raised" in text, text
     assert _tagged_processes(tag) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_launcher_dies_with_the_test_process():
+    """A CI job killed hard must not leave torchrun running in its own session: it gets SIGTERM."""
+    import signal
+    import subprocess
+
+    code = (
+        "import subprocess, sys, time\n"
+        "from pytest_ampgate.distributed import _die_with_parent\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent, start_new_session=True)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert D._alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while D._alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not D._alive(child)
