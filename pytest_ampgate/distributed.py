@@ -263,7 +263,7 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from .config import MeasureConfig
-    from .measurement import ModeMeasurement
+    from .measurement import ModeMeasurement, _compare
 
     started = time.perf_counter()
     config = config or MeasureConfig()
@@ -299,8 +299,6 @@ def measure_distributed(
     for name in names:
         if name in unsupported:
             merged.modes[name] = ModeMeasurement(name, supported=False, unsupported_reason=unsupported[name])
-            from .measurement import _compare
-
             merged.comparisons[name] = _compare(merged.reference, merged.modes[name], config)
     merged.modes = {n: merged.modes[n] for n in names if n in merged.modes}
     merged.comparisons = {n: merged.comparisons[n] for n in names if n in merged.comparisons}
