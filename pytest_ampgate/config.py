@@ -100,7 +100,8 @@ class MeasureConfig:
     """
 
     warmup_steps: int = 10
-    rounds: int = 10
+    rounds: int = 12
+    """12: a whole number of balanced cycles for two modes (4 rounds) and three (6 rounds), see stats.abba_order."""
     steps_per_block: int = 20
     memory_steps: int = 5
     confidence: float = 0.95
