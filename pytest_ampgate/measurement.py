@@ -429,8 +429,8 @@ def _cuda_requested(device: torch.device, which: str) -> int:
     return int(stats[key]) if key in stats else int(stats.get(f"allocated_bytes.all.{which}", 0))
 
 
-def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int, torch.Tensor]:
-    """(peak above the step's start, activation bytes, loss) of one step, in requested bytes."""
+def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int, torch.Tensor, int]:
+    """(peak above the step's start, activation bytes, loss, absolute peak) of one step, in requested bytes."""
     marks: dict = {}
     hooks = _ForwardMarks(runner.model, lambda what: marks.__setitem__(what, _cuda_requested(device, "current")))
     try:
@@ -442,11 +442,11 @@ def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, devi
         loss = runner.step(xb, yb)
         del xb, yb
         _synchronize(device)
-        peak = _cuda_requested(device, "peak") - start
+        absolute = _cuda_requested(device, "peak")
     finally:
         hooks.remove()
     activation = marks["end"] - marks["start"] + batch if "start" in marks and "end" in marks else None
-    return peak, activation, loss
+    return absolute - start, activation, loss, absolute
 
 
 def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int | None, torch.Tensor]:
@@ -496,25 +496,28 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
     return peak, activation, loss
 
 
-def memory_pass(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device) -> tuple[dict, list]:
+def memory_pass(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device, base: int | None = None) -> tuple[dict, list]:
     """Peak memory of a steady-state training step, the same way in every mode; (figures, losses).
 
-    Gradients are set to None first, so every mode starts its step holding only its parameters,
-    buffers and optimizer state (counted from the tensors themselves); the step then adds what its
-    peak needs above that (requested bytes: ``torch.cuda.memory_stats`` on CUDA, the profiler's
-    allocation events on the CPU), with the input batch a fresh copy in every mode.  The figure
-    does not depend on which mode or test ran first: library workspaces, allocator rounding and
-    other modes' tensors are all outside it.  On the CPU only the first step is profiled.
+    Gradients are set to None before each step, so every mode starts it holding its parameters,
+    buffers and optimizer state (and whatever else it keeps between steps), and the input batch
+    is a fresh copy in every mode.  CUDA: requested bytes (``torch.cuda.memory_stats``, no
+    allocator rounding) at the step's peak, less ``base``, what was allocated before this mode's
+    model existed (after the libraries were warmed: their workspaces are in ``base`` whichever
+    mode or test came first).  CPU: the parameters, buffers and optimizer state counted from the
+    tensors themselves, plus the step's peak from the profiler's allocation events (requested
+    bytes); only the first step is profiled.  Either way the figure does not depend on the order
+    of modes or tests.
     """
-    runner.optimizer.zero_grad(set_to_none=True)
     state = state_bytes(runner)
-    losses, peaks, activations = [], [], []
+    losses, peaks, activations, totals = [], [], [], []
     with numerics_policy(runner.mode):
         for k in range(steps):
             runner.optimizer.zero_grad(set_to_none=True)
             x, y = dataset.batch(runner.steps_taken, batch_size)
             if device.type == "cuda":
-                peak, activation, loss = _cuda_step_memory(runner, x, y, device)
+                peak, activation, loss, absolute = _cuda_step_memory(runner, x, y, device)
+                totals.append(absolute - (base or 0))
             elif k == 0:
                 peak, activation, loss = _cpu_step_memory(runner, x, y)
             else:
@@ -527,7 +530,7 @@ def memory_pass(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, ste
     figures = {
         **state,
         "step_peak_bytes": max(peaks),
-        "peak_bytes": state["state_bytes"] + max(peaks),
+        "peak_bytes": max(totals) if totals else state["state_bytes"] + max(peaks),
         "activation_bytes": max(activations) if activations else None,
         "method": "torch.cuda.memory_stats requested bytes" if device.type == "cuda" else "torch.profiler CPU allocation events",
         "covers": MEMORY_COVERS,
@@ -787,6 +790,10 @@ def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDatase
     batch = workload.batch_size
     phase = "set-up"
     try:
+        base = None
+        if device.type == "cuda":
+            _synchronize(device)
+            base = _cuda_requested(device, "current")
         runner = prepare(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
         slot.runner = runner
         with numerics_policy(slot.mode):
@@ -813,7 +820,7 @@ def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDatase
             slot.m.memory_note = "memory pass disabled (memory_steps=0)"
             return
         phase = "memory pass"
-        figures, losses = memory_pass(runner, dataset, batch, config.memory_steps, device)
+        figures, losses = memory_pass(runner, dataset, batch, config.memory_steps, device, base)
         slot.m.record_losses(_read_losses(losses))
         slot.m.memory = figures
         slot.m.peak_memory_bytes = figures["peak_bytes"]
