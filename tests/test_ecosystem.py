@@ -265,8 +265,8 @@ def test_chart_rows_take_floors_from_the_checks_or_else_the_config():
         [row] = chart_rows([GateResult("t.py::x", "env", m, evaluate(m, config), config=config.to_dict())])
         assert (row.floor, row.floor_gated) == ((1000.0, True) if gated else (1.5, False))
         assert row.speed_outcome == ("fail" if gated else "skipped") and row.low <= row.speedup <= row.high
-        assert row.memory_ratio is None and row.memory_limit == 0.9 and not row.memory_gated
-        assert "CUDA" in row.memory_note
+        assert row.memory_ratio is None and row.memory_limit == 1.25 and not row.memory_gated
+        assert "memory_steps=0" in row.memory_note
 
 
 def test_missing_matplotlib_is_a_clear_usage_error(pytester, monkeypatch):
