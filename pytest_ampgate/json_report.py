@@ -103,6 +103,7 @@ def _mode_record(result, mm, comparison) -> dict:
         "memory": _memory(mm),
         "failed_phase": mm.failed_phase,
         "launch": _launch(mm),
+        "device_seconds": _num(mm.block_seconds),
         "accuracy": _num(mm.accuracy),
         "baseline_accuracy": _num(result.baseline_accuracy.get(mm.mode)),
         "final_loss": None if mm.final_loss is None else json_float(mm.final_loss),
@@ -253,6 +254,7 @@ _MODE = {
             },
         },
         "failed_phase": _STR,
+        "device_seconds": _NUM,
         "launch": {
             "type": ["object", "null"],
             "required": ["host_step_s", "busy_step_s", "idle_share", "launch_bound"],
