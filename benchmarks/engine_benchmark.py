@@ -440,7 +440,7 @@ def report(args, device: torch.device, device_why: str, config: MeasureConfig, c
     out.append(text)
     out += notes
     if device.type != "cuda":
-        out.append("peak memory is measured on CUDA devices only; CPU step times say nothing about AMP on a GPU")
+        out.append("peak memory on the CPU comes from torch.profiler's allocation events; CPU step times and memory say nothing about AMP on a GPU")
     out.append("")
     out.append("engine vs bare hand-written loop (same weights, batch slices, mode; ABBA-interleaved):")
     for case in cases:
