@@ -129,6 +129,33 @@ def _noise_reason(measurements: Measurements) -> str:
     return "; ".join(reasons)
 
 
+def _launch_diagnosis(name: str, m: Measurements, floor: float) -> str:
+    """Why the floor is out of reach on this device at this size, or '' (see measurement.launch_bound).
+
+    Two ways to know: the reference leaves the device idle a large share of each step (it is
+    waiting for the host, so no mode can beat the host's launch time, and AMP launches more); or
+    the mode's own launch time already exceeds what the floor allows (a block cannot end before
+    its last kernel is launched).  The second needs the mode's probe to have worked (no host
+    sync in its step: a GradScaler's sync puts device time into the host time).
+    """
+    from .stats import median
+
+    bound = launch_bound(m.reference)
+    if bound is not None and bound.bound:
+        return bound.describe()
+    mm = m.modes[name]
+    if not m.device.startswith("cuda") or mm.busy_step_s is None or not mm.host_times_s or not m.reference.step_times_s:
+        return ""
+    ref_step, host = median(m.reference.step_times_s), median(mm.host_times_s)
+    ceiling = ref_step / host if host > 0 else float("inf")
+    if ceiling >= floor:
+        return ""
+    return (
+        f"{name} is launch-bound: the host takes {host * 1e3:.3g} ms to launch its step, so it can be at most "
+        f"{ceiling:.2f}x faster than {m.reference.mode}'s {ref_step * 1e3:.3g} ms step, below the floor"
+    )
+
+
 def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
     comparison = m.comparisons[name]
     est = comparison.speedup
@@ -141,15 +168,15 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         return Check(name, "speedup", SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
     text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
     args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
-    bound = launch_bound(m.reference)
-    if bound is not None and bound.bound and est.low < floor:
+    diagnosis = _launch_diagnosis(name, m, floor) if est.low < floor else ""
+    if diagnosis:
         statement = (
-            f"{text} not gated: {bound.describe()}; AMP cannot pay off at this size: use a larger batch, "
+            f"{text} not gated: {diagnosis}; AMP cannot pay off at this size: use a larger batch, "
             "a wider model, CUDA graphs or torch.compile"
         )
         if config.check_speed is not True:
             return Check(name, "speedup", SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
-        text += f" ({bound.describe()})"
+        text += f" ({diagnosis})"
     if est.low >= floor:
         return Check(name, "speedup", PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
     if est.high < floor:

@@ -208,8 +208,11 @@ class Measurements:
 
 # --- timing ----------------------------------------------------------------------------------
 
-LAUNCH_BOUND_IDLE = 0.5
-"""The reference is launch-bound when its device idles at least this share of each timed step."""
+LAUNCH_BOUND_IDLE = 0.25
+"""A step is launch-bound when its device idles at least this share of it.  A GPU-bound step keeps
+the launch queue full and its device idle close to 0%; any sizeable idle share means the device
+waits for the host, so the step cannot get shorter than the host's launch time, which AMP only
+lengthens (casts, scaler ops).  A quarter leaves room for the probe's noise either way."""
 
 
 def _synchronize(device: torch.device) -> None:

@@ -529,3 +529,12 @@ def test_json_report_of_a_cpu_run_carries_peak_memory_its_ratio_and_what_it_cove
         assert "parameters" in m["memory"]["covers"] and "optimizer state" in m["memory"]["covers"]
         assert m["launch"]["host_step_s"] > 0 and m["launch"]["launch_bound"] is None  # no launch queue on the CPU
     assert modes["fp32"]["memory_ratio"] == 1.0
+
+
+def test_a_mode_whose_own_launch_time_rules_out_the_floor_is_stated_not_failed():
+    """fp32 mostly busy (10% idle), but amp_bf16's host launch time alone caps it at 0.8x: the 1.2x floor is out of reach."""
+    timings = {"fp32": (200e-6, 150e-6, 180e-6), "amp_bf16": (260e-6, 250e-6, 60e-6)}
+    m = as_if_on_cuda(measure(tiny_workload(), ["amp_bf16"], device="cpu", config=TINY, timer=FakeTimer(timings)))
+    assert not launch_bound(m.reference).bound
+    speed = next(c for c in evaluate(m, build_config(("test", {"modes": ["amp_bf16"]}))).checks if c.metric == "speedup")
+    assert speed.outcome == SKIPPED and "at most 0.80x faster than fp32's 0.2 ms step" in speed.why, speed.why
