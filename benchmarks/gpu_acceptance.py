@@ -193,7 +193,7 @@ def summarize(result: dict) -> str:
         lines.append(f"- {label} order: exit {step['rc']}, verdicts {step.get('verdicts')}")
     for text in gate["orders"]["forward"].get("statements", []):
         lines.append(f"  - {text}")
-    lines.append(f"- memory ratio spread between the two orders: "
+    lines.append("- memory ratio spread between the two orders: "
                  + (", ".join(f"{k} {v:.2%}" for k, v in gate["memory_order_spread"].items()) or "none measured"))
     lines.append("")
     lines.append("## Steps")

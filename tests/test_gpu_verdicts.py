@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_ampgate import env as env_mod
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate import plants
 from pytest_ampgate.config import build_config
