@@ -158,6 +158,8 @@ class Measurements:
     throttling during the timed rounds (:class:`pytest_ampgate.env.WindowNoise`)."""
     wall_time_s: float = 0.0
     version: int = RESULTS_VERSION
+    distributed: dict = field(default_factory=dict)
+    """For runs under torch.distributed: world size, backend, modes, per-rank figures (see distributed.py)."""
 
     def to_dict(self) -> dict:
         return {
@@ -173,6 +175,7 @@ class Measurements:
             "comparisons": {k: v.to_dict() for k, v in self.comparisons.items()},
             "noise": self.noise,
             "wall_time_s": self.wall_time_s,
+            **({"distributed": self.distributed} if self.distributed else {}),
         }
 
     @classmethod
@@ -190,6 +193,7 @@ class Measurements:
             noise=d.get("noise", {}),
             wall_time_s=d.get("wall_time_s", 0.0),
             version=d.get("version", RESULTS_VERSION),
+            distributed=d.get("distributed", {}),
         )
 
     def each_mode(self) -> Iterator[tuple[ModeMeasurement, Comparison | None]]:
@@ -385,12 +389,16 @@ def _storage_bytes(tensors, seen: set) -> int:
     for t in tensors:
         if not torch.is_tensor(t) or t.device.type == "meta":
             continue
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), str(t.device))
-        if key in seen or storage.nbytes() == 0:
+        try:
+            local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2/DTensor: this rank's shard
+            storage = local.untyped_storage()
+            key, size = (storage.data_ptr(), str(local.device)), storage.nbytes()
+        except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass without storage
+            continue
+        if key in seen or size == 0:
             continue
         seen.add(key)
-        total += storage.nbytes()
+        total += size
     return total
 
 
@@ -674,6 +682,7 @@ def measure(
     download: bool = False,
     progress: Callable[[str], None] | None = None,
     timer=None,
+    runner_factory: Callable[..., ModeRunner] | None = None,
 ) -> Measurements:
     """Train ``workload`` under the reference mode and each of ``modes``; measure and compare them.
 
@@ -683,6 +692,9 @@ def measure(
     running (out of memory, any exception in the model) comes back with ``error`` and
     ``failed_phase`` set, and the others are still measured.  ``timer`` replaces the device's
     timing source (CUDA events, ``perf_counter``): tests pass a fake one.
+
+    ``runner_factory`` replaces :func:`modes.prepare` (same arguments): the distributed ranks use it
+    to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
     """
     started = time.perf_counter()
     config = config or MeasureConfig()
@@ -717,7 +729,7 @@ def measure(
             noise["before"] = env_mod.noise_report(device).to_dict()
             with cudnn_benchmark(config.cudnn_benchmark):
                 _warm_libraries(device)
-                _run(workload, slots, initial_model, dataset, device, config, say, timer or default_timer(device), noise)
+                _run(workload, slots, initial_model, dataset, device, config, say, timer or default_timer(device), noise, runner_factory or prepare)
             noise["after"] = env_mod.noise_report(device).to_dict()
 
     reference = slots[0].m
@@ -737,13 +749,13 @@ def measure(
     )
 
 
-def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, noise: dict) -> None:
+def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, noise: dict, runner_factory=prepare) -> None:
     batch = workload.batch_size
     steps = config.steps_per_block
     for slot in slots:
         if slot.m.supported:
             say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
-            _start(slot, workload, initial_model, dataset, device, config, timer)
+            _start(slot, workload, initial_model, dataset, device, config, timer, runner_factory)
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
     lead = order[-1][-1] if order and order[0] else None
@@ -788,7 +800,7 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
         torch.cuda.empty_cache()
 
 
-def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer) -> None:
+def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer, runner_factory=prepare) -> None:
     """Set-up, precision-coverage step, warm-up (its last steps probe launch-boundness) and the memory pass."""
     batch = workload.batch_size
     phase = "set-up"
@@ -797,7 +809,7 @@ def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDatase
         if device.type == "cuda":
             _synchronize(device)
             base = _cuda_requested(device, "current")
-        runner = prepare(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
+        runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
         slot.runner = runner
         with numerics_policy(slot.mode):
             losses = []
