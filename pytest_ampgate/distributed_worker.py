@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -166,7 +167,10 @@ def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> di
     if device.type == "cuda":
         torch.cuda.set_device(device)
     plants = [p for p in spec.get("plants", []) if p["rank"] == rank]
-    dist.init_process_group(spec["backend"], timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]))
+    options = {"timeout": datetime.timedelta(seconds=spec["pg_timeout_s"])}
+    if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        options["device_id"] = device  # NCCL binds this rank's GPU at once (torch >= 2.3), not guessed at the first collective
+    dist.init_process_group(spec["backend"], **options)
     say("joined the process group")
     workload = load_workload(spec["workload"], spec.get("workload_options"))
     config = MeasureConfig.from_dict(spec["measure"])

@@ -109,13 +109,15 @@ def test_too_few_gpus_skips_and_fails_under_strict(pytester, monkeypatch):
     # The hardware boundary: one CUDA device.  The gate itself decides that two ranks need two.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    pytester.makepyfile("import pytest\n\n@pytest.mark.amp_regression(world_size=2)\ndef test_x(ampgate_mnist):\n    pass\n")
-    result = pytester.runpytest("--ampgate", "-p", "no:cacheprovider", "-rs")
-    result.assert_outcomes(skipped=1)
-    result.stdout.re_match_lines([r".*SKIPPED.*world_size=2 (needs 2 CUDA devices \(one per rank\); this machine has 1|on CUDA needs the NCCL).*"])
-    strict = pytester.runpytest("--ampgate", "--ampgate-strict", "-p", "no:cacheprovider")
-    strict.assert_outcomes(errors=1)  # failed at set-up, as the fixture is where it is decided
-    strict.stdout.fnmatch_lines(["*--ampgate-strict: world_size=2*"])
+    pytester.makepyfile(
+        "import pytest\n\n"
+        "@pytest.mark.amp_regression(world_size=2)\ndef test_x(ampgate_mnist):\n    pass\n\n"
+        "@pytest.mark.amp_regression(world_size=2, strict=True)\ndef test_strict(ampgate_mnist):\n    pass\n"
+    )
+    result = pytester.runpytest("--ampgate", "-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(skipped=1, errors=1)  # strict fails it at set-up, where the fixture decides
+    reason = r"world_size=2 (needs 2 CUDA devices \(one per rank\); this machine has 1|on CUDA needs the NCCL)"
+    result.stdout.re_match_lines([rf"--ampgate-strict: {reason}", rf"SKIPPED \[1\] .*\.py:3: {reason}"])
 
 
 def test_fsdp2_is_feature_detected(monkeypatch):
