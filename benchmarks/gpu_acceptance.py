@@ -41,11 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 GOAL_WALL_S = 15.0
 GOAL_WALL_OVER_DEVICE = 2.0
 MEMORY_ORDER_TOLERANCE = 0.02
+BUDGET_S = 470.0
+"""The whole run on a GPU stays within 8 minutes: no step may run past this many seconds from the start."""
+DEADLINE = [float("inf")]
 
 
 def run(name: str, cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> dict:
     """One step as a subprocess: exit status, wall time, the tail of its output."""
     started = time.perf_counter()
+    timeout = max(5.0, min(timeout, DEADLINE[0] - started))
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environ)
@@ -214,6 +218,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if not args.smoke:
+        DEADLINE[0] = started + BUDGET_S
 
     import torch
 
