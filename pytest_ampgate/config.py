@@ -74,10 +74,12 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{name} must be a non-empty list of precision modes, got {value!r}")
+    from .distributed import DISTRIBUTED_ONLY
+
     try:
-        resolved = tuple(resolve_mode(v).name for v in value)
+        resolved = tuple(v.strip().lower() if isinstance(v, str) and v.strip().lower() in DISTRIBUTED_ONLY else resolve_mode(v).name for v in value)
     except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        raise ConfigError(f"{name}: {exc}; with world_size also: {', '.join(DISTRIBUTED_ONLY)}") from None
     if len(set(resolved)) != len(resolved):
         raise ConfigError(f"{name} names a mode twice: {list(value)}")
     return resolved
@@ -100,7 +102,8 @@ class MeasureConfig:
     """
 
     warmup_steps: int = 10
-    rounds: int = 10
+    rounds: int = 12
+    """12: a whole number of balanced cycles for two modes (4 rounds) and three (6 rounds), see stats.abba_order."""
     steps_per_block: int = 20
     memory_steps: int = 5
     confidence: float = 0.95
@@ -143,7 +146,11 @@ class GateConfig:
     modes: tuple[str, ...] = ("amp_fp16", "amp_bf16")
     min_speedup: float = 1.2
     speedup_tolerance: float = 0.10
-    max_memory_ratio: float = 0.9
+    max_memory_ratio: float = 1.25
+    """Not 0.9: models dominated by parameters, gradients and optimizer state (AdamW) sit near 1.0x
+    under AMP, and ones whose input batch is large beside them (the MNIST MLP: the autocast copy of
+    the batch) above it (1.17x measured on the CPU); see BENCHMARKS.md.  Regressions beyond that
+    are caught against the stored baseline (``memory_tolerance``)."""
     memory_tolerance: float = 0.05
     accuracy_tolerance: float = 0.02
     same_run_tolerance: float = 0.08
@@ -162,6 +169,8 @@ class GateConfig:
     memory_steps: int = MeasureConfig.memory_steps
     confidence: float = MeasureConfig.confidence
     noise_threshold: float = MeasureConfig.noise_threshold
+    world_size: int | None = None
+    distributed_timeout: float = 300.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -202,6 +211,8 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "memory_steps": (_whole(0), "steps in each mode's peak-memory pass (CUDA)"),
     "confidence": (_number(0, 1, low_open=True, high_open=True), "coverage of the speedup's interval"),
     "noise_threshold": (_number(0, 1, low_open=True), "interval width (relative to the median) above which a speedup is flagged noisy"),
+    "world_size": (_whole(1), "train on this many ranks under torch.distributed (DDP/FSDP2, started by torchrun; gloo on cpu, NCCL on cuda)"),
+    "distributed_timeout": (_number(0, low_open=True), "seconds a distributed run may take before its ranks are stopped and the test fails"),
 }
 
 assert set(SETTINGS) == {f.name for f in fields(GateConfig)}

@@ -16,9 +16,13 @@ from typing import Callable
 
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
-from .measurement import Measurements, ModeMeasurement
+from .measurement import Measurements, ModeMeasurement, launch_bound
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
+WORKLOAD_METRICS = ("ran", "finite_loss")
+"""Checks that, failing in the full-precision reference, mean the workload itself is broken."""
+ANY_MODE = "*"
+"""The mode of a check about the whole run (e.g. leaked global state), not one precision mode."""
 UPDATE_HINT = "accept a deliberate change with: pytest --ampgate --ampgate-update"
 RECORD_HINT = "record one with: pytest --ampgate --ampgate-update"
 TIMING_METRICS = ("speedup",)
@@ -47,6 +51,8 @@ class Check:
     baseline: float | None = None
 
     def line(self) -> str:
+        if self.mode == ANY_MODE:  # a note about the whole run, not a gated property
+            return f"NOTE: {self.why}"
         word = {PASS: "ok", FAIL: "FAILED", INCONCLUSIVE: "INCONCLUSIVE", SKIPPED: "skipped"}[self.outcome]
         return f"{self.why} {word}" if self.outcome in (PASS, FAIL) else f"{self.why} [{word}]"
 
@@ -63,24 +69,50 @@ class Verdict:
     checks: list[Check] = field(default_factory=list)
     confirmed: bool = False
     """A timing failure was re-measured before being reported."""
+    reference: str = "fp32"
+    """The reference mode: its failures are the workload's fault, not AMP's."""
 
     def of(self, outcome: str) -> list[Check]:
         return [c for c in self.checks if c.outcome == outcome]
 
     @property
     def outcome(self) -> str:
-        for outcome in (FAIL, INCONCLUSIVE, PASS):
+        if self.of(FAIL):
+            return FAIL
+        if self.no_mode_ran:
+            return SKIPPED
+        for outcome in (INCONCLUSIVE, PASS):
             if self.of(outcome):
                 return outcome
         return SKIPPED
 
+    @property
+    def workload_at_fault(self) -> bool:
+        """The reference itself failed: the workload (model, data, loss) is broken in full precision."""
+        return any(c.mode == self.reference and c.metric in WORKLOAD_METRICS for c in self.of(FAIL))
+
+    @property
+    def no_mode_ran(self) -> bool:
+        """Every compared mode was unsupported here: nothing about AMP was gated, so nothing passed."""
+        compared = {c.mode for c in self.checks if c.mode not in (self.reference, ANY_MODE)}
+        return bool(compared) and all(c.metric == "supported" for c in self.checks if c.mode in compared)
+
+    def headline(self) -> str:
+        if self.outcome == FAIL and self.workload_at_fault:
+            return f"WORKLOAD ERROR: the {self.reference} reference itself failed, so AMP is not to blame: fix the workload"
+        if self.outcome == SKIPPED and self.no_mode_ran:
+            return "AMP GATE SKIPPED: no requested precision mode can run here, so nothing was gated"
+        return {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+
     def explain(self, test_id: str = "", strict: bool = False) -> str:
         """The failure text of DESIGN.md: one line per check, failures first, then what to run next."""
         order = {FAIL: 0, INCONCLUSIVE: 1, PASS: 2, SKIPPED: 3}
-        head = {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+        head = self.headline()
         lines = [f"{test_id} - {head}" if test_id else head]
         lines += ["  " + c.line() for c in sorted(self.checks, key=lambda c: order[c.outcome])]
         failed = self.of(FAIL)
+        if self.workload_at_fault:
+            return "\n".join(lines)  # a broken workload is not cured by a new baseline or a relaxed margin
         if any(c.baseline is not None for c in failed):
             lines.append("  " + UPDATE_HINT)
         margins = sorted({MARGIN_SETTING[c.metric] for c in failed if c.baseline is None and c.metric in MARGIN_SETTING})
@@ -96,11 +128,13 @@ class Verdict:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"outcome": self.outcome, "confirmed": self.confirmed, "checks": [c.to_dict() for c in self.checks]}
+        return {"outcome": self.outcome, "confirmed": self.confirmed, "reference": self.reference,
+                "checks": [c.to_dict() for c in self.checks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
-        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False))
+        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False),
+                   reference=d.get("reference", "fp32"))
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -108,9 +142,20 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _noise_reason(measurements: Measurements) -> str:
-    """Why timing on this GPU could not be trusted (other processes, throttling), or ''."""
-    from .env import NoiseReport
+    """Why timing on this GPU could not be trusted (other processes, throttling), or ''.
 
+    Where NVML could watch the timed rounds themselves, only what happened in that window counts:
+    processes that used the GPU then (never this run's own xdist workers, which hold a CUDA context
+    but wait for the device lock), and clocks held back during it.  The snapshots before and after
+    timing count only where no window was read (older results).
+    """
+    from .env import NoiseReport, WindowNoise
+
+    window = measurements.noise.get("window")
+    if window:
+        report = WindowNoise.from_dict(window)
+        if report.available:
+            return f"during timing: {report.describe()}" if report.noisy else ""
     reasons = []
     for when in ("before", "after"):
         if measurements.noise.get(when):
@@ -118,6 +163,33 @@ def _noise_reason(measurements: Measurements) -> str:
             if report.noisy:
                 reasons.append(f"{when} timing: {report.describe()}")
     return "; ".join(reasons)
+
+
+def _launch_diagnosis(name: str, m: Measurements, floor: float) -> str:
+    """Why the floor is out of reach on this device at this size, or '' (see measurement.launch_bound).
+
+    Two ways to know: the reference leaves the device idle a large share of each step (it is
+    waiting for the host, so no mode can beat the host's launch time, and AMP launches more); or
+    the mode's own launch time already exceeds what the floor allows (a block cannot end before
+    its last kernel is launched).  The second needs the mode's probe to have worked (no host
+    sync in its step: a GradScaler's sync puts device time into the host time).
+    """
+    from .stats import median
+
+    bound = launch_bound(m.reference)
+    if bound is not None and bound.bound:
+        return bound.describe()
+    mm = m.modes[name]
+    if not m.device.startswith("cuda") or mm.busy_step_s is None or not mm.host_times_s or not m.reference.step_times_s:
+        return ""
+    ref_step, host = median(m.reference.step_times_s), median(mm.host_times_s)
+    ceiling = ref_step / host if host > 0 else float("inf")
+    if ceiling >= floor:
+        return ""
+    return (
+        f"{name} is launch-bound: the host takes {host * 1e3:.3g} ms to launch its step, so it can be at most "
+        f"{ceiling:.2f}x faster than {m.reference.mode}'s {ref_step * 1e3:.3g} ms step, below the floor"
+    )
 
 
 def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
@@ -132,6 +204,18 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         return Check(name, "speedup", SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
     text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
     args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
+    diagnosis = _launch_diagnosis(name, m, floor) if est.low < floor else ""
+    if diagnosis:
+        statement = (
+            f"{text} not gated: {diagnosis}; AMP cannot pay off at this size: use a larger batch, "
+            "a wider model, CUDA graphs or torch.compile"
+        )
+        if config.check_speed is not True:
+            return Check(name, "speedup", SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
+        text += f" ({diagnosis})"
+    too_few = _too_few_rounds(est, config)
+    if too_few:
+        return Check(name, "speedup", INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
     if est.low >= floor:
         return Check(name, "speedup", PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
     if est.high < floor:
@@ -141,6 +225,18 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         return Check(name, "speedup", FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
     noisy = f"; {est.note}" if est.noisy else ""
     return Check(name, "speedup", INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
+
+
+def _too_few_rounds(est, config: GateConfig) -> str:
+    """Why the interval cannot decide anything (too few rounds for the requested coverage), or ''."""
+    from .stats import MIN_ROUNDS_FOR_CONFIDENCE
+
+    if est.rounds >= MIN_ROUNDS_FOR_CONFIDENCE and est.confidence >= config.confidence:
+        return ""
+    return (
+        f"only {est.rounds} round{'s' if est.rounds != 1 else ''}, so the interval covers {est.confidence:.0%}, "
+        f"not {config.confidence:.0%}: no verdict; raise rounds to at least {max(MIN_ROUNDS_FOR_CONFIDENCE, est.rounds + 1)}"
+    )
 
 
 def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
@@ -154,8 +250,10 @@ def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBase
         limit = min(limit, base.memory_ratio + config.memory_tolerance)
     text = (
         f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 "
-        f"({_fmt_bytes(m.reference.peak_memory_bytes)})"
+        f"({_fmt_bytes(m.reference.peak_memory_bytes)}"
     )
+    act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(m.reference, "activation_memory_bytes", None)
+    text += f"; activations {_fmt_bytes(act)} vs {_fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
     outcome = PASS if ratio <= limit else FAIL
     return Check(name, "memory", outcome, f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
                  measured=ratio, threshold=limit, baseline=base.memory_ratio if base else None)
@@ -358,7 +456,8 @@ def evaluate(
             checks.append(Check(mm.mode, "supported", SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
             continue
         if mm.error:
-            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed while running: {mm.error}"))
+            where = f"in {mm.failed_phase}" if getattr(mm, "failed_phase", "") else "while running"
+            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed {where}: {mm.error}{_error_hint(mm.error)}"))
             continue
         checks.append(_finite_check(mm))
         checks += _scaler_checks(mm, config)
@@ -377,7 +476,30 @@ def evaluate(
             checks.append(Check(name, "speedup", SKIPPED, f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"))
         if config.memory_applies(device_type):
             checks.append(_memory_check(name, measurements, config, base, env_label))
-    return Verdict(checks)
+    leaked = measurements.environment.get(LEAKED_KEY)
+    if leaked:
+        from .known_state import describe
+
+        checks.append(Check(ANY_MODE, "known_state", PASS, describe(leaked)))
+    return Verdict(checks, reference=measurements.reference.mode)
+
+
+LEAKED_KEY = "leaked_state"
+"""known_state.LEAKED_KEY, repeated so that judging a result needs no torch import."""
+
+ERROR_HINTS = {
+    "does not require grad": "the loss is not connected to the model's parameters (does loss_fn detach it, "
+    "call .item(), or are the parameters frozen?)",
+    "meta tensor": "a tensor is on the meta device (no data)",
+    "closure": "the optimizer's step() needs a closure",
+}
+
+
+def _error_hint(error: str) -> str:
+    for marker, hint in ERROR_HINTS.items():
+        if marker in error:
+            return f"; {hint}"
+    return ""
 
 
 def _env_label(environment: dict) -> str:
@@ -419,7 +541,7 @@ def decide(
                 second_text = f"{c2.measured:.2f}x ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
                 c = Check(c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline)
         checks.append(c)
-    return first, Verdict(checks, confirmed=True)
+    return first, Verdict(checks, confirmed=True, reference=verdict.reference)
 
 
 def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:
@@ -446,7 +568,7 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
     return Baseline(
         test_id=test_id,
         env_key=env_key,
-        environment=measurements.environment,
+        environment={k: v for k, v in measurements.environment.items() if k != LEAKED_KEY},
         recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         settings={"workload": measurements.workload, "batch_size": measurements.batch_size, **settings},
         modes=modes,

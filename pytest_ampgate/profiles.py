@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 
-CPU_PROFILE = {"warmup_steps": 2, "rounds": 4, "steps_per_block": 20, "memory_steps": 0}
+CPU_PROFILE = {"warmup_steps": 2, "rounds": 4, "steps_per_block": 20, "memory_steps": 1}
 """Protocol defaults on the CPU: enough steps for the numerics and accuracy to mean something (the
-MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job.  Timing is not gated on the
-CPU, so rounds only need to exist, not to be many; see BENCHMARKS.md for what each costs."""
+MNIST MLP reaches ~0.5, the CIFAR CNN ~0.85 on their CPU data), few enough for a CPU CI job; one
+profiled step gives peak memory (reported, gated on CUDA only unless check_memory=True).  Timing is
+not gated on the CPU, so rounds only need to exist, not to be many; see BENCHMARKS.md for what each
+costs."""
 
 CPU_WORKLOAD_SIZES = {
     "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},
