@@ -86,7 +86,33 @@ def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
         if dtype != torch.float32:
             torch.set_default_dtype(torch.float32)
             stack.callback(torch.set_default_dtype, dtype)
+        _leave_leaked_autocast_nesting(stack)
         yield found
+
+
+def _leave_leaked_autocast_nesting(stack: ExitStack) -> None:
+    """An autocast entered and never left keeps autocast's nesting level above 0, and autocast clears
+    its cache of cast weights only when the level returns to 0: every AMP step would then run on
+    the bfloat16/float16 copies of the weights cast at the first step (measured: an amp_bf16 run
+    that stops learning, caught by the same-run check).  Measure at level 0; restore it after."""
+    increment = getattr(torch, "autocast_increment_nesting", None)
+    decrement = getattr(torch, "autocast_decrement_nesting", None)
+    if increment is None or decrement is None:
+        return
+    level = increment() - 1
+    decrement()
+    if level <= 0:
+        return
+    for _ in range(level):
+        decrement()
+    torch.clear_autocast_cache()
+
+    def restore() -> None:
+        torch.clear_autocast_cache()
+        for _ in range(level):
+            increment()
+
+    stack.callback(restore)
 
 
 def describe(found: list[str]) -> str:
