@@ -81,9 +81,23 @@ OUTPUT_OPTIONS = {"json": "--ampgate-json", "markdown": "--ampgate-markdown", "p
 
 def check_output_path(option: str, path: Path) -> None:
     """Refuse before measuring what is sure to fail at session end: a directory in the file's place,
-    a file in the place of one of its parent directories, or a parent no one may write into."""
+    a file in the place of one of its parent directories, a parent no one may write into, or a path
+    the OS will not even look up (a name too long, a symlink loop)."""
     from .errors import ConfigError
 
+    try:
+        _check_output_path(option, path)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: {exc.strerror or exc}; choose another path") from None
+
+
+def _check_output_path(option: str, path: Path) -> None:
+    from .errors import ConfigError
+
+    try:  # a name too long or a symlink loop: an OSError, made a ConfigError above
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file: see below
+        pass
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a directory; give the path of a file to write, e.g. {path / 'ampgate'}")
     parent = path.parent
@@ -100,6 +114,10 @@ def check_step_summary(value: str) -> None:
     from .errors import ConfigError
 
     path = Path(value)
+    try:
+        os.stat(path) if os.path.lexists(path) else None
+    except OSError as exc:
+        raise ConfigError(f"$GITHUB_STEP_SUMMARY={value}: {exc.strerror or exc}; unset it or point it at a file") from None
     if path.is_dir():
         raise ConfigError(f"$GITHUB_STEP_SUMMARY={value}: is a directory, not a file; unset it or point it at a file")
     if not path.parent.is_dir():

@@ -559,8 +559,12 @@ class CIOutputs:
 
 def _at_root(config, path) -> Path:
     """Output paths are relative to the invocation directory, like --junitxml."""
-    path = Path(path)
-    return (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
+    path = Path(path).expanduser()  # "~" as in every other path option (and --junitxml)
+    path = path if path.is_absolute() else Path(config.invocation_params.dir) / path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): refused by check_output_path
+        return Path(os.path.abspath(path))
 
 
 def pytest_sessionfinish(session, exitstatus):
