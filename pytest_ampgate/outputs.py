@@ -125,3 +125,24 @@ def check_step_summary(value: str) -> None:
             f"$GITHUB_STEP_SUMMARY={value}: its directory {path.parent} does not exist; unset it or point it at a file "
             "in an existing directory (on GitHub Actions the runner sets it for you)"
         )
+
+
+def check_baseline_dir(path: Path, update: bool) -> None:
+    """The baseline directory, checked before measuring: a file in its place (or in the place of one of
+    its parents) fails every gated test, and under --ampgate-update a directory that cannot be created
+    or written would lose every measurement at session end."""
+    from .errors import ConfigError
+
+    fix = "point --ampgate-baseline-dir (or the ampgate_baseline_dir ini setting) at a directory"
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"baseline directory {path}: is a file, not a directory; {fix}")
+        parent = path
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"baseline directory {path}: {parent} is a file, not a directory; {fix}")
+        if update and not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"baseline directory {path}: {parent} is not writable by this user, so --ampgate-update could record nothing; {fix} you may write to")
+    except OSError as exc:
+        raise ConfigError(f"baseline directory {path}: {exc.strerror or exc}; {fix}") from None

@@ -114,6 +114,11 @@ def _check_outputs(config, enabled: bool) -> None:
                 check_output_path(option, _at_root(config, value))
         if enabled and os.environ.get("GITHUB_STEP_SUMMARY"):
             check_step_summary(os.environ["GITHUB_STEP_SUMMARY"])
+        if enabled:
+            from .outputs import check_baseline_dir
+
+            options = config.stash[SESSION_KEY].options
+            check_baseline_dir(Path(options.baseline_dir), options.update)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
