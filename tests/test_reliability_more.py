@@ -16,9 +16,15 @@ import sys
 
 import pytest
 import torch
-
-from test_reliability import CPU, HELPERS, UPDATE, _assert_clean, _hashes, _output  # noqa: F401  (same set-up)
-from test_reliability import _quiet_and_isolated  # noqa: F401  (autouse fixture)
+from test_reliability import (  # noqa: F401  (same set-up)
+    CPU,
+    HELPERS,
+    UPDATE,
+    _assert_clean,
+    _hashes,
+    _output,
+    _quiet_and_isolated,  # noqa: F401  (autouse fixture)
+)
 
 LEAK_TESTS = HELPERS + '''
 
