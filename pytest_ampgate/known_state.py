@@ -58,6 +58,8 @@ def leaked_state(device_type: str = "cpu") -> list[str]:
         found.append("gradients disabled (torch.no_grad() or torch.set_grad_enabled(False) left active)")
     if torch.is_inference_mode_enabled():
         found.append("torch.inference_mode() left active")
+    if torch.is_anomaly_enabled():  # turns the inf/NaN gradients GradScaler skips into errors, and slows every op
+        found.append("torch.autograd.set_detect_anomaly(True) left on")
     if torch.get_default_dtype() != torch.float32:
         found.append(f"torch.set_default_dtype({_dtype_name(torch.get_default_dtype())}) left set (expected float32)")
     get_device = getattr(torch, "get_default_device", None)  # torch >= 2.3
@@ -80,6 +82,8 @@ def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        if torch.is_anomaly_enabled():
+            stack.enter_context(torch.autograd.set_detect_anomaly(False))
         _outside_autocast_regions(stack)
         if default_device is not None and default_device.type != "cpu":
             torch.set_default_device("cpu")

@@ -2,7 +2,9 @@
 
 4. A leaked (or enclosing) ``torch.autocast`` region kept autocast's weight-cast cache alive across
    optimizer steps, so an AMP mode trained on stale weights and that accuracy was recorded as its
-   baseline; data built under a leaked ``torch.inference_mode()`` failed the fp32 reference.
+   baseline; data built under a leaked ``torch.inference_mode()`` failed the fp32 reference;
+   leaked anomaly detection (which turns the inf/NaN gradients GradScaler skips into errors) was
+   neither reset nor named.
 6. A model instance given as ``model_factory`` (callable: calling it ran ``forward()``).
 7. Output and baseline paths the OS refuses (a name too long, a symlink loop), ``~``, and a
    baseline directory that is a file: usage errors at start-up, not INTERNALERROR or a failure per test.
@@ -66,21 +68,31 @@ def test_data_made_under_leaked_inference_mode(ampgate):
     ampgate.run(tiny())  # tiny() builds its tensors here, in inference mode
 
 
-def test_closes_inference_mode():
+def test_closes_inference_mode_and_leaves_anomaly_detection_on():
     KEEP.pop().__exit__(None, None, None)
+    torch.autograd.set_detect_anomaly(True)
+
+
+@pytest.mark.amp_regression(**FAST6)
+def test_after_anomaly_detection(ampgate):
+    ampgate.run(tiny())
+    assert torch.is_anomaly_enabled(), "the caller's state is restored"
+    torch.autograd.set_detect_anomaly(False)
 '''
 
 
 def test_leaked_autocast_and_inference_mode_do_not_change_what_is_measured_or_recorded(pytester):
     pytester.makepyfile(test_leaks=LEAK_TESTS)
     result = pytester.runpytest(*UPDATE)
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
     out = _assert_clean(result)
     assert "LEAKED STATE test_leaks.py::test_after_open_autocast" in out and "autocast('cpu', float16)" in out, out
     assert "LEAKED STATE test_leaks.py::test_data_made_under_leaked_inference_mode" in out, out
+    assert "LEAKED STATE test_leaks.py::test_after_anomaly_detection" in out and "set_detect_anomaly(True)" in out, out
     stored = json.loads((pytester.path / "baselines" / "test_leaks.json").read_text())["tests"]
     clean = next(iter(stored["test_leaks.py::test_clean"].values()))["modes"]
-    for name in ("test_wrapped_in_bf16_autocast", "test_after_open_autocast", "test_data_made_under_leaked_inference_mode"):
+    for name in ("test_wrapped_in_bf16_autocast", "test_after_open_autocast", "test_data_made_under_leaked_inference_mode",
+                 "test_after_anomaly_detection"):
         modes = next(iter(stored[f"test_leaks.py::{name}"].values()))["modes"]
         for mode in ("fp32", "amp_bf16"):  # same model, data and seed: the same training, whatever was leaked
             assert modes[mode]["accuracy"] == clean[mode]["accuracy"], (name, mode, modes, clean)
