@@ -113,7 +113,7 @@ def pytest_addoption(parser):
     parser.addini("ampgate_lock_timeout", f"default for --ampgate-lock-timeout in seconds (default: {DEFAULT_DEVICE_LOCK_TIMEOUT:g})",
                   type=_ini_type("float"), default=None)
     for name, (_check, text) in SETTINGS.items():
-        parser.addini(f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "string")), default=None)
+        parser.addini(f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None)
 
 
 DEFAULT_DEVICE_LOCK_TIMEOUT = 3600.0
