@@ -150,12 +150,35 @@ def _default_text(name: str) -> str:
 
 
 def _ini_value(config, key: str):
-    """``config.getini``, with pytest's own type errors (a native-TOML ``"1.3"`` string for a float,
-    ``-o x=abc`` for an int) turned into a usage error that names the key."""
+    """``config.getini``, typed by pytest.  Where pytest's own conversion refuses the value (``-o
+    ampgate_min_speedup=abc``, a native-TOML ``"1.3"`` string for a float), the raw value goes through
+    the setting's own check instead: it is accepted if that check accepts it, else refused with the
+    check's message (naming the key, the setting and the allowed range), never an INTERNALERROR."""
     try:
         return config.getini(key)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"ini option {key}: {exc}".replace(f"{config.inipath}: ", "")) from None
+        pytest_says = f"ini option {key}: {exc}".replace(f"{config.inipath}: ", "")
+        raw = _raw_ini(config, key)
+        name = key[len("ampgate_"):]
+        if raw is None or name not in SETTINGS:
+            raise ConfigError(pytest_says) from None
+        if name == "modes":
+            return [raw] if isinstance(raw, str) else list(raw)
+        try:
+            return SETTINGS[name][0](name, raw)
+        except ConfigError as check:
+            raise ConfigError(f"ini option {key}: {check}") from None
+
+
+def _raw_ini(config, key: str):
+    """The value as written in the ini file or ``-o`` (only read once pytest's conversion failed)."""
+    store = getattr(config, "_inicfg", None)  # pytest 9: key -> ConfigValue
+    if not isinstance(store, dict):
+        store = getattr(config, "inicfg", None)  # pytest < 9: key -> str
+    if not isinstance(store, dict) or key not in store:
+        return None
+    value = store[key]
+    return getattr(value, "value", value)
 
 
 def _ini_settings(config) -> dict:
@@ -187,7 +210,7 @@ def _check_ini_keys(config) -> None:
 def _options(config):
     from .session import GateOptions, validate_device
 
-    raw_device = config.getoption("ampgate_device") or config.getini("ampgate_device") or "cuda"
+    raw_device = _raw_device(config)
     enabled = bool(config.getoption("ampgate") or config.getoption("ampgate_update") or config.getoption("ampgate_only"))
     device = validate_device(_auto_device(config, raw_device) if enabled else raw_device.replace("auto", "0"))
     base = config.getoption("ampgate_baseline_dir") or config.getini("ampgate_baseline_dir") or "baselines"
@@ -210,6 +233,10 @@ def _options(config):
         strict=config.getoption("ampgate_strict"),
         ini_settings=ini_settings,
     )
+
+
+def _raw_device(config) -> str:
+    return config.getoption("ampgate_device") or config.getini("ampgate_device") or "cuda"
 
 
 def _auto_device(config, device: str) -> str:
@@ -353,7 +380,7 @@ def pytest_collection_modifyitems(session, config, items):
         if plain:
             config.hook.pytest_deselected(items=plain)
             items[:] = gated
-    if gate.options.enabled and gate.options.device != "cuda:auto":
+    if gate.options.enabled and config.pluginmanager.hasplugin("xdist") and _raw_device(config).strip().lower() != "cuda:auto":
         # One group per device: xdist's loadgroup runs them all on one worker, so no worker queues
         # plain tests behind a device lock (see pytest_configure).  cuda:auto spreads them instead.
         group = pytest.mark.xdist_group(f"{XDIST_GROUP}-{gate.options.device.replace(':', '')}")

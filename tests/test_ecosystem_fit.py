@@ -7,6 +7,7 @@ valid against the xunit2 schema; xdist grouping; cuda:auto; --benchmark-json int
 --ampgate-modes / --ampgate-only; pytest-html; the example workflow.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ from pytest_ampgate.gpu_lock import DeviceLock, pick_device
 from test_ecosystem import CPU, gated, imported_first, project  # noqa: F401  (imported_first: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
+HTML = importlib.util.find_spec("pytest_html") is not None
+MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 NATIVE_TOML = tuple(int(p) for p in pytest.__version__.split(".")[:2]) >= (9, 0)
 
 
@@ -101,8 +104,9 @@ def test_ini_file_strings_still_work(pytester):
 
 @pytest.mark.skipif(not NATIVE_TOML, reason="pytest 9's native [tool.pytest] table")
 @pytest.mark.parametrize("line, words", [
-    ('ampgate_min_speedup = "fast"', ["ampgate_min_speedup", "float"]),
-    ("ampgate_rounds = 2.5", ["ampgate_rounds", "int"]),
+    ('ampgate_min_speedup = "fast"', ["ini option ampgate_min_speedup", "min_speedup must be a number, got 'fast'"]),
+    ("ampgate_rounds = 2.5", ["ini option ampgate_rounds", "rounds must be a whole number >= 1, got 2.5"]),
+    ("ampgate_strict = 1", ["ini option ampgate_strict", "strict must be true or false, got 1"]),
     ("ampgate_min_speedup = -1.0", ["ampgate_min_speedup", "min_speedup must be > 0"]),
 ])
 def test_a_native_toml_value_of_the_wrong_type_is_a_usage_error(pytester, line, words):
@@ -338,12 +342,29 @@ def test_junit_xml_validates_against_the_default_xunit2_schema(pytester):
     xmlschema = pytest.importorskip("xmlschema")
     schema = xmlschema.XMLSchema(str(ROOT / "tests" / "schemas" / "junit-10.xsd"))
     pytester.makepyfile(test_user=project(gated("test_pass"), "def test_plain():\n    pass\n"))
-    result = pytester.runpytest(*CPU, "--junitxml", "junit.xml")
+    # One run for three outputs (7 and 9 below read theirs from it): the suite stays quick.
+    args = ["--junitxml", "junit.xml", "--benchmark-json", "out/new/bench.json"]
+    if HTML:
+        args += ["--html", "report.html", "--self-contained-html"]
+    result = pytester.runpytest(*CPU, *args)
     result.assert_outcomes(passed=2)
     schema.validate(str(pytester.path / "junit.xml"))  # per-test <properties> would fail here
     text = (pytester.path / "junit.xml").read_text()
     assert 'name="test_user.py::test_pass::ampgate_verdict" value="pass"' in text
     assert 'name="test_user.py::test_pass::ampgate_amp_bf16_speedup"' in text
+
+    # 7. --benchmark-json into a folder that did not exist
+    doc = json.loads((pytester.path / "out" / "new" / "bench.json").read_text())
+    assert [b["extra_info"]["mode"] for b in doc["benchmarks"] if b["extra_info"].get("ampgate")] == ["fp32", "amp_bf16"]
+
+    # 9. pytest-html: the verdict in the row, the per-mode table and the chart in the extras
+    if HTML:
+        page = (pytester.path / "report.html").read_text()
+        assert "AMP verdict" in page and "col-ampgate" in page
+        assert "pytest-ampgate" in page and "speedup [CI]" in page and "amp_bf16" in page
+        if MATPLOTLIB:
+            assert "ampgate chart" in page and "data:image/png;base64" in page
+
     # xunit1 allows per-test properties: there they stay on the test case
     result = pytester.runpytest(*CPU, "--junitxml", "junit1.xml", "-o", "junit_family=xunit1")
     result.assert_outcomes(passed=2)
@@ -413,33 +434,18 @@ def test_cuda_auto_spreads_workers_over_the_gpus(monkeypatch):
     assert device_key("cuda:0") != device_key("cuda:1")
 
 
-# --- 7. pytest-benchmark ---------------------------------------------------------------------
-
-
-def test_benchmark_json_into_a_folder_that_does_not_exist(pytester):
-    pytester.makepyfile(test_user=project(gated("test_pass")))
-    result = pytester.runpytest(*CPU, "--benchmark-json", "out/new/bench.json")
-    result.assert_outcomes(passed=1)
-    doc = json.loads((pytester.path / "out" / "new" / "bench.json").read_text())
-    assert [b["extra_info"]["mode"] for b in doc["benchmarks"] if b["extra_info"].get("ampgate")] == ["fp32", "amp_bf16"]
-
-
-# --- 9. pytest-html --------------------------------------------------------------------------
-
-
-def test_pytest_html_report_holds_the_verdict_table_and_chart(pytester):
-    pytest.importorskip("pytest_html")
-    pytester.makepyfile(test_user=project(gated("test_pass"), "def test_plain():\n    pass\n"))
-    result = pytester.runpytest(*CPU, "--html", "report.html", "--self-contained-html")
-    result.assert_outcomes(passed=2)
-    text = (pytester.path / "report.html").read_text()
-    assert "AMP verdict" in text and "col-ampgate" in text
-    assert "pytest-ampgate" in text and "speedup [CI]" in text and "amp_bf16" in text
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    assert "ampgate chart" in text and "data:image/png;base64" in text
+def test_gated_tests_are_grouped_per_device_except_under_cuda_auto(pytester):
+    pytester.makeconftest(
+        "def pytest_collection_finish(session):\n"
+        "    for item in session.items:\n"
+        "        print('GROUP', item.name, [m.args for m in item.iter_markers('xdist_group')])\n"
+    )
+    pytester.makepyfile(test_g="def test_gated(ampgate):\n    pass\n\ndef test_plain():\n    pass\n")
+    out = pytester.runpytest(*CPU, "--collect-only", "-s").stdout.str()
+    assert "GROUP test_gated [('ampgate-cpu',)]" in out and "GROUP test_plain []" in out
+    # cuda:auto: each worker has its own GPU, so the workers' groups would differ: no grouping
+    out = pytester.runpytest("--ampgate", "--ampgate-device", "cuda:auto", "--collect-only", "-s").stdout.str()
+    assert "GROUP test_gated []" in out
 
 
 # --- 10. examples ----------------------------------------------------------------------------
