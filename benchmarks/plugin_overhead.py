@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,13 +54,20 @@ def _command(with_plugin: bool, installed: bool) -> list[str]:
     return base + ["-p", "no:ampgate"] if installed else base
 
 
-def _time(cmd: list[str], cwd: str, env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time(cmd: list[str], cwd: str, env: dict) -> tuple[float, float, str]:
+    """Wall time and CPU time (user + system) of one run: on a shared machine the CPU time is the
+    steadier figure, since waiting for a core counts in the wall time only."""
+    cpu0, start = _cpu_children(), time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu_children() - cpu0
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return elapsed, done.stdout
+    return elapsed, cpu, done.stdout
 
 
 def _iqr(values: list[float]) -> tuple[float, float]:
@@ -86,18 +94,20 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             _time(with_cmd, tmp, env)
             _time(without_cmd, tmp, env)
-        with_s, without_s, heavy = [], [], set()
+        with_s, without_s, with_cpu, without_cpu, heavy = [], [], [], [], set()
         for i in range(args.runs):
             order = [(True, with_cmd), (False, without_cmd)]
             if i % 2:
                 order.reverse()  # ABBA: neither side always runs first
             for plugin, cmd in order:
-                t, out = _time(cmd, tmp, env)
+                t, cpu, out = _time(cmd, tmp, env)
                 (with_s if plugin else without_s).append(t)
+                (with_cpu if plugin else without_cpu).append(cpu)
                 if plugin:
                     line = next((l for l in out.splitlines() if l.startswith("HEAVY-MODULES:")), "HEAVY-MODULES: ?")
                     heavy.update(m for m in line.split(":", 1)[1].strip().split(",") if m not in ("-", ""))
     diffs = [a - b for a, b in zip(with_s, without_s)]
+    cpu_diffs = [a - b for a, b in zip(with_cpu, without_cpu)]
     result = {
         "runs": args.runs,
         "plugin_loaded_via": "entry point" if installed else "-p pytest_ampgate.plugin",
@@ -107,6 +117,11 @@ def main(argv=None) -> dict:
         "without_plugin_iqr_s": _iqr(without_s),
         "overhead_median_s": statistics.median(diffs),
         "overhead_iqr_s": _iqr(diffs),
+        "with_plugin_cpu_median_s": statistics.median(with_cpu),
+        "without_plugin_cpu_median_s": statistics.median(without_cpu),
+        "cpu_overhead_median_s": statistics.median(cpu_diffs),
+        "cpu_overhead_iqr_s": _iqr(cpu_diffs),
+        "bytecode_cache": not env.get("PYTHONDONTWRITEBYTECODE"),
         "heavy_modules_imported": sorted(heavy),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
@@ -117,7 +132,10 @@ def main(argv=None) -> dict:
     print(f"  with pytest-ampgate:    median {ms(result['with_plugin_median_s'])} (IQR {ms(result['with_plugin_iqr_s'][0])}-{ms(result['with_plugin_iqr_s'][1])})")
     print(f"  with -p no:ampgate:     median {ms(result['without_plugin_median_s'])} (IQR {ms(result['without_plugin_iqr_s'][0])}-{ms(result['without_plugin_iqr_s'][1])})")
     print(f"  overhead (paired):      median {ms(result['overhead_median_s'])} (IQR {ms(result['overhead_iqr_s'][0])}-{ms(result['overhead_iqr_s'][1])}); target <= 50 ms")
+    print(f"  CPU time (user+sys):    median {ms(result['with_plugin_cpu_median_s'])} with, {ms(result['without_plugin_cpu_median_s'])} without; "
+          f"overhead median {ms(result['cpu_overhead_median_s'])} (IQR {ms(result['cpu_overhead_iqr_s'][0])}-{ms(result['cpu_overhead_iqr_s'][1])})")
     print(f"  heavy modules imported: {', '.join(result['heavy_modules_imported']) or 'none'}")
+    print(f"  bytecode cache: {'on' if result['bytecode_cache'] else 'off (PYTHONDONTWRITEBYTECODE is set: every run compiles the plugin)'}")
     print(f"  machine: {result['cpus']} CPUs, load average {result['load_average']}, Python {result['python']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
