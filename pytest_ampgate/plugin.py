@@ -125,6 +125,7 @@ INI_TYPES = {
     "check_speed": "bool", "check_memory": "bool", "confirm": "bool", "strict": "bool",
     "missing_baseline": "string",
     "warmup_steps": "int", "rounds": "int", "steps_per_block": "int", "memory_steps": "int",
+    "world_size": "int",
 }
 """pytest ini types of the ``ampgate_<setting>`` keys (the rest are floats), so that pytest 9's native
 ``[tool.pytest]`` table takes ``1.3``, ``true`` and ``["amp_bf16"]``; INI-file and ``-o`` strings still work."""
@@ -146,6 +147,8 @@ def _default_text(name: str) -> str:
         return "auto: on CUDA only; set true or false to force"
     if isinstance(value, tuple):
         return " ".join(value)
+    if value is None:
+        return "unset"
     return "true" if value is True else "false" if value is False else str(value)
 
 
