@@ -74,10 +74,12 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{name} must be a non-empty list of precision modes, got {value!r}")
+    from .distributed import DISTRIBUTED_ONLY
+
     try:
-        resolved = tuple(resolve_mode(v).name for v in value)
+        resolved = tuple(v.strip().lower() if isinstance(v, str) and v.strip().lower() in DISTRIBUTED_ONLY else resolve_mode(v).name for v in value)
     except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        raise ConfigError(f"{name}: {exc}; with world_size also: {', '.join(DISTRIBUTED_ONLY)}") from None
     if len(set(resolved)) != len(resolved):
         raise ConfigError(f"{name} names a mode twice: {list(value)}")
     return resolved
@@ -160,6 +162,8 @@ class GateConfig:
     memory_steps: int = MeasureConfig.memory_steps
     confidence: float = MeasureConfig.confidence
     noise_threshold: float = MeasureConfig.noise_threshold
+    world_size: int | None = None
+    distributed_timeout: float = 300.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -198,6 +202,8 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "memory_steps": (_whole(0), "steps in each mode's peak-memory pass (CUDA)"),
     "confidence": (_number(0, 1, low_open=True, high_open=True), "coverage of the speedup's interval"),
     "noise_threshold": (_number(0, 1, low_open=True), "interval width (relative to the median) above which a speedup is flagged noisy"),
+    "world_size": (_whole(1), "train on this many ranks under torch.distributed (DDP/FSDP2, started by torchrun; gloo on cpu, NCCL on cuda)"),
+    "distributed_timeout": (_number(0, low_open=True), "seconds a distributed run may take before its ranks are stopped and the test fails"),
 }
 
 assert set(SETTINGS) == {f.name for f in fields(GateConfig)}

@@ -107,6 +107,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "verdict": {"outcome": result.verdict.outcome, "confirmed": result.verdict.confirmed, "strict": result.strict},
         "noise": m.noise,
         "baseline_update": None if result.update is None else {"recorded": True},
+        "distributed": m.distributed or None,
     }
 
 
@@ -270,6 +271,7 @@ _TEST = {
         },
         "noise": {"type": "object"},
         "baseline_update": {"type": ["object", "null"]},
+        "distributed": {"type": ["object", "null"]},
     },
 }
 

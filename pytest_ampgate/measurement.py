@@ -141,6 +141,8 @@ class Measurements:
     """NVML noise indicators before and after timing: {"before": {...}, "after": {...}}."""
     wall_time_s: float = 0.0
     version: int = RESULTS_VERSION
+    distributed: dict = field(default_factory=dict)
+    """For runs under torch.distributed: world size, backend, modes, per-rank figures (see distributed.py)."""
 
     def to_dict(self) -> dict:
         return {
@@ -156,6 +158,7 @@ class Measurements:
             "comparisons": {k: v.to_dict() for k, v in self.comparisons.items()},
             "noise": self.noise,
             "wall_time_s": self.wall_time_s,
+            **({"distributed": self.distributed} if self.distributed else {}),
         }
 
     @classmethod
@@ -173,6 +176,7 @@ class Measurements:
             noise=d.get("noise", {}),
             wall_time_s=d.get("wall_time_s", 0.0),
             version=d.get("version", RESULTS_VERSION),
+            distributed=d.get("distributed", {}),
         )
 
     def each_mode(self) -> Iterator[tuple[ModeMeasurement, Comparison | None]]:
@@ -311,6 +315,7 @@ def measure(
     data_root=None,
     download: bool = False,
     progress: Callable[[str], None] | None = None,
+    runner_factory: Callable[..., ModeRunner] | None = None,
 ) -> Measurements:
     """Train ``workload`` under the reference mode and each of ``modes``; measure and compare them.
 
@@ -318,6 +323,9 @@ def measure(
     itself in ``modes`` gives an A/A control (two independent runs of the same mode).  Modes the
     hardware cannot run come back with ``supported=False`` and the reason; a mode that fails while
     running (out of memory) comes back with ``error`` set, and the others are still measured.
+
+    ``runner_factory`` replaces :func:`modes.prepare` (same arguments): the distributed ranks use it
+    to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
     """
     started = time.perf_counter()
     config = config or MeasureConfig()
@@ -347,7 +355,7 @@ def measure(
         _check_fits(workload, initial_model, dataset)
         noise["before"] = env_mod.noise_report(device).to_dict()
         with cudnn_benchmark(config.cudnn_benchmark):
-            _run(workload, slots, initial_model, dataset, device, config, say)
+            _run(workload, slots, initial_model, dataset, device, config, say, runner_factory or prepare)
         noise["after"] = env_mod.noise_report(device).to_dict()
 
     reference = slots[0].m
@@ -367,13 +375,13 @@ def measure(
     )
 
 
-def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say) -> None:
+def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say, runner_factory=prepare) -> None:
     batch = workload.batch_size
     for slot in slots:
         if slot.m.supported:
             say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
             try:
-                _start(slot, workload, initial_model, dataset, device, config)
+                _start(slot, workload, initial_model, dataset, device, config, runner_factory)
             except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
                 slot.fail(device, exc)
 
@@ -416,13 +424,13 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
         torch.cuda.empty_cache()
 
 
-def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig) -> None:
+def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, runner_factory=prepare) -> None:
     """Set-up, precision-coverage step, warm-up and (on CUDA) the memory pass for one mode."""
     batch = workload.batch_size
     if device.type == "cuda":
         _synchronize(device)
         base = torch.cuda.memory_allocated(device)
-    runner = prepare(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
+    runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
     slot.runner = runner
     with numerics_policy(slot.mode):
         losses = []

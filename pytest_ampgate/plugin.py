@@ -428,6 +428,11 @@ def _test_gate(request):
         from .session import TestGate
 
         config = node.stash[CONFIG_KEY] if CONFIG_KEY in node.stash else session.config_for(_test_id(node))
+        reason = session.distributed_skip_reason(config)
+        if reason:  # like a missing GPU: a skip, or a failure under --ampgate-strict
+            if config.strict:
+                pytest.fail(f"--ampgate-strict: {reason}", pytrace=False)
+            pytest.skip(reason)
         node.stash[GATE_KEY] = TestGate(session, _test_id(node), config)
     return node.stash[GATE_KEY]
 

@@ -137,6 +137,8 @@ def junit_properties(result: GateResult) -> list[tuple[str, object]]:
         ("ampgate_device", m.device),
         ("ampgate_workload", m.workload),
     ]
+    if m.distributed:  # runs under torch.distributed (see distributed.py)
+        props += [("ampgate_world_size", m.distributed.get("world_size")), ("ampgate_backend", m.distributed.get("backend"))]
     for mm, comparison in m.each_mode():
         prefix = f"ampgate_{mm.mode}"
         speedup = comparison.speedup if comparison else None

@@ -106,9 +106,21 @@ class GateSession:
         layers.append(("ini option ampgate_<name>", dict(self.options.ini_settings)))
         layers.append((f"marker amp_regression on {test_id}", dict(marker_kwargs or {})))
         config = build_config(*layers)
+        if config.world_size is None:
+            from .distributed import require_world_size
+
+            require_world_size(config.modes, config.world_size, f"marker amp_regression on {test_id}")
         if self.options.strict and not config.strict:
             config = dataclasses.replace(config, strict=True)
         return config
+
+    def distributed_skip_reason(self, config: GateConfig) -> str | None:
+        """Why a test with ``world_size`` cannot run here (no torch.distributed, backend or enough devices), or None."""
+        if config.world_size is None:
+            return None
+        from .distributed import unavailable_reason
+
+        return unavailable_reason(config.world_size, self.options.device)
 
     def environment(self):
         if self._env is None:
@@ -150,17 +162,49 @@ class TestGate:
             )
         options = self.session.options
         by_name = isinstance(workload, str) and workload in BUILTIN
-        workload = get_workload(workload)
-        if options.device_type == "cpu" and by_name:
-            workload = workload.with_options(**CPU_WORKLOAD_SIZES[workload.name])
+        world_size = self.config.world_size
+        if world_size is not None:  # the ranks build the workload from its reference (see distributed.py)
+            from .distributed import workload_reference
+
+            if dataset is not None:
+                raise ConfigError(f"{self.test_id}: world_size runs the workload in other processes; give its data through the workload, not dataset=")
+            reference, workload = workload_reference(workload)
+        else:
+            workload = get_workload(workload)
+        sizes = CPU_WORKLOAD_SIZES[workload.name] if options.device_type == "cpu" and by_name else {}
+        if sizes:
+            workload = workload.with_options(**sizes)
         config = self.config
         if modes is not None:
             config = build_config(("defaults", {}), ("run(modes=...)", {"modes": modes}))
             config = dataclasses.replace(self.config, modes=config.modes)
         env = self.session.environment()
         env_key = env.key()
+        if world_size is not None:
+            from .distributed import env_key as distributed_env_key
+
+            env_key = distributed_env_key(env_key, world_size, options.device)
+        else:
+            from .distributed import require_world_size
+
+            require_world_size(config.modes, None, self.test_id)
 
         def measure_once():
+            if world_size is not None:
+                from .distributed import measure_distributed
+
+                return measure_distributed(
+                    reference,
+                    config.modes,
+                    world_size=world_size,
+                    device=options.device,
+                    config=config.measure_config(),
+                    timeout_s=config.distributed_timeout,
+                    workload_options=sizes,
+                    data_root=options.data_root,
+                    download=options.download,
+                    progress=self.session.progress,
+                )
             return measure(
                 workload,
                 config.modes,
@@ -189,6 +233,10 @@ class TestGate:
                 where = f"recorded for: {'; '.join(others)}" if others else "none recorded for this test"
                 note = f"no baseline for {env_key} ({where}); record one with: pytest --ampgate --ampgate-update"
             measurements, verdict = decide(measure_once, config, baseline, missing_baseline_note=note)
+        if world_size is not None:  # the checks only several ranks have: which rank went non-finite, replica drift
+            from .distributed import judge
+
+            verdict = judge(measurements, verdict)
 
         result = GateResult(
             test_id=self.test_id,
