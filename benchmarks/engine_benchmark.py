@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from pytest_ampgate.env import NoiseReport, fingerprint  # noqa: E402
 from pytest_ampgate.errors import ModeError  # noqa: E402
-from pytest_ampgate.measurement import MeasureConfig, Measurements, measure, time_block  # noqa: E402
+from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block  # noqa: E402
 from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode  # noqa: E402
 from pytest_ampgate.report import format_table  # noqa: E402
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times  # noqa: E402
@@ -296,7 +296,7 @@ class Case:
         }
 
 
-def run_case(workload: Workload, modes, device: torch.device, config: MeasureConfig, data_root, say) -> Case:
+def run_case(workload: Workload, modes, device: torch.device, config: MeasureConfig, data_root, say, overhead_check: bool = True) -> Case:
     started = time.perf_counter()
     dataset = workload.dataset(device, root=data_root, seed=config.seed)  # one copy for measure() and the overhead check
     others = [name for name in modes if resolve_mode(name).name != resolve_mode(config.reference_mode).name]
@@ -304,7 +304,7 @@ def run_case(workload: Workload, modes, device: torch.device, config: MeasureCon
     m = measure(workload, others, device=device, config=config, dataset=dataset)
     overhead, ops = {}, {}
     for mm, _comparison in m.each_mode():
-        if mm.ok:
+        if mm.ok and overhead_check:
             say(f"{workload.name} batch {workload.batch_size}: {mm.mode}: engine vs bare loop")
             overhead[mm.mode] = engine_vs_bare(workload, mm.mode, dataset, device, config)
             try:
@@ -396,6 +396,12 @@ def table(cases: list[Case]) -> tuple[str, list[str]]:
             for label, e in (("speedup", None if comparison is None else comparison.speedup), ("engine/bare", overhead and overhead.estimate)):
                 if e is not None and e.noisy:
                     notes.append(f"! {case.workload} batch {case.batch_size} {mm.mode} {label}: {e.note}")
+            bound = launch_bound(mm)
+            if bound is not None:
+                state = bound.describe() if bound.bound else (
+                    f"{mm.mode} is not launch-bound: its GPU works {bound.busy_s * 1e3:.3g} ms of each {bound.step_s * 1e3:.3g} ms step; "
+                    f"the host takes {bound.host_s * 1e3:.3g} ms to launch it")
+                notes.append(f"~ {case.workload} batch {case.batch_size}: {state}")
     return format_table(rows, COLUMNS), notes
 
 
@@ -434,7 +440,7 @@ def report(args, device: torch.device, device_why: str, config: MeasureConfig, c
     out.append(text)
     out += notes
     if device.type != "cuda":
-        out.append("peak memory is measured on CUDA devices only; CPU step times say nothing about AMP on a GPU")
+        out.append("peak memory on the CPU comes from torch.profiler's allocation events; CPU step times and memory say nothing about AMP on a GPU")
     out.append("")
     out.append("engine vs bare hand-written loop (same weights, batch slices, mode; ABBA-interleaved):")
     for case in cases:
@@ -485,6 +491,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="real MNIST/CIFAR-10 files (never downloaded); synthetic data otherwise")
     p.add_argument("--json", metavar="PATH", help="write every number (with spreads and environment) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--no-overhead", action="store_true", help="skip the engine-vs-bare-loop check and the op count (a shorter run)")
     args = p.parse_args(argv)
     for name in args.modes:
         try:
@@ -543,7 +550,7 @@ def main(argv=None) -> int:
     config = build_config(args)
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True))
     say(f"device {device} ({why})")
-    cases = [run_case(w, args.modes, device, config, args.data_root, say) for w in workloads_to_run(args)]
+    cases = [run_case(w, args.modes, device, config, args.data_root, say, not args.no_overhead) for w in workloads_to_run(args)]
     wall = time.perf_counter() - started
     print(report(args, device, why, config, cases, wall))
     print(f"command: python benchmarks/engine_benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())

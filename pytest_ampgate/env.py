@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -750,3 +751,253 @@ def _opt_int(value: Any) -> Optional[int]:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# noise during the timed window
+# --------------------------------------------------------------------------------------------------
+
+# NVML violation counters (cumulative nanoseconds a limit held the clocks back): (name, constant, value).
+_VIOLATION_POLICIES = (
+    ("power", "NVML_PERF_POLICY_POWER", 0),
+    ("thermal", "NVML_PERF_POLICY_THERMAL", 1),
+    ("reliability", "NVML_PERF_POLICY_RELIABILITY", 5),
+)
+THROTTLE_SHARE = 0.01
+"""Clocks held back for at least this share of the timed window make its timings untrustworthy."""
+BUSY_PERCENT = 1
+"""A process whose SM or memory utilisation reached this many percent during the window used the GPU."""
+
+
+@dataclass(frozen=True)
+class BusyProcess:
+    """Another process that used the GPU while this one timed it: NVML's per-process utilisation."""
+
+    pid: int
+    sm_percent: int
+    memory_percent: int
+    name: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "sm_percent": self.sm_percent, "memory_percent": self.memory_percent, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BusyProcess":
+        _require(data, ("pid",), "busy GPU process")
+        return cls(int(data["pid"]), int(data.get("sm_percent", 0)), int(data.get("memory_percent", 0)), _opt_str(data.get("name")))
+
+
+@dataclass(frozen=True)
+class WindowNoise:
+    """What disturbed the GPU during the timed rounds, as NVML counted it over that window.
+
+    Only processes that *used* the GPU during the window count (per-process utilisation samples
+    since the window began), never this run's own processes (its xdist workers hold CUDA contexts
+    but wait for the device lock).  Throttling is read from NVML's cumulative violation counters
+    at both ends of the window, so a limit that held the clocks back in the middle is seen even if
+    it was gone when the window ended.
+    """
+
+    available: bool
+    reason: str = ""
+    window_s: float = 0.0
+    busy_processes: Tuple[BusyProcess, ...] = ()
+    throttled_s: Mapping[str, float] = None  # type: ignore[assignment]
+    ignored_own_pids: Tuple[int, ...] = ()
+    unreadable: Tuple[str, ...] = ()
+
+    @property
+    def throttle(self) -> dict:
+        return {k: v for k, v in (self.throttled_s or {}).items()
+                if self.window_s > 0 and v / self.window_s >= THROTTLE_SHARE}
+
+    @property
+    def noisy(self) -> bool:
+        return self.available and (bool(self.busy_processes) or bool(self.throttle))
+
+    def describe(self) -> str:
+        if not self.available:
+            return f"NVML not available: {self.reason}"
+        parts = []
+        if self.busy_processes:
+            who = ", ".join(f"pid {p.pid}{' ' + p.name if p.name else ''} (SM {p.sm_percent}%, memory {p.memory_percent}%)"
+                            for p in self.busy_processes)
+            parts.append(f"{len(self.busy_processes)} other process{'es' if len(self.busy_processes) > 1 else ''} used the GPU during the timed rounds: {who}")
+        for name, seconds in self.throttle.items():
+            parts.append(f"clocks held back by the {name} limit for {seconds:.2f} s of the {self.window_s:.2f} s window")
+        line = "; ".join(parts) if parts else "quiet during the timed rounds"
+        if self.unreadable:
+            line += f" (NVML could not read: {', '.join(self.unreadable)})"
+        return line
+
+    def to_dict(self) -> dict:
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "window_s": self.window_s,
+            "busy_processes": [p.to_dict() for p in self.busy_processes],
+            "throttled_s": dict(self.throttled_s or {}),
+            "ignored_own_pids": list(self.ignored_own_pids),
+            "unreadable": list(self.unreadable),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "WindowNoise":
+        _require(data, ("available",), "noise window")
+        return cls(
+            available=bool(data["available"]),
+            reason=str(data.get("reason", "")),
+            window_s=float(data.get("window_s", 0.0)),
+            busy_processes=tuple(BusyProcess.from_dict(p) for p in data.get("busy_processes", ())),
+            throttled_s={str(k): float(v) for k, v in (data.get("throttled_s") or {}).items()},
+            ignored_own_pids=tuple(int(p) for p in data.get("ignored_own_pids", ())),
+            unreadable=tuple(str(r) for r in data.get("unreadable", ())),
+        )
+
+
+def own_run_pids() -> set:
+    """This process and the other processes of the same pytest run (its xdist workers and controller).
+
+    pytest-xdist gives every worker of one run the same ``PYTEST_XDIST_TESTRUNUID``; processes
+    whose environment carries ours (readable for processes of the same user) are this run's.
+    Without xdist, only this process.
+    """
+    pids = {os.getpid()}
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not uid:
+        return pids
+    pids.add(os.getppid())  # the controller
+    needle = f"PYTEST_XDIST_TESTRUNUID={uid}".encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    pids.add(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class NoiseWindow:
+    """Open at the start of the timed rounds, :meth:`close` at their end: what disturbed the GPU in between."""
+
+    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: Optional[set] = None):
+        self.pynvml, self.handle, self.reason = pynvml, handle, reason
+        self.own_pids = own_pids
+        self.started = time.perf_counter()
+        self.since_us = int(time.time() * 1e6)
+        self.counters = _violations(pynvml, handle)[0] if handle is not None else {}
+
+    def close(self) -> WindowNoise:
+        if self.handle is None:
+            return WindowNoise(available=False, reason=self.reason)
+        try:
+            return self._read()
+        except Exception as exc:  # a pynvml bug must not take the gate down with it
+            return WindowNoise(available=False, reason=f"NVML query failed: {_err(exc)}")
+        finally:
+            if self.pynvml is not None:
+                try:
+                    self.pynvml.nvmlShutdown()
+                except Exception:
+                    pass
+
+    def _read(self) -> WindowNoise:
+        pynvml, handle = self.pynvml, self.handle
+        window_s = time.perf_counter() - self.started
+        unreadable = []
+        own = self.own_pids if self.own_pids is not None else own_run_pids()
+        samples, err = _try(getattr(pynvml, "nvmlDeviceGetProcessUtilization", None), handle, self.since_us)
+        busy: dict = {}
+        ignored = set()
+        if err is not None:
+            # NVML answers "not found" (pynvml sometimes raises "Success") when no process has a
+            # sample since the timestamp: nobody used the GPU.
+            if "not found" not in err.lower() and "success" not in err.lower():
+                unreadable.append("per-process utilisation")
+        for sample in samples or ():
+            pid = int(getattr(sample, "pid", -1))
+            sm, mem = int(getattr(sample, "smUtil", 0) or 0), int(getattr(sample, "memUtil", 0) or 0)
+            stamp = int(getattr(sample, "timeStamp", self.since_us + 1) or 0)
+            if stamp <= self.since_us or max(sm, mem) < BUSY_PERCENT:
+                continue
+            if pid in own:
+                ignored.add(pid)
+                continue
+            old = busy.get(pid, (0, 0))
+            busy[pid] = (max(old[0], sm), max(old[1], mem))
+        after, bad = _violations(pynvml, handle)
+        unreadable += bad
+        throttled = {name: max(0.0, (after[name] - self.counters[name]) / 1e9) for name in after if name in self.counters}
+        return WindowNoise(
+            available=True,
+            window_s=window_s,
+            busy_processes=tuple(BusyProcess(pid, sm, mem, _process_name(pynvml, pid)) for pid, (sm, mem) in sorted(busy.items())),
+            throttled_s=throttled,
+            ignored_own_pids=tuple(sorted(ignored)),
+            unreadable=tuple(unreadable),
+        )
+
+
+def _violations(pynvml: Any, handle: Any) -> Tuple[dict, list]:
+    """NVML's cumulative violation time (ns) per clock-limiting policy; unreadable policies left out."""
+    getter = getattr(pynvml, "nvmlDeviceGetViolationStatus", None)
+    counters, bad = {}, []
+    for name, const, value in _VIOLATION_POLICIES:
+        status, err = _try(getter, handle, getattr(pynvml, const, value))
+        reading = getattr(status, "violationTime", None) if err is None else None
+        if isinstance(reading, int):
+            counters[name] = reading
+        elif name != "reliability":  # not on every GPU; its absence is normal
+            bad.append(f"{name} violation counter")
+    return counters, bad
+
+
+def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pids: Optional[set] = None) -> NoiseWindow:
+    """Start watching the GPU ``device`` names (cuda:N follows N); never raises.
+
+    ``pynvml`` replaces the NVML bindings (tests pass a fake one; the device is then its index).
+    """
+    try:
+        device_type, index = _parse_device(device)
+    except ConfigError as exc:
+        return NoiseWindow(reason=str(exc))
+    if pynvml is not None:
+        try:
+            return NoiseWindow(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index or 0), own_pids=own_pids)
+        except Exception as exc:
+            return NoiseWindow(reason=f"NVML has no handle for this GPU: {_err(exc)}")
+    if device_type != "cuda":
+        return NoiseWindow(reason=CPU_REASON)
+    try:
+        if not torch.cuda.is_available():
+            return NoiseWindow(reason=NO_CUDA_REASON)
+        if index is None:
+            index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+    except Exception as exc:
+        return NoiseWindow(reason=f"CUDA device query failed: {exc}")
+    nvml = _import_pynvml()
+    if nvml is None:
+        return NoiseWindow(reason="pynvml not installed")
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        return NoiseWindow(reason=f"NVML init failed: {_err(exc)}")
+    try:
+        handle, why = _nvml_handle(nvml, props, index)
+    except Exception as exc:
+        handle, why = None, f"NVML query failed: {_err(exc)}"
+    if handle is None:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+        return NoiseWindow(reason=why)
+    return NoiseWindow(nvml, handle, own_pids=own_pids)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
-from .measurement import Measurements, ModeMeasurement
+from .measurement import Measurements, ModeMeasurement, launch_bound
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
 UPDATE_HINT = "accept a deliberate change with: pytest --ampgate --ampgate-update"
@@ -106,9 +106,20 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _noise_reason(measurements: Measurements) -> str:
-    """Why timing on this GPU could not be trusted (other processes, throttling), or ''."""
-    from .env import NoiseReport
+    """Why timing on this GPU could not be trusted (other processes, throttling), or ''.
 
+    Where NVML could watch the timed rounds themselves, only what happened in that window counts:
+    processes that used the GPU then (never this run's own xdist workers, which hold a CUDA context
+    but wait for the device lock), and clocks held back during it.  The snapshots before and after
+    timing count only where no window was read (older results).
+    """
+    from .env import NoiseReport, WindowNoise
+
+    window = measurements.noise.get("window")
+    if window:
+        report = WindowNoise.from_dict(window)
+        if report.available:
+            return f"during timing: {report.describe()}" if report.noisy else ""
     reasons = []
     for when in ("before", "after"):
         if measurements.noise.get(when):
@@ -116,6 +127,33 @@ def _noise_reason(measurements: Measurements) -> str:
             if report.noisy:
                 reasons.append(f"{when} timing: {report.describe()}")
     return "; ".join(reasons)
+
+
+def _launch_diagnosis(name: str, m: Measurements, floor: float) -> str:
+    """Why the floor is out of reach on this device at this size, or '' (see measurement.launch_bound).
+
+    Two ways to know: the reference leaves the device idle a large share of each step (it is
+    waiting for the host, so no mode can beat the host's launch time, and AMP launches more); or
+    the mode's own launch time already exceeds what the floor allows (a block cannot end before
+    its last kernel is launched).  The second needs the mode's probe to have worked (no host
+    sync in its step: a GradScaler's sync puts device time into the host time).
+    """
+    from .stats import median
+
+    bound = launch_bound(m.reference)
+    if bound is not None and bound.bound:
+        return bound.describe()
+    mm = m.modes[name]
+    if not m.device.startswith("cuda") or mm.busy_step_s is None or not mm.host_times_s or not m.reference.step_times_s:
+        return ""
+    ref_step, host = median(m.reference.step_times_s), median(mm.host_times_s)
+    ceiling = ref_step / host if host > 0 else float("inf")
+    if ceiling >= floor:
+        return ""
+    return (
+        f"{name} is launch-bound: the host takes {host * 1e3:.3g} ms to launch its step, so it can be at most "
+        f"{ceiling:.2f}x faster than {m.reference.mode}'s {ref_step * 1e3:.3g} ms step, below the floor"
+    )
 
 
 def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
@@ -130,6 +168,15 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         return Check(name, "speedup", SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
     text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
     args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
+    diagnosis = _launch_diagnosis(name, m, floor) if est.low < floor else ""
+    if diagnosis:
+        statement = (
+            f"{text} not gated: {diagnosis}; AMP cannot pay off at this size: use a larger batch, "
+            "a wider model, CUDA graphs or torch.compile"
+        )
+        if config.check_speed is not True:
+            return Check(name, "speedup", SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
+        text += f" ({diagnosis})"
     if est.low >= floor:
         return Check(name, "speedup", PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
     if est.high < floor:
@@ -152,8 +199,10 @@ def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBase
         limit = min(limit, base.memory_ratio + config.memory_tolerance)
     text = (
         f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 "
-        f"({_fmt_bytes(m.reference.peak_memory_bytes)})"
+        f"({_fmt_bytes(m.reference.peak_memory_bytes)}"
     )
+    act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(m.reference, "activation_memory_bytes", None)
+    text += f"; activations {_fmt_bytes(act)} vs {_fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
     outcome = PASS if ratio <= limit else FAIL
     return Check(name, "memory", outcome, f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
                  measured=ratio, threshold=limit, baseline=base.memory_ratio if base else None)
@@ -250,7 +299,8 @@ def evaluate(
             checks.append(Check(mm.mode, "supported", SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
             continue
         if mm.error:
-            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed while running: {mm.error}"))
+            where = f"in {mm.failed_phase}" if getattr(mm, "failed_phase", "") else "while running"
+            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed {where}: {mm.error}"))
             continue
         checks.append(_finite_check(mm))
         checks += _scaler_checks(mm, config)

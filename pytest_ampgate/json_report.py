@@ -55,6 +55,31 @@ def _speedup(comparison) -> dict | None:
     }
 
 
+def _memory(mm) -> dict | None:
+    """What the peak-memory figure covers and its parts (parameters, buffers, optimizer state, gradients, activations)."""
+    if not mm.memory:
+        return None
+    keys = ("peak_bytes", "parameter_bytes", "buffer_bytes", "optimizer_state_bytes", "gradient_bytes",
+            "activation_bytes", "step_peak_bytes", "state_bytes")
+    return {**{k: mm.memory.get(k) for k in keys}, "method": mm.memory.get("method", ""), "covers": mm.memory.get("covers", "")}
+
+
+def _launch(mm) -> dict | None:
+    """Host enqueue time beside device time per step, and the launch-bound diagnosis where it was probed."""
+    from .measurement import launch_bound
+    from .stats import median
+
+    if not mm.host_times_s:
+        return None
+    bound = launch_bound(mm)
+    return {
+        "host_step_s": median(mm.host_times_s),
+        "busy_step_s": mm.busy_step_s,
+        "idle_share": bound.idle_share if bound else None,
+        "launch_bound": bound.bound if bound else None,
+    }
+
+
 def _mode_record(result, mm, comparison) -> dict:
     from .measurement import json_float
     from .report import mode_status, reference_memory_ratio
@@ -74,6 +99,11 @@ def _mode_record(result, mm, comparison) -> dict:
         "peak_memory_bytes": mm.peak_memory_bytes,
         "memory_ratio": _num(comparison.memory_ratio) if comparison else (reference_memory_ratio(mm) if role == "reference" else None),
         "memory_note": mm.memory_note,
+        "activation_memory_bytes": mm.activation_memory_bytes,
+        "memory": _memory(mm),
+        "failed_phase": mm.failed_phase,
+        "launch": _launch(mm),
+        "device_seconds": _num(mm.block_seconds),
         "accuracy": _num(mm.accuracy),
         "baseline_accuracy": _num(result.baseline_accuracy.get(mm.mode)),
         "final_loss": None if mm.final_loss is None else json_float(mm.final_loss),
@@ -199,6 +229,7 @@ _MODE = {
         "mode", "role", "supported", "unsupported_reason", "error", "outcome", "step_time", "speedup",
         "peak_memory_bytes", "memory_ratio", "memory_note", "accuracy", "baseline_accuracy", "final_loss",
         "steps", "first_nonfinite_step", "nonfinite_steps", "scaler", "low_precision_share",
+        "activation_memory_bytes", "memory", "failed_phase", "launch",
     ],
     "properties": {
         "mode": _STR,
@@ -212,6 +243,27 @@ _MODE = {
         "peak_memory_bytes": _INT,
         "memory_ratio": _NUM,
         "memory_note": _STR,
+        "activation_memory_bytes": _INT,
+        "memory": {
+            "type": ["object", "null"],
+            "required": ["peak_bytes", "parameter_bytes", "optimizer_state_bytes", "gradient_bytes", "activation_bytes", "method", "covers"],
+            "properties": {
+                "peak_bytes": {"type": "integer", "minimum": 0}, "parameter_bytes": {"type": "integer", "minimum": 0},
+                "buffer_bytes": _INT, "optimizer_state_bytes": {"type": "integer", "minimum": 0},
+                "gradient_bytes": {"type": "integer", "minimum": 0}, "activation_bytes": _INT,
+                "step_peak_bytes": _INT, "state_bytes": _INT, "method": _STR, "covers": _STR,
+            },
+        },
+        "failed_phase": _STR,
+        "device_seconds": _NUM,
+        "launch": {
+            "type": ["object", "null"],
+            "required": ["host_step_s", "busy_step_s", "idle_share", "launch_bound"],
+            "properties": {
+                "host_step_s": {"type": "number", "minimum": 0}, "busy_step_s": _NUM,
+                "idle_share": _NUM, "launch_bound": {"type": ["boolean", "null"]},
+            },
+        },
         "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
         "baseline_accuracy": _NUM,
         "final_loss": {"type": ["number", "string", "null"]},

@@ -19,9 +19,12 @@ of each mode is the median of per-round ratios against the reference mode, with 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator, Sequence
 
@@ -49,9 +52,22 @@ class ModeMeasurement:
     unsupported_reason: str = ""
     error: str = ""
     """Set when the mode failed while running (out of memory, an exception in the model)."""
+    failed_phase: str = ""
+    """Where it failed: set-up, warm-up, memory pass, lead-in block, timed round k, balance block, evaluation."""
     step_times_s: list[float] = field(default_factory=list)
     """Seconds per step, one value per timed round (block time / steps per block)."""
+    host_times_s: list[float] = field(default_factory=list)
+    """Seconds the host took to enqueue one step, one value per timed round (CUDA; equal to the step time on the CPU)."""
+    busy_step_s: float | None = None
+    """Device time of one step with every kernel queued in advance (CUDA launch-bound probe), or None."""
+    block_seconds: float = 0.0
+    """Device seconds of every block of training steps timed in this mode (lead-in, rounds, balance)."""
     peak_memory_bytes: int | None = None
+    """Peak of one training step: parameters, buffers, optimizer state, gradients, activations, input batch."""
+    activation_memory_bytes: int | None = None
+    """Its activation part: what the forward keeps for backward, input batch and its casts included."""
+    memory: dict = field(default_factory=dict)
+    """The breakdown of ``peak_memory_bytes`` and how it was measured (see :func:`memory_pass`)."""
     memory_note: str = ""
     losses: list[float] = field(default_factory=list)
     """The loss at every training step of the run, in order."""
@@ -138,7 +154,8 @@ class Measurements:
     modes: dict[str, ModeMeasurement]
     comparisons: dict[str, Comparison]
     noise: dict = field(default_factory=dict)
-    """NVML noise indicators before and after timing: {"before": {...}, "after": {...}}."""
+    """NVML noise: snapshots "before" and "after", and "window": processes that used the GPU and
+    throttling during the timed rounds (:class:`pytest_ampgate.env.WindowNoise`)."""
     wall_time_s: float = 0.0
     version: int = RESULTS_VERSION
     distributed: dict = field(default_factory=dict)
@@ -195,39 +212,341 @@ class Measurements:
 
 # --- timing ----------------------------------------------------------------------------------
 
+LAUNCH_BOUND_IDLE = 0.25
+"""A step is launch-bound when its device idles at least this share of it.  A GPU-bound step keeps
+the launch queue full and its device idle close to 0%; any sizeable idle share means the device
+waits for the host, so the step cannot get shorter than the host's launch time, which AMP only
+lengthens (casts, scaler ops).  A quarter leaves room for the probe's noise either way."""
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_block(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int) -> tuple[float, list[float]]:
-    """Run ``steps`` training steps; return (seconds, losses).
+def device_context(device: torch.device):
+    """The CUDA device context for ``device`` (so events, ``_sleep`` and streams follow cuda:N), or nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device if device.index is not None else torch.cuda.current_device())
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Cyclic garbage collection off inside a timed block: a collection would land in one mode's time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """One block of steps: its elapsed time (device time on CUDA) and the host's time to enqueue it."""
+
+    seconds: float
+    host_s: float
+
+
+class CpuTimer:
+    """The CPU: the host does the work, so elapsed and host time are one ``perf_counter`` reading."""
+
+    def time(self, runner: ModeRunner, run: Callable[[], list]) -> tuple[BlockTiming, list]:
+        begin = time.perf_counter()
+        losses = run()
+        seconds = time.perf_counter() - begin
+        return BlockTiming(seconds, seconds), losses
+
+    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[float | None, list]:
+        """No launch queue on the CPU: nothing to probe."""
+        return None, run()
+
+
+class CudaTimer:
+    """CUDA events around the block, one synchronisation at its end; the host's enqueue time beside it."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def time(self, runner: ModeRunner, run: Callable[[], list]) -> tuple[BlockTiming, list]:
+        with device_context(self.device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            begin = time.perf_counter()
+            losses = run()
+            end.record()
+            host = time.perf_counter() - begin
+            end.synchronize()
+            return BlockTiming(start.elapsed_time(end) / 1000.0, host), losses
+
+    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[float | None, list]:
+        """Device time of ``steps`` steps with every kernel queued before the device starts them.
+
+        A ``torch.cuda._sleep`` kernel keeps the device busy while the host enqueues the steps; the
+        time from an event after the sleep to one after the steps is then the device's own work,
+        without the gaps where it waited for the host.  If the sleep ended before the host finished
+        (a host sync in the step, a full launch queue), the probe says nothing: None.
+        """
+        from .plants import gpu_cycles_per_second
+
+        with device_context(self.device):
+            index = torch.cuda.current_device()
+            torch.cuda.synchronize()
+            sleep_s = min(max(4 * host_step_s * steps, 2e-3), 0.2)
+            after_sleep, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(max(1, int(sleep_s * gpu_cycles_per_second(index))))
+            after_sleep.record()
+            losses = run()
+            end.record()
+            covered = not after_sleep.query()
+            end.synchronize()
+            if not covered:
+                return None, losses
+            return after_sleep.elapsed_time(end) / 1000.0 / steps, losses
+
+
+def default_timer(device: torch.device):
+    return CudaTimer(device) if torch.device(device).type == "cuda" else CpuTimer()
+
+
+def timed_block(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, timer=None) -> tuple[BlockTiming, list[float]]:
+    """Run ``steps`` training steps under the mode's numerics, cyclic GC off; return (timing, losses).
 
     On CUDA the block is bracketed by two events and synchronised once at its end; the losses,
     kept on the device meanwhile, are read back only after that.
     """
-    device = runner.device
-    losses = []
-    with numerics_policy(runner.mode):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                losses.append(runner.step(*dataset.batch(runner.steps_taken, batch_size)))
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000.0
-        else:
-            begin = time.perf_counter()
-            for _ in range(steps):
-                losses.append(runner.step(*dataset.batch(runner.steps_taken, batch_size)))
-            seconds = time.perf_counter() - begin
-    return seconds, _read_losses(losses)
+    timer = timer or default_timer(runner.device)
+
+    def run() -> list:
+        return [runner.step(*dataset.batch(runner.steps_taken, batch_size)) for _ in range(steps)]
+
+    with numerics_policy(runner.mode), no_cyclic_gc():
+        timing, losses = timer.time(runner, run)
+    return timing, _read_losses(losses)
+
+
+def time_block(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, timer=None) -> tuple[float, list[float]]:
+    """Run ``steps`` training steps; return (seconds, losses).  See :func:`timed_block`."""
+    timing, losses = timed_block(runner, dataset, batch_size, steps, timer)
+    return timing.seconds, losses
 
 
 def _read_losses(losses: list[torch.Tensor]) -> list[float]:
     return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+@dataclass(frozen=True)
+class LaunchBound:
+    """Whether a mode's step is bound by the host launching kernels, with the numbers that say so."""
+
+    mode: str
+    step_s: float
+    """Device time per step in the timed rounds (median)."""
+    host_s: float
+    """Host time to enqueue one step (median)."""
+    busy_s: float
+    """Device time per step when its kernels were all queued in advance (the device's own work)."""
+
+    @property
+    def idle_share(self) -> float:
+        return max(0.0, 1.0 - self.busy_s / self.step_s) if self.step_s > 0 else 0.0
+
+    @property
+    def bound(self) -> bool:
+        return self.idle_share >= LAUNCH_BOUND_IDLE
+
+    def describe(self) -> str:
+        return (
+            f"{self.mode} is launch-bound: its GPU works {self.busy_s * 1e3:.3g} ms of each {self.step_s * 1e3:.3g} ms step "
+            f"(idle {self.idle_share:.0%}) while the host takes {self.host_s * 1e3:.3g} ms to launch it"
+        )
+
+
+def launch_bound(mm: ModeMeasurement) -> LaunchBound | None:
+    """The launch-bound diagnosis of one measured mode, or None where it could not be probed (CPU, host syncs)."""
+    if mm.busy_step_s is None or not mm.step_times_s or not mm.host_times_s:
+        return None
+    from .stats import median
+
+    return LaunchBound(mm.mode, median(mm.step_times_s), median(mm.host_times_s), mm.busy_step_s)
+
+
+# --- peak memory -----------------------------------------------------------------------------
+
+MEMORY_COVERS = (
+    "one training step's peak: parameters, buffers, optimizer state, gradients, activations, the input batch "
+    "(a fresh copy in every mode, as a data loader delivers it, plus its casts) and temporaries; requested "
+    "bytes, without allocator rounding, library workspaces or other modes' memory"
+)
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if not torch.is_tensor(t) or t.device.type == "meta":
+            continue
+        try:
+            local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2/DTensor: this rank's shard
+            storage = local.untyped_storage()
+            key, size = (storage.data_ptr(), str(local.device)), storage.nbytes()
+        except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass without storage
+            continue
+        if key in seen or size == 0:
+            continue
+        seen.add(key)
+        total += size
+    return total
+
+
+def state_bytes(runner: ModeRunner) -> dict:
+    """Bytes the mode holds between steps: parameters, buffers, optimizer state; and its gradients' size."""
+    seen: set = set()
+    params = list(runner.model.parameters())
+    parameter_bytes = _storage_bytes(params, seen)
+    buffer_bytes = _storage_bytes(runner.model.buffers(), seen)
+    optimizer_tensors = [v for state in runner.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    optimizer_bytes = _storage_bytes(optimizer_tensors, seen)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return {
+        "parameter_bytes": parameter_bytes,
+        "buffer_bytes": buffer_bytes,
+        "optimizer_state_bytes": optimizer_bytes,
+        "gradient_bytes": gradient_bytes,
+        "state_bytes": parameter_bytes + buffer_bytes + optimizer_bytes,
+    }
+
+
+class _ForwardMarks:
+    """Pre- and post-forward hooks on the model: live bytes when the forward starts and ends."""
+
+    def __init__(self, model, read: Callable[[str], None]):
+        self.handles = [
+            model.register_forward_pre_hook(lambda *_a: read("start")),
+            model.register_forward_hook(lambda *_a: read("end")),
+        ]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _cuda_requested(device: torch.device, which: str) -> int:
+    stats = torch.cuda.memory_stats(device)
+    key = f"requested_bytes.all.{which}"
+    return int(stats[key]) if key in stats else int(stats.get(f"allocated_bytes.all.{which}", 0))
+
+
+def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int, torch.Tensor, int]:
+    """(peak above the step's start, activation bytes, loss, absolute peak) of one step, in requested bytes."""
+    marks: dict = {}
+    hooks = _ForwardMarks(runner.model, lambda what: marks.__setitem__(what, _cuda_requested(device, "current")))
+    try:
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = _cuda_requested(device, "current")
+        xb, yb = x.clone(), y.clone()
+        batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
+        loss = runner.step(xb, yb)
+        del xb, yb
+        _synchronize(device)
+        absolute = _cuda_requested(device, "peak")
+    finally:
+        hooks.remove()
+    activation = marks["end"] - marks["start"] + batch if "start" in marks and "end" in marks else None
+    return absolute - start, activation, loss, absolute
+
+
+def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int | None, torch.Tensor]:
+    """(peak above the step's start, activation bytes, loss) of one CPU step, from the profiler's allocation events.
+
+    The CPU allocator reports every allocation and free (requested bytes) to ``torch.profiler``;
+    their running sum over the step, in time order, is the memory the step added.  Two markers
+    from the forward hooks give the live bytes when the forward starts and ends.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def mark(what: str) -> None:
+        with record_function(f"ampgate::forward_{what}"):
+            pass
+
+    hooks = _ForwardMarks(runner.model, mark)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            xb, yb = x.clone(), y.clone()
+            batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
+            loss = runner.step(xb, yb)
+            del xb, yb
+    finally:
+        hooks.remove()
+    allocations, marks = [], {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields_ = getattr(node, "extra_fields", None)
+        if hasattr(fields_, "alloc_size") and str(getattr(fields_, "device", "cpu")).startswith("cpu"):
+            allocations.append((node.start_time_ns, int(fields_.alloc_size)))
+        elif node.name.startswith("ampgate::forward_"):
+            marks[node.name.rsplit("_", 1)[1]] = node.start_time_ns
+    allocations.sort()
+    live = peak = 0
+    at = {}
+    for t, size in allocations:
+        for what, when in marks.items():
+            if what not in at and when < t:
+                at[what] = live
+        live += size
+        peak = max(peak, live)
+    for what in marks:
+        at.setdefault(what, live)
+    activation = at["end"] - at["start"] + batch if "start" in at and "end" in at else None
+    return peak, activation, loss
+
+
+def memory_pass(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device, base: int | None = None) -> tuple[dict, list]:
+    """Peak memory of a steady-state training step, the same way in every mode; (figures, losses).
+
+    Gradients are set to None before each step, so every mode starts it holding its parameters,
+    buffers and optimizer state (and whatever else it keeps between steps), and the input batch
+    is a fresh copy in every mode.  CUDA: requested bytes (``torch.cuda.memory_stats``, no
+    allocator rounding) at the step's peak, less ``base``, what was allocated before this mode's
+    model existed (after the libraries were warmed: their workspaces are in ``base`` whichever
+    mode or test came first).  CPU: the parameters, buffers and optimizer state counted from the
+    tensors themselves, plus the step's peak from the profiler's allocation events (requested
+    bytes); only the first step is profiled.  Either way the figure does not depend on the order
+    of modes or tests.
+    """
+    state = state_bytes(runner)
+    losses, peaks, activations, totals = [], [], [], []
+    with numerics_policy(runner.mode):
+        for k in range(steps):
+            runner.optimizer.zero_grad(set_to_none=True)
+            x, y = dataset.batch(runner.steps_taken, batch_size)
+            if device.type == "cuda":
+                peak, activation, loss, absolute = _cuda_step_memory(runner, x, y, device)
+                totals.append(absolute - (base or 0))
+            elif k == 0:
+                peak, activation, loss = _cpu_step_memory(runner, x, y)
+            else:
+                losses.append(runner.step(x, y))
+                continue
+            losses.append(loss)
+            peaks.append(peak)
+            if activation is not None:
+                activations.append(activation)
+    figures = {
+        **state,
+        "step_peak_bytes": max(peaks),
+        "peak_bytes": max(totals) if totals else state["state_bytes"] + max(peaks),
+        "activation_bytes": max(activations) if activations else None,
+        "method": "torch.cuda.memory_stats requested bytes" if device.type == "cuda" else "torch.profiler CPU allocation events",
+        "covers": MEMORY_COVERS,
+    }
+    return figures, losses
 
 
 # --- the protocol ----------------------------------------------------------------------------
@@ -287,22 +606,69 @@ class _Slot:
         self.m = measurement
         self.runner: ModeRunner | None = None
 
-    def block(self, dataset: DeviceDataset, batch: int, steps: int, device: torch.device) -> float | None:
-        """One block of training steps, its losses recorded; its seconds, or None if the mode failed in it."""
+    def block(self, dataset: DeviceDataset, batch: int, steps: int, device: torch.device, phase: str, timer=None) -> BlockTiming | None:
+        """One block of training steps, its losses recorded; its timing, or None if the mode failed in it."""
         try:
-            seconds, losses = time_block(self.runner, dataset, batch, steps)
-        except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-            self.fail(device, exc)
+            timing, losses = timed_block(self.runner, dataset, batch, steps, timer)
+        except Exception as exc:  # any exception fails this mode only; KeyboardInterrupt still stops the run
+            self.fail(device, exc, phase)
             return None
         self.m.record_losses(losses)
-        return seconds
+        self.m.block_seconds += timing.seconds
+        return timing
 
-    def fail(self, device: torch.device, exc: BaseException) -> None:
+    def fail(self, device: torch.device, exc: BaseException, phase: str = "") -> None:
         oom = isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
         self.m.error = _oom_message(device, exc) if oom else f"{type(exc).__name__}: {exc}"
+        self.m.failed_phase = phase
         self.runner = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+_DATASETS: OrderedDict = OrderedDict()
+_DATASET_CACHE_SIZE = 4
+"""Built datasets kept per process: (data source, device, options) -> DeviceDataset."""
+
+
+def _dataset_for(workload: Workload, device: torch.device, data_root, download: bool, seed: int) -> DeviceDataset:
+    """The workload's dataset on ``device``, built once per process and device.
+
+    Building a synthetic MNIST or CIFAR set on the host takes a large share of a small gate's wall
+    time (0.1-2 s), and every measurement and confirmation of a test asked for the same one.  Only
+    data given as a callable (the built-ins' loaders) is cached: a user's tensors are theirs to hold.
+    """
+    source = workload.data
+    if not callable(source) or isinstance(source, DeviceDataset):
+        return workload.dataset(device, root=data_root, download=download, seed=seed)
+    try:
+        key = (source, str(device), str(data_root), bool(download), seed, repr(sorted(workload.data_options.items())))
+        hash(key)
+    except TypeError:
+        return workload.dataset(device, root=data_root, download=download, seed=seed)
+    if key in _DATASETS:
+        _DATASETS.move_to_end(key)
+        return _DATASETS[key]
+    dataset = workload.dataset(device, root=data_root, download=download, seed=seed)
+    _DATASETS[key] = dataset
+    while len(_DATASETS) > _DATASET_CACHE_SIZE:
+        _DATASETS.popitem(last=False)
+    return dataset
+
+
+def _warm_libraries(device: torch.device) -> None:
+    """One small matmul per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
+
+    Their first call in a process allocates the workspace through the caching allocator; warmed
+    here, it is charged to no mode, whichever test or mode runs first.
+    """
+    if device.type != "cuda":
+        return
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
+    for dtype in dtypes:
+        a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+        (a @ a).sum().backward()
+    _synchronize(device)
 
 
 def measure(
@@ -315,6 +681,7 @@ def measure(
     data_root=None,
     download: bool = False,
     progress: Callable[[str], None] | None = None,
+    timer=None,
     runner_factory: Callable[..., ModeRunner] | None = None,
 ) -> Measurements:
     """Train ``workload`` under the reference mode and each of ``modes``; measure and compare them.
@@ -322,7 +689,9 @@ def measure(
     ``modes`` are compared against ``config.reference_mode`` (fp32); naming the reference mode
     itself in ``modes`` gives an A/A control (two independent runs of the same mode).  Modes the
     hardware cannot run come back with ``supported=False`` and the reason; a mode that fails while
-    running (out of memory) comes back with ``error`` set, and the others are still measured.
+    running (out of memory, any exception in the model) comes back with ``error`` and
+    ``failed_phase`` set, and the others are still measured.  ``timer`` replaces the device's
+    timing source (CUDA events, ``perf_counter``): tests pass a fake one.
 
     ``runner_factory`` replaces :func:`modes.prepare` (same arguments): the distributed ranks use it
     to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
@@ -347,16 +716,21 @@ def measure(
     dataset_info: dict = {}
     noise: dict = {}
     if any(s.m.supported for s in slots):
-        dataset = dataset.to(device) if dataset is not None else workload.dataset(device, root=data_root, download=download, seed=config.seed)
-        dataset_info = dataset.describe()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            initial_model = workload.model_factory()
-        _check_fits(workload, initial_model, dataset)
-        noise["before"] = env_mod.noise_report(device).to_dict()
-        with cudnn_benchmark(config.cudnn_benchmark):
-            _run(workload, slots, initial_model, dataset, device, config, say, runner_factory or prepare)
-        noise["after"] = env_mod.noise_report(device).to_dict()
+        with device_context(device):
+            if dataset is not None:
+                dataset = dataset.to(device)
+            else:
+                dataset = _dataset_for(workload, device, data_root, download, config.seed)
+            dataset_info = dataset.describe()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                initial_model = workload.model_factory()
+            _check_fits(workload, initial_model, dataset)
+            noise["before"] = env_mod.noise_report(device).to_dict()
+            with cudnn_benchmark(config.cudnn_benchmark):
+                _warm_libraries(device)
+                _run(workload, slots, initial_model, dataset, device, config, say, timer or default_timer(device), noise, runner_factory or prepare)
+            noise["after"] = env_mod.noise_report(device).to_dict()
 
     reference = slots[0].m
     comparisons = {s.mode.name: _compare(reference, s.m, config) for s in slots[1:]}
@@ -375,39 +749,41 @@ def measure(
     )
 
 
-def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say, runner_factory=prepare) -> None:
+def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, noise: dict, runner_factory=prepare) -> None:
     batch = workload.batch_size
+    steps = config.steps_per_block
     for slot in slots:
         if slot.m.supported:
             say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
-            try:
-                _start(slot, workload, initial_model, dataset, device, config, runner_factory)
-            except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-                slot.fail(device, exc)
+            _start(slot, workload, initial_model, dataset, device, config, timer, runner_factory)
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
-    if order and order[0]:
-        # Lead-in: one untimed block of the mode that opens round 0.  Under ABBA the mode that
-        # closes a round also opens the next, running two blocks back to back (the second one on
-        # warm caches); the lead-in gives the first mode that same start, so with an even number
-        # of rounds the first and last modes get equally many back-to-back blocks, and nobody's
+    lead = order[-1][-1] if order and order[0] else None
+    if lead is not None:
+        # Lead-in: one untimed block of the mode that closes the last round, as if the rounds ran
+        # in a cycle.  With two modes in ABBA that is the mode opening round 0, which then gets
+        # the same back-to-back start the other gets at each turn; with three or more, round 0's
+        # first mode follows another mode's block as every non-back-to-back block does.  Nobody's
         # first timed block comes straight after another mode's warm-up.  The other modes take
         # their matching block after the rounds, so every mode trains for the same steps.
-        slots[order[0][0]].block(dataset, batch, config.steps_per_block, device)
+        slots[lead].block(dataset, batch, steps, device, "lead-in block", timer)
+    window = env_mod.open_noise_window(device)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
             slot = slots[i]
             if slot.runner is None:
                 continue
-            seconds = slot.block(dataset, batch, config.steps_per_block, device)
-            if seconds is not None:
+            timing = slot.block(dataset, batch, steps, device, f"timed round {round_index + 1}", timer)
+            if timing is not None:
                 slot.runner.note_scale()
-                slot.m.step_times_s.append(seconds / config.steps_per_block)
+                slot.m.step_times_s.append(timing.seconds / steps)
+                slot.m.host_times_s.append(timing.host_s / steps)
+    noise["window"] = window.close().to_dict()
 
-    for slot in slots:
-        if slot.runner is not None and order and slot is not slots[order[0][0]]:
-            slot.block(dataset, batch, config.steps_per_block, device)
+    for index, slot in enumerate(slots):
+        if slot.runner is not None and order and index != lead:
+            slot.block(dataset, batch, steps, device, "balance block", timer)
 
     for slot in slots:
         if slot.runner is None:
@@ -417,43 +793,55 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
             with numerics_policy(slot.mode):
                 slot.m.accuracy = slot.runner.evaluate(dataset.test_batches(workload.eval_batch_size))
             slot.m.scaler = slot.runner.scaler_stats()
-        except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
-            slot.fail(device, exc)
+        except Exception as exc:  # any exception fails this mode only
+            slot.fail(device, exc, "evaluation")
         slot.runner = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, runner_factory=prepare) -> None:
-    """Set-up, precision-coverage step, warm-up and (on CUDA) the memory pass for one mode."""
+def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer, runner_factory=prepare) -> None:
+    """Set-up, precision-coverage step, warm-up (its last steps probe launch-boundness) and the memory pass."""
     batch = workload.batch_size
-    if device.type == "cuda":
-        _synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-    runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
-    slot.runner = runner
-    with numerics_policy(slot.mode):
-        losses = []
-        if config.precision_coverage:
-            x, y = dataset.batch(runner.steps_taken, batch)
-            slot.m.precision_coverage = measure_precision_coverage(lambda: losses.append(runner.step(x, y)), model=runner.model)
-        for _ in range(config.warmup_steps):
-            losses.append(runner.step(*dataset.batch(runner.steps_taken, batch)))
+    phase = "set-up"
+    try:
+        base = None
+        if device.type == "cuda":
+            _synchronize(device)
+            base = _cuda_requested(device, "current")
+        runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
+        slot.runner = runner
+        with numerics_policy(slot.mode):
+            losses = []
+            if config.precision_coverage:
+                x, y = dataset.batch(runner.steps_taken, batch)
+                slot.m.precision_coverage = measure_precision_coverage(lambda: losses.append(runner.step(x, y)), model=runner.model)
+            phase = "warm-up"
+            probe = min(5, config.warmup_steps // 2)
+            begin = time.perf_counter()
+            for _ in range(config.warmup_steps - probe):
+                losses.append(runner.step(*dataset.batch(runner.steps_taken, batch)))
+            _synchronize(device)
+            host_step = (time.perf_counter() - begin) / max(1, config.warmup_steps - probe)
+            if probe:
+                with no_cyclic_gc():
+                    slot.m.busy_step_s, probe_losses = timer.busy(
+                        runner, lambda: [runner.step(*dataset.batch(runner.steps_taken, batch)) for _ in range(probe)], probe, host_step
+                    )
+                losses += probe_losses
+            slot.m.record_losses(_read_losses(losses))
+        runner.note_scale()
+        if config.memory_steps == 0:
+            slot.m.memory_note = "memory pass disabled (memory_steps=0)"
+            return
+        phase = "memory pass"
+        figures, losses = memory_pass(runner, dataset, batch, config.memory_steps, device, base)
         slot.m.record_losses(_read_losses(losses))
-    runner.note_scale()
-    if device.type != "cuda":
-        slot.m.memory_note = "peak memory is measured on CUDA devices only"
-        return
-    if config.memory_steps == 0:
-        slot.m.memory_note = "memory pass disabled (memory_steps=0)"
-        return
-    _synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    with numerics_policy(slot.mode):
-        losses = [runner.step(*dataset.batch(runner.steps_taken, batch)) for _ in range(config.memory_steps)]
-    _synchronize(device)
-    slot.m.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - base
-    slot.m.record_losses(_read_losses(losses))
+        slot.m.memory = figures
+        slot.m.peak_memory_bytes = figures["peak_bytes"]
+        slot.m.activation_memory_bytes = figures["activation_bytes"]
+    except Exception as exc:  # any exception fails this mode only; KeyboardInterrupt still stops the run
+        slot.fail(device, exc, phase)
 
 
 def _compare(reference: ModeMeasurement, m: ModeMeasurement, config: MeasureConfig) -> Comparison:

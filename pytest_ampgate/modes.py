@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -158,19 +159,50 @@ def _cuda_bf16_supported(index: int) -> bool:
 def _tf32_switches() -> list[tuple[object, str, object, object]]:
     """(holder, attribute, strict value, tf32 value) for every TF32 switch this torch has.
 
-    torch >= 2.9 has per-backend ``fp32_precision`` settings and raises if they are mixed with the
-    legacy ``allow_tf32`` flags, so only one family is ever touched.
+    torch >= 2.9 has per-backend ``fp32_precision`` settings: matmul, cuDNN convolution and cuDNN
+    RNN are all listed, so the pinned state is coherent (see :func:`numerics_policy`).  Older torch
+    has only the legacy ``allow_tf32`` flags.
     """
     backends = torch.backends
     matmul = backends.cuda.matmul
     if hasattr(matmul, "fp32_precision") and hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
         switches = [(matmul, "fp32_precision", "ieee", "tf32"), (backends.cudnn.conv, "fp32_precision", "ieee", "tf32")]
-        for name in ("matmul", "conv"):  # oneDNN on the CPU: keep float32 strict there too
+        rnn = getattr(backends.cudnn, "rnn", None)
+        if hasattr(rnn, "fp32_precision"):
+            switches.append((rnn, "fp32_precision", "ieee", "tf32"))
+        for name in ("matmul", "conv", "rnn"):  # oneDNN on the CPU: keep float32 strict there too
             holder = getattr(getattr(backends, "mkldnn", None), name, None)
             if hasattr(holder, "fp32_precision"):
                 switches.append((holder, "fp32_precision", "ieee", "ieee"))
         return switches
     return [(matmul, "allow_tf32", False, True), (backends.cudnn, "allow_tf32", False, True)]
+
+
+def _legacy_cudnn_flag() -> bool | None:
+    """torch's legacy ``cudnn.allow_tf32``, or None where it cannot be read (a state mixing both APIs)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _matmul_precision() -> str | None:
+    """``torch.get_float32_matmul_precision()``, or None where a state mixing both APIs makes it raise."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
+def _set_legacy_cudnn(value: bool) -> None:
+    """The legacy cuDNN switch: the only way to move torch's own allow_tf32 bool with conv and RNN.
+
+    Some torch releases (2.9-2.10) warn once that the legacy API will be deprecated; the user did
+    not call it, so the warning is not theirs to see.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cudnn.allow_tf32 = value
 
 
 @contextlib.contextmanager
@@ -179,17 +211,39 @@ def numerics_policy(mode: str | PrecisionMode) -> Iterator[None]:
 
     Every mode pins the switches, not only ``fp32``: float32 regions left outside autocast must
     compute the same way in every mode, or a speedup would partly be TF32's.
+
+    On torch >= 2.9 the new per-backend settings and the legacy readers
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``, read by
+    inductor, TunableOp, the profiler and user code) must agree, or the legacy readers raise "mix
+    of the legacy and new APIs".  So the float32 matmul precision is pinned with
+    ``torch.set_float32_matmul_precision`` ("highest", or "high" for tf32), cuDNN through its legacy
+    switch (which sets convolution and RNN together) and then each per-backend setting; on exit
+    the user's float32 matmul precision comes back exactly ("medium" stays "medium"), then every
+    per-backend setting.
     """
     mode = resolve_mode(mode)
-    saved = []
+    switches = _tf32_switches()
+    new_api = switches[0][1] == "fp32_precision"
+    saved_precision = _matmul_precision()
+    saved_cudnn = _legacy_cudnn_flag() if new_api else None
+    saved = [(holder, attr, getattr(holder, attr)) for holder, attr, _strict, _tf32 in switches]
     try:
-        for holder, attr, strict, tf32 in _tf32_switches():
-            saved.append((holder, attr, getattr(holder, attr)))
+        if new_api:
+            torch.set_float32_matmul_precision("high" if mode.tf32 else "highest")
+            _set_legacy_cudnn(mode.tf32)
+        for holder, attr, strict, tf32 in switches:
             setattr(holder, attr, tf32 if mode.tf32 else strict)
         yield
     finally:
+        if new_api:
+            if saved_precision is not None:
+                torch.set_float32_matmul_precision(saved_precision)
+            if saved_cudnn is not None:
+                _set_legacy_cudnn(saved_cudnn)
         for holder, attr, value in reversed(saved):
             setattr(holder, attr, value)
+        if not new_api and saved_precision is not None and _matmul_precision() != saved_precision:
+            torch.set_float32_matmul_precision(saved_precision)  # the legacy matmul flag moves it
 
 
 @contextlib.contextmanager

@@ -224,12 +224,26 @@ def gpu_cycles_per_second(device_index: int) -> float:
     return sorted(rates)[len(rates) // 2]
 
 
-class _DelayHook:
-    """Forward pre-hook: in the named modes, delay each step by that mode's planted seconds.
+def _delay(device: torch.device, seconds: float) -> None:
+    """Delay one step by ``seconds`` wherever the step is bound.
 
-    CUDA: a ``torch.cuda._sleep`` kernel queued in the step's stream (GPU time, no host sync).
-    CPU: a busy-wait of that much thread CPU time (see :func:`busy_wait`).
+    CUDA: a host spin *and* a ``torch.cuda._sleep`` kernel of that length on ``device`` (under its
+    context, so cuda:N sleeps on N).  A launch-bound step (the GPU idles while the host launches
+    kernels) hides a GPU sleep in its slack, and a GPU-bound one hides a host spin in the host's
+    lead; with both, the step grows by the delay either way (up to twice it in between, which
+    :func:`calibrate_delay` corrects against the measured drop).  CPU: a busy-wait.
     """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.cuda.device(index):
+            torch.cuda._sleep(max(1, int(seconds * gpu_cycles_per_second(index))))
+        busy_wait(seconds)
+    else:
+        busy_wait(seconds)
+
+
+class _DelayHook:
+    """Forward pre-hook: in the named modes, delay each step by that mode's planted seconds (see :func:`_delay`)."""
 
     def __init__(self, delays: Mapping[str, float], device_type: str):
         self.delays, self.device_type = dict(delays), device_type
@@ -242,12 +256,27 @@ class _DelayHook:
         device = x.device if x is not None else torch.device("cpu")
         if device.type != self.device_type:
             raise WorkloadError(f"slow_down was sized for {self.device_type} but the step runs on {device.type}; plant it with device={device.type!r}")
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda._sleep(max(1, int(delay * gpu_cycles_per_second(index))))
-        else:
-            busy_wait(delay)
+        _delay(device, delay)
         return None
+
+
+def calibrate_delay(achieved: Callable[[float], float], fraction: float, first: float, iterations: int = 2) -> float:
+    """The delay whose measured slowdown is ``fraction``, by secant steps through (0, 0).
+
+    ``achieved(delay)`` measures the relative slowdown a delay really causes (planted step time /
+    clean step time - 1).  A delay can be hidden in part (launch-bound slack) or counted up to
+    twice (host and device), so the first guess ``first`` is scaled by ``fraction / achieved``
+    until the measured drop matches.  A delay that shows no effect at all is returned as is.
+    """
+    delay = first
+    for _ in range(iterations):
+        if delay <= 0 or fraction <= 0:
+            break
+        got = achieved(delay)
+        if got <= 0:
+            break
+        delay *= fraction / got
+    return delay
 
 
 def slowdown_for_drop(drop: float) -> float:
@@ -274,11 +303,11 @@ def slow_down(
 
     ``device`` (default: CUDA if there is one) is where the planted workload will run.
 
-    * CUDA: a ``torch.cuda._sleep`` kernel of ``fraction`` x ``step_time_s``, the unplanted step
-      time (one number, or one per mode, e.g. a baseline's ``ModeMeasurement.step_time_s``); when
-      omitted it is measured once with ``calibration`` (a short
-      :class:`~pytest_ampgate.measurement.MeasureConfig` by default).  The sleep stays in the
-      step's timing only while the step is GPU-bound: a launch-bound step hides part of it.
+    * CUDA: a host spin and a ``torch.cuda._sleep`` kernel (see :func:`_delay`), so a launch-bound
+      step is slowed as surely as a GPU-bound one.  Without ``step_time_s`` the delay is calibrated
+      against the measured drop (:func:`calibrate_cuda_delay`, short measurements with
+      ``calibration``); with it (one number, or one per mode, e.g. a baseline's
+      ``ModeMeasurement.step_time_s``) the delay is ``fraction`` x that time, uncalibrated.
     * CPU: a busy-wait.  A spin also slows the step that follows it (cold caches and branch
       predictors; on a 1 ms MNIST step that nearly doubles the spin's cost), so without
       ``step_time_s`` the spin is calibrated on the CPU, in thread CPU time, until a step with it
@@ -294,7 +323,7 @@ def slow_down(
     device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     if step_time_s is None:
         if device_type == "cuda":
-            step_time_s = _measure_step_times(workload, modes, device or "cuda", calibration)
+            delays = calibrate_cuda_delay(workload, fraction, modes, device or "cuda", calibration)
         else:
             delays = calibrate_cpu_spin(workload, fraction, modes)
     if step_time_s is not None:
@@ -352,6 +381,24 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
             spin = fraction * clean / max((slowed - clean) / spin, 1.0)
         spins[mode] = spin
     return spins
+
+
+def calibrate_cuda_delay(workload: Workload, fraction: float, modes: Sequence[str], device, calibration=None) -> dict[str, float]:
+    """Per mode, the delay that slows a CUDA step by ``fraction``, calibrated against the measured drop.
+
+    The clean step times come from one short measurement; each guess is planted and measured the
+    same way (:func:`calibrate_delay`), so the plant shows in the timing whether the step is
+    launch-bound or GPU-bound.
+    """
+    clean = _measure_step_times(workload, modes, device, calibration)
+    delays = {}
+    for mode in modes:
+        def achieved(delay: float, mode=mode) -> float:
+            planted = _planted(workload, "calibration", plant=lambda model: model.register_forward_pre_hook(_DelayHook({mode: delay}, "cuda")))
+            return _measure_step_times(planted, [mode], device, calibration)[mode] / clean[mode] - 1.0
+
+        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode])
+    return delays
 
 
 def _measure_step_times(workload: Workload, modes, device, calibration) -> dict[str, float]:

@@ -539,8 +539,15 @@ class ResultCollector:
         self.session = session
         self.runs: dict = {}
         """Device-lock holdings by test id: worker, pid, when acquired and released."""
+        self.device_skips = 0
+        """Gated tests skipped because the device could not run them (in-process, or reported by xdist workers)."""
 
     def pytest_runtest_logreport(self, report):
+        if report.skipped and report.when == "setup" and self.session.options.enabled:
+            reason = self.session.skip_reason()
+            text = report.longrepr[2] if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3 else ""
+            if reason and reason in str(text):
+                self.device_skips += 1
         records = report.__dict__.get(REPORT_ATTR)
         if records:
             from .gate import GateResult
@@ -678,6 +685,7 @@ def pytest_sessionfinish(session, exitstatus):
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
     summary = state.setdefault("summary", [])
+    _report_device_skips(session, gate, summary)
     if not gate.options.update:
         return
     from .session import stage_updates
@@ -697,6 +705,31 @@ def pytest_sessionfinish(session, exitstatus):
             "unchanged or fully updated. Run pytest --ampgate --ampgate-update again"
         )
         session.exitstatus = pytest.ExitCode.INTERRUPTED
+
+
+NO_DEVICE_PREFIX = "ampgate: NOTHING GATED"
+
+
+def _report_device_skips(session, gate, summary: list) -> None:
+    """A gate that gated nothing must say so: one summary line, and under strict or update a failed run.
+
+    Without the device every gated test is skipped (the graceful default); a CI job asked to gate
+    (``--ampgate-strict``) or to record baselines (``--ampgate-update``) on a runner whose GPU is
+    missing would otherwise go green having checked nothing.
+    """
+    collector = session.config.pluginmanager.get_plugin("ampgate-results")
+    count = getattr(collector, "device_skips", 0)
+    if not count:
+        return
+    reason = gate.skip_reason()
+    tests = f"{count} gated test{'s' if count != 1 else ''}"
+    if gate.options.strict or gate.options.update:
+        flag = "--ampgate-update" if gate.options.update else "--ampgate-strict"
+        summary.append(f"{NO_DEVICE_PREFIX}: {tests} could not run on {gate.options.device}: {reason}; {flag} needs the device, so this run fails")
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        summary.append(f"ampgate: {tests} skipped on {gate.options.device}: {reason}")
 
 
 def _stale(config):
@@ -747,7 +780,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 + "; delete them with --ampgate-update --ampgate-prune"
             )
     for line in state.get("summary", []):
-        terminalreporter.write_line(line, red=line.startswith("baselines NOT"))
+        terminalreporter.write_line(line, red=line.startswith(("baselines NOT", NO_DEVICE_PREFIX)))
 
 
 def pytest_report_header(config):

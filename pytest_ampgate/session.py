@@ -17,9 +17,10 @@ from .baselines import Baseline, BaselineStore
 from .config import GateConfig, build_config
 from .errors import BaselineError, ConfigError
 
-CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 0}
+CPU_PROFILE = {"warmup_steps": 2, "rounds": 6, "steps_per_block": 25, "memory_steps": 1}
 """Protocol defaults on ``--ampgate-device cpu``: enough steps for the numerics and accuracy to mean
-something (the MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job."""
+something (the MNIST MLP reaches ~0.7 on synthetic data), few enough for a CPU CI job; one profiled
+step gives peak memory (reported, gated on CUDA only unless check_memory=True)."""
 
 CPU_WORKLOAD_SIZES = {
     "mnist_mlp": {"batch_size": 128, "data_options": {"n_train": 4096, "n_test": 1024}},

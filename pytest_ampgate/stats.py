@@ -130,6 +130,31 @@ def abba_order(labels: Sequence[str], rounds: int) -> list[list[str]]:
 
     Over a pair of rounds every mode sits at the same average position, so a linear drift (a GPU
     warming up, clocks settling) adds the same time to each and cancels out of the ratios.
+
+    With three or more modes, plain ABC CBA would keep B in the middle for ever: never first, never
+    last, never run twice back to back (where it would meet warm caches).  So each pair of rounds
+    starts from the next rotation (ABC CBA, BCA ACB, CAB BAC, ...): over ``2 * len(labels)`` rounds
+    every mode is first twice, last twice and back to back once (at the turn inside its pair).
     """
     forward = list(labels)
-    return [forward if r % 2 == 0 else forward[::-1] for r in range(rounds)]
+    n = len(forward)
+    if n <= 2:
+        return [forward if r % 2 == 0 else forward[::-1] for r in range(rounds)]
+    order = []
+    for r in range(rounds):
+        rotated = forward[(r // 2) % n:] + forward[: (r // 2) % n]
+        order.append(rotated if r % 2 == 0 else rotated[::-1])
+    return order
+
+
+def balance_counts(order: Sequence[Sequence[str]]) -> dict[str, tuple[int, int, int]]:
+    """Per label: (times first in a round, times last, times run twice in a row across a turn)."""
+    counts = {label: [0, 0, 0] for positions in order for label in positions}
+    for r, positions in enumerate(order):
+        if not positions:
+            continue
+        counts[positions[0]][0] += 1
+        counts[positions[-1]][1] += 1
+        if r + 1 < len(order) and order[r + 1] and order[r + 1][0] == positions[-1]:
+            counts[positions[-1]][2] += 1
+    return {label: tuple(c) for label, c in counts.items()}

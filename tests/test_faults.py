@@ -67,7 +67,7 @@ from torch import nn
 from pytest_ampgate import Workload
 
 # Timing and memory are not gated even on a GPU: these tests are about faults, not about speed.
-FAST = dict(rounds=2, steps_per_block=2, warmup_steps=1, missing_baseline="ignore", check_speed=False, check_memory=False)
+FAST = dict(rounds=2, steps_per_block=2, warmup_steps=1, memory_steps=0, missing_baseline="ignore", check_speed=False, check_memory=False)
 
 
 def in_bf16(device_type):
@@ -571,9 +571,9 @@ def test_next(ampgate):
 '''
 
 FAULTS = {
-    "oom_at_setup": ('model=lambda: Faulty("oom")', "amp_bf16 failed while running: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB (simulated) FAILED"),
-    "oom_in_timed_rounds": ('model=lambda: Faulty("oom", after=2)', "amp_bf16 failed while running: out of memory: CUDA out of memory."),
-    "oom_in_evaluation": ('model=lambda: Faulty("oom_eval")', "amp_bf16 failed while running: out of memory: CUDA out of memory."),
+    "oom_at_setup": ('model=lambda: Faulty("oom")', "amp_bf16 failed in set-up: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB (simulated) FAILED"),
+    "oom_in_timed_rounds": ('model=lambda: Faulty("oom", after=2)', "amp_bf16 failed in timed round 1: out of memory: CUDA out of memory."),
+    "oom_in_evaluation": ('model=lambda: Faulty("oom_eval")', "amp_bf16 failed in evaluation: out of memory: CUDA out of memory."),
     "nan_from_the_start": ('model=lambda: Faulty("nan")', "amp_bf16 loss non-finite (nan) first at step 0 of 8 (8 non-finite steps) FAILED"),
     "inf_from_step_3": ("loss=InfLoss(after=3)", "amp_bf16 loss non-finite (inf) first at step 3 of 8 (5 non-finite steps) FAILED"),
 }
@@ -704,7 +704,7 @@ def test_real_cuda_out_of_memory_reports_memory_and_leaves_the_gpu_clean(pyteste
     result.assert_outcomes(failed=1, passed=1)
     out = _assert_clean(result)
     assert "HEALTHY MODES MEASURED" in out
-    assert re.search(r"amp_bf16 failed while running: out of memory: .*\(allocated \d+ MiB, peak \d+ MiB, free \d+ of \d+ MiB\)", out), out
+    assert re.search(r"amp_bf16 failed in [\w -]+: out of memory: .*\(allocated \d+ MiB, peak \d+ MiB, free \d+ of \d+ MiB\)", out), out
     import gc
 
     gc.collect()

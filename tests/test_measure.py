@@ -45,7 +45,7 @@ def test_every_step_is_accounted_for(mnist_run):
         assert len(mm.losses) == config.total_steps() == 1 + 2 + (1 + 6) * 25
         assert len(mm.step_times_s) == config.rounds
         assert all(t > 0 for t in mm.step_times_s)
-        assert mm.peak_memory_bytes is None and "CUDA" in mm.memory_note
+        assert mm.peak_memory_bytes is None and "memory_steps=0" in mm.memory_note
 
 
 def test_modes_start_from_identical_weights(mnist_run):
@@ -99,13 +99,13 @@ TINY = MeasureConfig(warmup_steps=1, rounds=4, steps_per_block=3, memory_steps=0
 
 def test_abba_schedule_is_followed(monkeypatch):
     calls = []
-    real = measure_mod.time_block
+    real = measure_mod.timed_block
 
     def spy(runner, *args):
         calls.append(runner.mode.name)
         return real(runner, *args)
 
-    monkeypatch.setattr(measure_mod, "time_block", spy)
+    monkeypatch.setattr(measure_mod, "timed_block", spy)
     measure(_tiny_workload(), ["amp_bf16"], device="cpu", config=TINY)
     lead_in = ["fp32"]  # untimed: gives the reference the back-to-back start the last mode gets at each turn
     balance = ["amp_bf16"]  # untimed: the other modes' matching block, so all train for the same steps

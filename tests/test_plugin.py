@@ -445,7 +445,7 @@ def test_builtin_mnist_end_to_end_on_cpu(pytester):
         @pytest.mark.amp_regression(modes=["amp_bf16"], rounds=2, steps_per_block=5, warmup_steps=1)
         def test_mnist(ampgate_mnist):
             assert ampgate_mnist.mode("fp32").accuracy is not None
-            assert len(ampgate_mnist.mode("amp_bf16").losses) == 1 + 1 + (1 + 2) * 5  # + the untimed lead-in/balance block
+            assert len(ampgate_mnist.mode("amp_bf16").losses) == 1 + 1 + 1 + (1 + 2) * 5  # + memory step, lead-in/balance block
         """)
     result = pytester.runpytest(*CPU, "-W", "error")
     result.assert_outcomes(passed=1, warnings=0)
@@ -458,7 +458,7 @@ def test_builtin_mnist_end_to_end_on_cpu(pytester):
     rows = [re.split(r"\s{2,}", l.strip()) for l in lines[header + 2:header + 4]]
     assert [r[:2] for r in rows] == [["test_mnist.py::test_mnist", "fp32"], ["test_mnist.py::test_mnist", "amp_bf16"]]
     assert rows[0][3] == "reference" and re.fullmatch(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", rows[1][3])
-    assert all(re.fullmatch(r"[\d.]+ (ms|us)", r[2]) and r[4] == "-" and re.fullmatch(r"0\.\d{3}", r[6]) for r in rows)
+    assert all(re.fullmatch(r"[\d.]+ (ms|us)", r[2]) and re.fullmatch(r"[\d.]+ MiB \([\d.]+x\)", r[4]) and re.fullmatch(r"0\.\d{3}", r[6]) for r in rows), rows
     assert [r[7] for r in rows] == ["INCONCLUSIVE", "INCONCLUSIVE"]  # no baseline yet: a warning, not a failure
     assert lines[header + 4].startswith("environment: cpu|")
 
@@ -470,8 +470,8 @@ def test_builtin_mnist_end_to_end_on_cpu(pytester):
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(passed=1)
     result.stdout.re_match_lines([
-        r"test_mnist\.py::test_mnist +fp32 +.* +reference +- +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
-        r"test_mnist\.py::test_mnist +amp_bf16 +.* +- +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
+        r"test_mnist\.py::test_mnist +fp32 +.* +reference +[\d.]+ MiB \(1\.00x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
+        r"test_mnist\.py::test_mnist +amp_bf16 +.* +[\d.]+ MiB \([\d.]+x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
     ])
 
 

@@ -61,7 +61,9 @@ def test_round_ratios_pairs_rounds():
 
 
 def test_abba_order_alternates():
-    assert stats.abba_order(["a", "b", "c"], 4) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    assert stats.abba_order(["a", "b"], 4) == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    # three or more modes: each pair of rounds starts from the next rotation (see test_three_modes_are_balanced)
+    assert stats.abba_order(["a", "b", "c"], 4) == [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"], ["a", "c", "b"]]
 
 
 def _drifting_times(schedule):
