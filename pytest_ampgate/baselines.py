@@ -38,6 +38,7 @@ import numbers
 import operator
 import os
 import re
+import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -122,15 +123,51 @@ def _check_float(value: Any, where: str, name: str) -> Optional[float]:
             f"{where}{_key(name)} must be a number or null, got {_describe(value)}; "
             f"correct it, restore the file from version control, or re-record with {_UPDATE_HINT}"
         )
-    if not isinstance(value, (int, float)):  # numpy / torch scalars: store plain floats
-        value = float(value)
+    if not isinstance(value, float):  # ints, numpy / torch scalars: store plain floats
+        try:
+            value = float(value)
+        except OverflowError:  # a 400-digit integer: no float holds it
+            raise BaselineError(
+                f"{where}{_key(name)} is a {len(str(abs(int(value))))}-digit number, too large for any "
+                f"measurement; correct it, restore the file from version control, or re-record with "
+                f"{_UPDATE_HINT}"
+            ) from None
     if not math.isfinite(value):
         raise BaselineError(
             f"{where}{_key(name)} is {value!r}, but baselines must be finite numbers (standard JSON "
             f"has no NaN or Infinity); correct it, restore the file from version control, or "
             f"re-record with {_UPDATE_HINT}"
         )
+    _check_range(value, where, name)
     return value
+
+
+_RANGES = {
+    # field: (lowest, low bound open, highest, what the field is)
+    "speedup": (0.0, True, None, "a ratio of step times"),
+    "speedup_low": (0.0, True, None, "a ratio of step times"),
+    "speedup_high": (0.0, True, None, "a ratio of step times"),
+    "memory_ratio": (0.0, True, None, "a ratio of peak memories"),
+    "step_time_s": (0.0, True, None, "seconds per training step"),
+    "accuracy": (0.0, False, 1.0, "a share of correct predictions"),
+    "low_precision_share": (0.0, False, 1.0, "a share of FLOPs"),
+    "peak_memory_bytes": (0, False, 2**62, "a number of bytes"),
+}
+"""What each stored figure can be.  A value outside its range is a hand edit or a corrupt file; it
+is refused, because a negative speedup or accuracy would silently disable the check it feeds."""
+
+
+def _check_range(value: Any, where: str, name: str) -> None:
+    if name not in _RANGES:
+        return
+    low, low_open, high, what = _RANGES[name]
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        allowed = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        shown = repr(value) if len(repr(value)) <= 24 else f"a {len(str(abs(int(value))))}-digit number"
+        raise BaselineError(
+            f"{where}{_key(name)} is {shown}, but it is {what} and must be {allowed}; correct it, "
+            f"restore the file from version control, or re-record with {_UPDATE_HINT}"
+        )
 
 
 def _check_int(value: Any, where: str, name: str) -> Optional[int]:
@@ -152,6 +189,7 @@ def _check_int(value: Any, where: str, name: str) -> Optional[int]:
             f"{_describe(value)}; correct it, restore the file from version control, or re-record "
             f"with {_UPDATE_HINT}"
         )
+    _check_range(value, where, name)
     return value
 
 
@@ -198,6 +236,13 @@ class ModeBaseline:
             kwargs[name] = _check_float(d.get(name), where, name)
         for name in _INT_FIELDS:
             kwargs[name] = _check_int(d.get(name), where, name)
+        low, mid, high = kwargs["speedup_low"], kwargs["speedup"], kwargs["speedup_high"]
+        if mid is not None and ((low is not None and low > mid) or (high is not None and high < mid)):
+            raise BaselineError(
+                f"{where}: the speedup {mid!r} lies outside its own interval [{low!r}, {high!r}] "
+                f"(speedup_low <= speedup <= speedup_high); correct it, restore the file from version "
+                f"control, or re-record with {_UPDATE_HINT}"
+            )
         extra = {k: v for k, v in d.items() if k not in _KNOWN_MODE_FIELDS}
         return cls(**kwargs, extra=extra)
 
@@ -335,6 +380,43 @@ def _unreadable(path: Path, exc: OSError) -> BaselineError:
     )
 
 
+def _read_regular(path: Path) -> Optional[bytes]:
+    """The bytes of a baseline file; None when it does not exist.
+
+    Opened without blocking and checked with ``fstat`` before reading: a FIFO in its place would
+    otherwise hang the session until something writes to it, and a device file could be endless.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise _corrupt(path, "is a directory, not a baseline file") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _corrupt(path, "is a directory, not a baseline file")
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or other special file"
+            raise BaselineError(
+                f"{_display(path)}: is {kind}, not a regular file; refusing to read it. Remove it "
+                f"(baselines are plain JSON files), restore it from version control, or re-record "
+                f"with {_UPDATE_HINT}"
+            )
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    finally:
+        os.close(fd)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -352,6 +434,8 @@ def _parse(path: Path, data: bytes) -> "_Loaded":
     """Bytes of a baseline file -> its validated document (raises BaselineError naming ``path``)."""
     if not data.strip():
         raise _corrupt(path, "is empty (an interrupted write or a bad merge?)")
+    if data.startswith(_BOM):  # Windows editors add one; it is not part of the JSON, so read past it
+        data = data[len(_BOM):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -364,9 +448,32 @@ def _parse(path: Path, data: bytes) -> "_Loaded":
         raise _corrupt(
             path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (truncated?)"
         ) from None
-    except ValueError as exc:  # NaN/Infinity literals, duplicate keys
+    except ValueError as exc:  # NaN/Infinity literals, duplicate keys, numbers of over 4300 digits
         raise _corrupt(path, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _corrupt(path, f"nests JSON arrays or objects more than {_MAX_DEPTH} levels deep") from None
+    if _depth(doc) > _MAX_DEPTH:
+        raise _corrupt(path, f"nests JSON arrays or objects more than {_MAX_DEPTH} levels deep")
     return _Loaded(doc, _validate_document(path, doc))
+
+
+_BOM = b"\xef\xbb\xbf"
+_MAX_DEPTH = 64
+"""A baseline document is six levels deep; unknown keys are kept verbatim, so a bound keeps a
+pathological file from overflowing the stack when it is validated or written back."""
+
+
+def _depth(doc: Any) -> int:
+    """How deeply ``doc`` nests lists and dicts, counted up to ``_MAX_DEPTH + 1`` (iteratively: it must
+    not itself recurse)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= _MAX_DEPTH:
+                stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _validate_document(path: Path, doc: Any) -> Dict[Tuple[str, str], Baseline]:
@@ -529,16 +636,8 @@ class BaselineStore:
     def _load(self, path: Path) -> Optional[_Loaded]:
         with self._mutex:
             if path not in self._cache:
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:
-                    self._cache[path] = None
-                except IsADirectoryError:
-                    raise _corrupt(path, "is a directory, not a baseline file") from None
-                except OSError as exc:
-                    raise _unreadable(path, exc) from None
-                else:
-                    self._cache[path] = _parse(path, data)
+                data = _read_regular(path)
+                self._cache[path] = None if data is None else _parse(path, data)
             return self._cache[path]
 
     def lookup(self, test_id: str, env_key: str) -> Optional[Baseline]:
@@ -637,14 +736,9 @@ class BaselineStore:
             lock.release()
 
     def _read_for_update(self, path: Path, action: str) -> Optional[Dict[str, Any]]:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        data = _read_regular(path)
+        if data is None:
             return None
-        except IsADirectoryError:
-            raise _corrupt(path, "is a directory, not a baseline file") from None
-        except OSError as exc:
-            raise _unreadable(path, exc) from None
         try:
             return _parse(path, data).doc
         except BaselineError as exc:

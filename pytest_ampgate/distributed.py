@@ -668,4 +668,4 @@ def judge(measurements, verdict):
                 "so one rank's update went astray",
                 measured=len(replica["diverged"]), threshold=0,
             ))
-    return Verdict(checks, confirmed=verdict.confirmed)
+    return Verdict(checks, confirmed=verdict.confirmed, reference=verdict.reference)

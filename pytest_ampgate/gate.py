@@ -19,6 +19,10 @@ from .config import GateConfig
 from .measurement import Measurements, ModeMeasurement, launch_bound
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
+WORKLOAD_METRICS = ("ran", "finite_loss")
+"""Checks that, failing in the full-precision reference, mean the workload itself is broken."""
+ANY_MODE = "*"
+"""The mode of a check about the whole run (e.g. leaked global state), not one precision mode."""
 UPDATE_HINT = "accept a deliberate change with: pytest --ampgate --ampgate-update"
 RECORD_HINT = "record one with: pytest --ampgate --ampgate-update"
 TIMING_METRICS = ("speedup",)
@@ -45,6 +49,8 @@ class Check:
     baseline: float | None = None
 
     def line(self) -> str:
+        if self.mode == ANY_MODE:  # a note about the whole run, not a gated property
+            return f"NOTE: {self.why}"
         word = {PASS: "ok", FAIL: "FAILED", INCONCLUSIVE: "INCONCLUSIVE", SKIPPED: "skipped"}[self.outcome]
         return f"{self.why} {word}" if self.outcome in (PASS, FAIL) else f"{self.why} [{word}]"
 
@@ -61,24 +67,50 @@ class Verdict:
     checks: list[Check] = field(default_factory=list)
     confirmed: bool = False
     """A timing failure was re-measured before being reported."""
+    reference: str = "fp32"
+    """The reference mode: its failures are the workload's fault, not AMP's."""
 
     def of(self, outcome: str) -> list[Check]:
         return [c for c in self.checks if c.outcome == outcome]
 
     @property
     def outcome(self) -> str:
-        for outcome in (FAIL, INCONCLUSIVE, PASS):
+        if self.of(FAIL):
+            return FAIL
+        if self.no_mode_ran:
+            return SKIPPED
+        for outcome in (INCONCLUSIVE, PASS):
             if self.of(outcome):
                 return outcome
         return SKIPPED
 
+    @property
+    def workload_at_fault(self) -> bool:
+        """The reference itself failed: the workload (model, data, loss) is broken in full precision."""
+        return any(c.mode == self.reference and c.metric in WORKLOAD_METRICS for c in self.of(FAIL))
+
+    @property
+    def no_mode_ran(self) -> bool:
+        """Every compared mode was unsupported here: nothing about AMP was gated, so nothing passed."""
+        compared = {c.mode for c in self.checks if c.mode not in (self.reference, ANY_MODE)}
+        return bool(compared) and all(c.metric == "supported" for c in self.checks if c.mode in compared)
+
+    def headline(self) -> str:
+        if self.outcome == FAIL and self.workload_at_fault:
+            return f"WORKLOAD ERROR: the {self.reference} reference itself failed, so AMP is not to blame: fix the workload"
+        if self.outcome == SKIPPED and self.no_mode_ran:
+            return "AMP GATE SKIPPED: no requested precision mode can run here, so nothing was gated"
+        return {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+
     def explain(self, test_id: str = "", strict: bool = False) -> str:
         """The failure text of DESIGN.md: one line per check, failures first, then what to run next."""
         order = {FAIL: 0, INCONCLUSIVE: 1, PASS: 2, SKIPPED: 3}
-        head = {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+        head = self.headline()
         lines = [f"{test_id} - {head}" if test_id else head]
         lines += ["  " + c.line() for c in sorted(self.checks, key=lambda c: order[c.outcome])]
         failed = self.of(FAIL)
+        if self.workload_at_fault:
+            return "\n".join(lines)  # a broken workload is not cured by a new baseline or a relaxed margin
         if any(c.baseline is not None for c in failed):
             lines.append("  " + UPDATE_HINT)
         margins = sorted({MARGIN_SETTING[c.metric] for c in failed if c.baseline is None and c.metric in MARGIN_SETTING})
@@ -94,11 +126,13 @@ class Verdict:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"outcome": self.outcome, "confirmed": self.confirmed, "checks": [c.to_dict() for c in self.checks]}
+        return {"outcome": self.outcome, "confirmed": self.confirmed, "reference": self.reference,
+                "checks": [c.to_dict() for c in self.checks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
-        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False))
+        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False),
+                   reference=d.get("reference", "fp32"))
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -177,6 +211,9 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         if config.check_speed is not True:
             return Check(name, "speedup", SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
         text += f" ({diagnosis})"
+    too_few = _too_few_rounds(est, config)
+    if too_few:
+        return Check(name, "speedup", INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
     if est.low >= floor:
         return Check(name, "speedup", PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
     if est.high < floor:
@@ -186,6 +223,18 @@ def _speedup_check(name: str, m: Measurements, config: GateConfig, base: ModeBas
         return Check(name, "speedup", FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
     noisy = f"; {est.note}" if est.noisy else ""
     return Check(name, "speedup", INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
+
+
+def _too_few_rounds(est, config: GateConfig) -> str:
+    """Why the interval cannot decide anything (too few rounds for the requested coverage), or ''."""
+    from .stats import MIN_ROUNDS_FOR_CONFIDENCE
+
+    if est.rounds >= MIN_ROUNDS_FOR_CONFIDENCE and est.confidence >= config.confidence:
+        return ""
+    return (
+        f"only {est.rounds} round{'s' if est.rounds != 1 else ''}, so the interval covers {est.confidence:.0%}, "
+        f"not {config.confidence:.0%}: no verdict; raise rounds to at least {max(MIN_ROUNDS_FOR_CONFIDENCE, est.rounds + 1)}"
+    )
 
 
 def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
@@ -300,7 +349,7 @@ def evaluate(
             continue
         if mm.error:
             where = f"in {mm.failed_phase}" if getattr(mm, "failed_phase", "") else "while running"
-            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed {where}: {mm.error}"))
+            checks.append(Check(mm.mode, "ran", FAIL, f"{mm.mode} failed {where}: {mm.error}{_error_hint(mm.error)}"))
             continue
         checks.append(_finite_check(mm))
         checks += _scaler_checks(mm, config)
@@ -318,7 +367,30 @@ def evaluate(
             checks.append(Check(name, "speedup", SKIPPED, f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"))
         if config.memory_applies(device_type):
             checks.append(_memory_check(name, measurements, config, base, env_label))
-    return Verdict(checks)
+    leaked = measurements.environment.get(LEAKED_KEY)
+    if leaked:
+        from .known_state import describe
+
+        checks.append(Check(ANY_MODE, "known_state", PASS, describe(leaked)))
+    return Verdict(checks, reference=measurements.reference.mode)
+
+
+LEAKED_KEY = "leaked_state"
+"""known_state.LEAKED_KEY, repeated so that judging a result needs no torch import."""
+
+ERROR_HINTS = {
+    "does not require grad": "the loss is not connected to the model's parameters (does loss_fn detach it, "
+    "call .item(), or are the parameters frozen?)",
+    "meta tensor": "a tensor is on the meta device (no data)",
+    "closure": "the optimizer's step() needs a closure",
+}
+
+
+def _error_hint(error: str) -> str:
+    for marker, hint in ERROR_HINTS.items():
+        if marker in error:
+            return f"; {hint}"
+    return ""
 
 
 def _env_label(environment: dict) -> str:
@@ -357,7 +429,7 @@ def decide(
                 second_text = f"{c2.measured:.2f}x ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
                 c = Check(c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline)
         checks.append(c)
-    return first, Verdict(checks, confirmed=True)
+    return first, Verdict(checks, confirmed=True, reference=verdict.reference)
 
 
 def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:
@@ -383,7 +455,7 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
     return Baseline(
         test_id=test_id,
         env_key=env_key,
-        environment=measurements.environment,
+        environment={k: v for k, v in measurements.environment.items() if k != LEAKED_KEY},
         recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         settings={"workload": measurements.workload, "batch_size": measurements.batch_size, **settings},
         modes=modes,

@@ -34,10 +34,11 @@ from . import env as env_mod
 from .data import DeviceDataset
 from .config import MeasureConfig
 from .errors import ConfigError, WorkloadError
+from .known_state import measured_from_known_state
 from .modes import ModeRunner, PrecisionMode, ScalerStats, cudnn_benchmark, numerics_policy, prepare, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, get_workload
+from .workloads import Workload, build_model, get_workload
 
 RESULTS_VERSION = 1
 DEFAULT_MODES = ("amp_fp16", "amp_bf16")
@@ -671,6 +672,7 @@ def _warm_libraries(device: torch.device) -> None:
     _synchronize(device)
 
 
+@measured_from_known_state
 def measure(
     workload: Workload | str,
     modes: Sequence[str] = DEFAULT_MODES,
@@ -724,7 +726,7 @@ def measure(
             dataset_info = dataset.describe()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
-                initial_model = workload.model_factory()
+                initial_model = build_model(workload)
             _check_fits(workload, initial_model, dataset)
             noise["before"] = env_mod.noise_report(device).to_dict()
             with cudnn_benchmark(config.cudnn_benchmark):

@@ -64,6 +64,8 @@ _PARSERS: list = []
 def pytest_plugin_registered(plugin, manager):
     for parser in _PARSERS:  # pytest-benchmark registered after us: its option exists only now
         _benchmark_json_makes_its_folder(parser)
+UNMEASURED_ATTR = "ampgate_unmeasured"
+NOT_RECORDED_ATTR = "ampgate_not_recorded"
 
 
 def pytest_addoption(parser):
@@ -216,9 +218,9 @@ def _options(config):
     raw_device = _raw_device(config)
     enabled = bool(config.getoption("ampgate") or config.getoption("ampgate_update") or config.getoption("ampgate_only"))
     device = validate_device(_auto_device(config, raw_device) if enabled else raw_device.replace("auto", "0"))
-    base = config.getoption("ampgate_baseline_dir") or config.getini("ampgate_baseline_dir") or "baselines"
-    base_dir = Path(base) if Path(base).is_absolute() else Path(config.rootpath) / base
-    data_root = config.getoption("ampgate_data_root") or config.getini("ampgate_data_root") or None
+    base_dir = _path_setting(config, "ampgate_baseline_dir") or Path(config.rootpath) / "baselines"
+    data_root = _path_setting(config, "ampgate_data_root")
+    data_root = str(data_root) if data_root else None
     ini_settings = _ini_settings(config)
     cli_modes = config.getoption("ampgate_modes")
     if cli_modes:  # the run's choice beats the ini file; a test's own marker still beats both
@@ -265,6 +267,55 @@ def _lock_timeout(config) -> float | None:
     return value or None
 
 
+def _path_setting(config, name: str) -> Path | None:
+    """One rule for every relative path: on the command line it is relative to the directory pytest
+    was started in (as --junitxml and shell completion assume); in an ini file, to the rootdir (so
+    the file means the same wherever pytest is started)."""
+    value, base = config.getoption(name), config.invocation_params.dir
+    if not value:
+        value, base = config.getini(name), config.rootpath
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else Path(base) / path
+
+
+def _check_outputs(config, enabled: bool) -> None:
+    """What the session end would fail to write is a usage error now, before anything is measured."""
+    from .outputs import OUTPUT_OPTIONS, check_output_path, check_step_summary
+
+    try:
+        for name, option in OUTPUT_OPTIONS.items():
+            value = config.getoption(f"ampgate_{name}")
+            if value:
+                check_output_path(option, _at_root(config, value))
+        if enabled and os.environ.get("GITHUB_STEP_SUMMARY"):
+            check_step_summary(os.environ["GITHUB_STEP_SUMMARY"])
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _stop_on_sigterm(config) -> None:
+    """A cancelled CI job sends SIGTERM: stop as after Ctrl-C, so the tests that finished keep their
+    results and baselines (written whole, or not at all); restored when the session ends.  A handler
+    someone else installed is left alone."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return
+
+    def on_sigterm(signum, frame):
+        __tracebackhide__ = True  # pytest names the frame that was interrupted, not this one
+        raise KeyboardInterrupt("SIGTERM received (a cancelled job?): stopping as after Ctrl-C")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
@@ -296,6 +347,9 @@ def pytest_configure(config):
     if workerinput and workerinput.get("ampgate_loadgroup"):
         config.option.loadgroup = True  # what xdist's worker sets itself for --dist loadgroup
     if not hasattr(config, "workerinput"):  # the process that sees every result writes the CI outputs
+        _check_outputs(config, gate.options.enabled)
+        if gate.options.enabled:
+            _stop_on_sigterm(config)
         if config.getoption("ampgate_plot"):
             from .plot import PlotUnavailable, require_matplotlib
 
@@ -390,9 +444,8 @@ def pytest_collection_modifyitems(session, config, items):
         for item in gated:
             item.add_marker(group)
     for item in gated:
-        marker = item.get_closest_marker(MARKER)
         try:
-            item.stash[CONFIG_KEY] = gate.config_for(_test_id(item), marker.args if marker else (), marker.kwargs if marker else {})
+            item.stash[CONFIG_KEY] = gate.config_for(_test_id(item), *_marker_settings(item))
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
         if item.nodeid.startswith("::") and gate.options.enabled:  # baselines are keyed by node id
@@ -409,6 +462,50 @@ def pytest_collection_modifyitems(session, config, items):
         if reason:
             for item in gated:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _marker_settings(item) -> tuple[tuple, dict]:
+    """Every amp_regression marker on the test (module, class, function, stacked): merged, the
+    closest one (as pytest's get_closest_marker sees it) winning each setting it names."""
+    args, kwargs = (), {}
+    for marker in reversed(list(item.iter_markers(MARKER))):
+        args += tuple(marker.args)
+        kwargs.update(marker.kwargs)
+    return args, kwargs
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_make_collect_report(collector):
+    """What each collector found before any plugin filtered it (this wrapper is the innermost):
+    the reference that tells a module collected in full from one narrowed by --lf, -k, node ids
+    or a plugin that drops items without calling pytest_deselected."""
+    report = yield
+    state = collector.config.stash.get(STATE_KEY, None)
+    if state is not None and report.passed:
+        state.setdefault("reported", set()).add(collector.nodeid)
+        for node in report.result or ():
+            kind = "raw_items" if isinstance(node, pytest.Item) else "raw_collectors"
+            state.setdefault(kind, set()).add(node.nodeid)
+    return report
+
+
+def pytest_collection_finish(session):
+    """A module counts as collected in full only if every item it yielded is still selected and
+    every class in it was collected; anything narrower can never make its baselines stale."""
+    config = session.config
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return
+    if config.getoption("lf", False):  # --last-failed narrows by design, even where it keeps a whole module
+        state["partial_modules"] |= set(state["modules"])
+        return
+    selected = {_test_id(item) for item in session.items}  # without xdist's "@group" suffix, like raw_items
+    reported = state.get("reported", set())
+    for module in state["modules"]:
+        items = {i for i in state.get("raw_items", ()) if i.split("::", 1)[0] == module}
+        classes = {c for c in state.get("raw_collectors", ()) if c.split("::", 1)[0] == module and c != module}
+        if not items or items - selected or classes - reported:
+            state["partial_modules"].add(module)
 
 
 def pytest_deselected(items):
@@ -459,19 +556,79 @@ def ampgate_cifar(request):
     return _test_gate(request).run("cifar_cnn")
 
 
-@pytest.hookimpl(hookwrapper=True)
+class GateFailed(Exception):
+    """The gate's verdict, raised at the end of the test's call: pytest's own outcome rules (xfail,
+    ``strict=True``, ``raises=``) then apply to a gate failure as to any other."""
+
+
+NOTHING_MEASURED = (
+    "AMP GATE MEASURED NOTHING: this test is gated (amp_regression marker or ampgate fixture) but never "
+    "called ampgate.run(workload), so nothing was measured or judged; call it, or use the ampgate_mnist / "
+    "ampgate_cifar fixture"
+)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Turn the verdict into the call's outcome once the test body has returned."""
+    result = yield  # the test's own exception, if any, wins and propagates
+    gate = item.config.stash.get(SESSION_KEY, None)
+    if gate is None or not gate.options.enabled or not _is_gated(item):
+        return result
+    results = item.stash[GATE_KEY].results if GATE_KEY in item.stash else []
+    if not results:
+        config = item.stash[CONFIG_KEY] if CONFIG_KEY in item.stash else None
+        if config.strict if config is not None else gate.options.strict:
+            raise GateFailed(NOTHING_MEASURED + " (--ampgate-strict)")
+        item.stash[UNMEASURED_KEY] = True
+        return result
+    if any(r.failed for r in results):
+        raise GateFailed("\n\n".join(r.verdict.explain(strict=r.strict) for r in results))
+    if all(r.verdict.no_mode_ran for r in results):
+        item.stash[SKIPPED_KEY] = True
+        pytest.skip("\n".join(r.verdict.explain(strict=r.strict) for r in results))
+    return result
+
+
+UNMEASURED_KEY = pytest.StashKey[bool]()
+SKIPPED_KEY = pytest.StashKey[bool]()
+
+
+def _outcome_word(report) -> str:
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if report.skipped else "xpassed"
+    return report.outcome
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    report = outcome.get_result()
+    report = outcome.get_result()  # outermost wrapper: the outcome after xfail and the like were applied
     if call.excinfo is not None and isinstance(call.excinfo.value, AmpGateError):
         report.longrepr = _bad_input_repr(item, call.excinfo)
+    if call.excinfo is not None and isinstance(call.excinfo.value, GateFailed) and report.failed:
+        report.longrepr = str(call.excinfo.value)  # the verdict alone: replaced below by the full text when there are results
+    if call.when == "call" and SKIPPED_KEY in item.stash and report.skipped and isinstance(report.longrepr, tuple):
+        path, line, _name = item.reportinfo()  # the skip is the test's, as for a skip marker: point at it
+        report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
+    if call.when == "call" and UNMEASURED_KEY in item.stash:
+        report.__dict__[UNMEASURED_ATTR] = True
     if call.when == "teardown" and LOCK_KEY in item.stash:  # the device lock was dropped just now
         hold = item.stash[LOCK_KEY].to_dict()
         report.__dict__[RUN_ATTR] = {**hold, "released_at": hold.get("released_at") or time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
     if call.when != "call" or GATE_KEY not in item.stash or not item.stash[GATE_KEY].results:
         return
     results = item.stash[GATE_KEY].results
-    report.__dict__[REPORT_ATTR] = [r.to_dict() for r in results]
+    records = [r.to_dict() for r in results]
+    # Only a test whose whole call passed is recorded: not one whose own asserts failed after run(),
+    # that skipped itself, or that is marked xfail (its teardown is checked in ResultCollector).
+    passed = report.passed and not hasattr(report, "wasxfail")
+    update = item.config.stash[SESSION_KEY].options.update
+    if not passed and any(d.get("update") for d in records):
+        for d in records:
+            d["update"] = None
+        report.__dict__[NOT_RECORDED_ATTR] = f"the test {_outcome_word(report)}"
+    report.__dict__[REPORT_ATTR] = records
     if _junit_family(item.config) in ("xunit1", "legacy"):
         from .report import junit_properties
 
@@ -483,10 +640,11 @@ def pytest_runtest_makereport(item, call):
         report.extras = list(getattr(report, "extras", [])) + extras(results)
     # No test id in the text: pytest names the test already ("FAILED <id> - AMP REGRESSION").
     text = "\n\n".join(r.verdict.explain(strict=r.strict) for r in results)
-    if item.config.stash[SESSION_KEY].options.update and any(r.failed for r in results):
+    if update and any(r.failed for r in results):
         text += "\n  baseline NOT recorded: fix the failing checks, or relax their margins in the marker"
-    if any(r.failed for r in results) and report.passed:
-        report.outcome = "failed"
+    elif update and not passed:
+        text += f"\n  baseline NOT recorded: {report.__dict__.get(NOT_RECORDED_ATTR, f'the test {_outcome_word(report)}')}"
+    if report.failed and call.excinfo is not None and isinstance(call.excinfo.value, GateFailed):
         report.longrepr = text  # the verdict is the failure; a section would repeat it
     else:
         report.sections.append(("ampgate", text))
@@ -498,6 +656,8 @@ def _bad_input_repr(item, excinfo):
     if item.config.getoption("fulltrace", False):
         return excinfo.getrepr(style="long")
     exc = excinfo.value
+    if isinstance(exc, GateFailed):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, WorkloadError):
         text += "\n  (the workload this test built is at fault, not pytest-ampgate: fix its model, data or loss)"
@@ -539,6 +699,11 @@ class ResultCollector:
         self.session = session
         self.runs: dict = {}
         """Device-lock holdings by test id: worker, pid, when acquired and released."""
+        self.unmeasured: list[str] = []
+        """Gated tests that passed without ever calling ampgate.run()."""
+        self.not_recorded: dict[str, str] = {}
+        """Under --ampgate-update: test id -> why its measured baseline was not recorded."""
+        self._recordable: dict[str, list] = {}
         self.device_skips = 0
         """Gated tests skipped because the device could not run them (in-process, or reported by xdist workers)."""
 
@@ -548,6 +713,16 @@ class ResultCollector:
             text = report.longrepr[2] if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3 else ""
             if reason and reason in str(text):
                 self.device_skips += 1
+        if report.__dict__.get(UNMEASURED_ATTR):
+            self.unmeasured.append(_test_id(report.nodeid))
+        if report.__dict__.get(NOT_RECORDED_ATTR):
+            self.not_recorded[_test_id(report.nodeid)] = report.__dict__[NOT_RECORDED_ATTR]
+        if report.when == "teardown" and report.nodeid in self._recordable:
+            results = self._recordable.pop(report.nodeid)
+            if report.failed:  # the whole test did not pass: its call's update is dropped
+                for r in results:
+                    r.update = None
+                self.not_recorded[_test_id(report.nodeid)] = "its teardown failed"
         records = report.__dict__.get(REPORT_ATTR)
         if records:
             from .gate import GateResult
@@ -555,6 +730,8 @@ class ResultCollector:
             results = [GateResult.from_dict(d) for d in records]
             self.session.results.extend(results)
             _junit_suite_properties(self.config, results)
+            if any(r.update is not None for r in results):
+                self._recordable[report.nodeid] = results
             if self.session.progress and getattr(report, "node", None) is not None:  # sent by an xdist worker
                 for r in results:
                     m = r.measurements
@@ -749,7 +926,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
-    if not gate.results and not state.get("summary"):
+    collector = config.pluginmanager.get_plugin("ampgate-results")
+    if not gate.results and not state.get("summary") and not (collector and (collector.unmeasured or collector.not_recorded)):
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
     from .gate import FAIL, INCONCLUSIVE
     from .report import format_table, table_rows
@@ -764,6 +942,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(f"INCONCLUSIVE {r.test_id}: {check.why}", yellow=True)
         if gate.options.update and r.update is None and r.verdict.of(FAIL):
             terminalreporter.write_line(f"baseline NOT recorded for {r.test_id}: it has failing checks", red=True)
+        elif gate.options.update and r.update is None and collector and r.test_id in collector.not_recorded:
+            terminalreporter.write_line(f"baseline NOT recorded for {r.test_id}: {collector.not_recorded[r.test_id]}", red=True)
+        for check in r.verdict.checks:
+            if check.metric == "known_state":
+                terminalreporter.write_line(f"LEAKED STATE {r.test_id}: {check.why}", yellow=True)
+    if collector and collector.unmeasured:
+        terminalreporter.write_line(
+            f"gated but measured nothing (never called ampgate.run()): {', '.join(collector.unmeasured)}; "
+            "--ampgate-strict fails them",
+            yellow=True,
+        )
     stale = _stale(config)
     if stale:
         if gate.options.update and gate.options.prune:
@@ -780,7 +969,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 + "; delete them with --ampgate-update --ampgate-prune"
             )
     for line in state.get("summary", []):
-        terminalreporter.write_line(line, red=line.startswith(("baselines NOT", NO_DEVICE_PREFIX)))
+        terminalreporter.write_line(line, red=line.startswith(("baselines NOT", NO_DEVICE_PREFIX)) or " NOT written" in line)
 
 
 def pytest_report_header(config):

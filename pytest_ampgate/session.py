@@ -154,7 +154,7 @@ class TestGate:
         """
         from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
-        from .workloads import BUILTIN, get_workload
+        from .workloads import BUILTIN, check_dataset, get_workload
 
         if self.results:
             raise ConfigError(
@@ -162,6 +162,7 @@ class TestGate:
                 "split the workloads into separate tests or parametrize the test"
             )
         options = self.session.options
+        check_dataset(dataset)
         by_name = isinstance(workload, str) and workload in BUILTIN
         world_size = self.config.world_size
         if world_size is not None:  # the ranks build the workload from its reference (see distributed.py)

@@ -609,7 +609,7 @@ def test_a_faulty_mode_is_never_recorded_as_a_baseline(pytester):
 
 SLOW_TEST = HELPERS + '''
 
-@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=1.2, rounds=4, steps_per_block=2, warmup_steps=1, missing_baseline="ignore")
+@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=1.2, rounds=6, steps_per_block=2, warmup_steps=1, missing_baseline="ignore")
 def test_gated(ampgate):
     ampgate.run(tiny("slow", model=lambda: Faulty("slow")))
 '''

@@ -5,6 +5,7 @@ per-process utilisation samples and violation counters, fake ``torch.cuda`` cont
 for ``cuda:N``; peak memory is measured for real on the CPU (profiler allocation events).
 """
 
+import dataclasses
 import gc
 import os
 import subprocess
@@ -90,15 +91,19 @@ def test_launch_bound_reference_is_a_plain_statement_not_a_fail():
     assert verdict.outcome != FAIL
 
 
+DECISIVE = dataclasses.replace(TINY, rounds=6)
+"""Enough rounds for a decisive speed verdict (stats.MIN_ROUNDS_FOR_CONFIDENCE); fewer are INCONCLUSIVE."""
+
+
 def test_check_speed_true_forces_the_gate_on_a_launch_bound_step():
-    m = as_if_on_cuda(measure(tiny_workload(), ["amp_bf16"], device="cpu", config=TINY, timer=FakeTimer(LAUNCH_BOUND)))
+    m = as_if_on_cuda(measure(tiny_workload(), ["amp_bf16"], device="cpu", config=DECISIVE, timer=FakeTimer(LAUNCH_BOUND)))
     verdict = evaluate(m, build_config(("test", {"modes": ["amp_bf16"], "check_speed": True, "missing_baseline": "ignore"})))
     speed = next(c for c in verdict.checks if c.metric == "speedup")
     assert speed.outcome == FAIL and "launch-bound" in speed.why
 
 
 def test_a_gpu_bound_regression_still_fails():
-    m = as_if_on_cuda(measure(tiny_workload(), ["amp_bf16"], device="cpu", config=TINY, timer=FakeTimer(GPU_BOUND)))
+    m = as_if_on_cuda(measure(tiny_workload(), ["amp_bf16"], device="cpu", config=DECISIVE, timer=FakeTimer(GPU_BOUND)))
     assert not launch_bound(m.reference).bound
     verdict = evaluate(m, build_config(("test", {"modes": ["amp_bf16"], "missing_baseline": "ignore"})))
     assert next(c for c in verdict.checks if c.metric == "speedup").outcome == FAIL

@@ -247,7 +247,7 @@ def test_update_does_not_record_a_failing_test(pytester):
     result = pytester.runpytest(*CPU, "--ampgate-update")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "FAILED test_nan.py::test_nan - AMP REGRESSION" in out
+    assert "FAILED test_nan.py::test_nan - WORKLOAD ERROR" in out
     assert re.search(r"fp32 loss non-finite \(nan\) first at step 0 of \d+", out), out
     assert "baseline NOT recorded: fix the failing checks" in out
     assert "baseline NOT recorded for test_nan.py::test_nan: it has failing checks" in out
