@@ -69,7 +69,7 @@ def test_a_plain_run_imports_no_torch(pytester):
 SHOW_CONFIG = """
 def test_config(ampgate):
     c = ampgate.config
-    print("CONFIG", c.min_speedup, c.strict, list(c.modes), c.rounds, c.check_speed)
+    print("CONFIG", c.min_speedup, c.confirm, list(c.modes), c.rounds, c.check_speed)
 """
 
 
@@ -78,7 +78,7 @@ def test_native_toml_takes_floats_booleans_and_lists(pytester):
     pytester.makepyprojecttoml(
         "[tool.pytest]\n"
         "ampgate_min_speedup = 1.3\n"
-        "ampgate_strict = true\n"
+        "ampgate_confirm = false\n"
         "ampgate_check_speed = false\n"
         'ampgate_modes = ["amp_bf16", "fp16"]\n'
         "ampgate_rounds = 4\n"
@@ -86,20 +86,20 @@ def test_native_toml_takes_floats_booleans_and_lists(pytester):
     pytester.makepyfile(test_cfg=SHOW_CONFIG)
     result = pytester.runpytest(*CPU, "-s")
     result.assert_outcomes(passed=1)
-    assert "CONFIG 1.3 True ['amp_bf16', 'fp16'] 4 False" in result.stdout.str()
+    assert "CONFIG 1.3 False ['amp_bf16', 'fp16'] 4 False" in result.stdout.str()
     # -o strings still work, and win over the file
-    result = pytester.runpytest(*CPU, "-s", "-o", "ampgate_min_speedup=1.5", "-o", "ampgate_strict=false",
+    result = pytester.runpytest(*CPU, "-s", "-o", "ampgate_min_speedup=1.5", "-o", "ampgate_confirm=true",
                                 "-o", "ampgate_modes=amp_fp16,amp_bf16")
     result.assert_outcomes(passed=1)
-    assert "CONFIG 1.5 False ['amp_fp16', 'amp_bf16'] 4 False" in result.stdout.str()
+    assert "CONFIG 1.5 True ['amp_fp16', 'amp_bf16'] 4 False" in result.stdout.str()
 
 
 def test_ini_file_strings_still_work(pytester):
-    pytester.makeini("[pytest]\nampgate_min_speedup = 1.25\nampgate_strict = yes\nampgate_modes = amp_fp16, amp_bf16\n")
+    pytester.makeini("[pytest]\nampgate_min_speedup = 1.25\nampgate_confirm = no\nampgate_modes = amp_fp16, amp_bf16\n")
     pytester.makepyfile(test_cfg=SHOW_CONFIG)
     result = pytester.runpytest(*CPU, "-s")
     result.assert_outcomes(passed=1)
-    assert "CONFIG 1.25 True ['amp_fp16', 'amp_bf16'] 6 None" in result.stdout.str()  # rounds: the CPU profile's
+    assert "CONFIG 1.25 False ['amp_fp16', 'amp_bf16'] 6 None" in result.stdout.str()  # rounds: the CPU profile's
 
 
 @pytest.mark.skipif(not NATIVE_TOML, reason="pytest 9's native [tool.pytest] table")
@@ -147,7 +147,7 @@ def test_modes_from_the_command_line_lose_to_the_marker_and_beat_the_ini(pyteste
     result = pytester.runpytest(*CPU, "-s", "--ampgate-modes", "amp_bf16,amp_fp16")
     result.assert_outcomes(passed=2)
     out = result.stdout.str()
-    assert "CONFIG 1.2 False ['amp_bf16', 'amp_fp16']" in out and "MARKED ['bf16']" in out
+    assert "CONFIG 1.2 True ['amp_bf16', 'amp_fp16']" in out and "MARKED ['bf16']" in out
     bad = pytester.runpytest(*CPU, "--ampgate-modes", "amp_fp17")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--ampgate-modes*amp_fp17*"])
