@@ -801,7 +801,7 @@ import time
 
 import pytest
 
-from pytest_ampgate import baselines
+from pytest_ampgate import baselines, file_safety
 
 FAULT = os.environ.get("AMPGATE_FAULT", "")
 MARK = os.environ.get("AMPGATE_FAULT_MARK", "")
@@ -845,6 +845,7 @@ class FaultyOs:
 
 if FAULT:
     baselines.os = FaultyOs()
+    file_safety.os = baselines.os  # the atomic write lives there (one write policy for every file)
 
 if os.environ.get("AMPGATE_RACE"):
     real_write = baselines._write_atomic
