@@ -21,21 +21,16 @@ Layout: the part of a pytest node id before the first ``"::"`` is the test modul
 (see :func:`module_relpath`) and the result is checked to lie inside the directory, so a test id
 can never steer a write elsewhere.
 
-Locking uses ``fcntl.flock`` on a sidecar ``<file>.lock`` in the same directory. The lock file is
-removed by its holder just before release, so it does not linger in ``git status``; a waiter that
-wins the lock on a file that has meanwhile been unlinked notices (inode check) and retries. The
-holder writes its pid into the lock file so that a timeout can say who is holding it. On Windows
-``msvcrt.locking`` is used and the lock file is kept (an open file cannot be unlinked there); on a
-platform with neither, writes are still atomic but concurrent writers may lose each other's
-updates. Waiting is bounded by ``lock_timeout`` (60 s by default) after which BaselineError names
-the lock file.
+Locking and atomic writes follow the one policy of ``file_safety.py`` (shared with the device
+lock): a ``filelock`` lock per baseline file, its lock file in the shared lock directory (never in
+the checkout), the holder named in a sidecar. Waiting is bounded by ``lock_timeout`` (60 s by
+default), after which BaselineError names the lock file and its holder.
 
 This module is pure standard library: the engine can be used from a script without torch or pytest.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -43,10 +38,8 @@ import numbers
 import operator
 import os
 import re
-import secrets
 import stat
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -54,15 +47,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from .errors import BaselineError
-
-try:  # POSIX
-    import fcntl as _fcntl
-except ImportError:  # pragma: no cover - Windows and exotic platforms
-    _fcntl = None
-try:  # Windows
-    import msvcrt as _msvcrt
-except ImportError:
-    _msvcrt = None
+from .file_safety import Lock, LockError, lock_name
+from .file_safety import fsync_dir as _fsync_dir
+from .file_safety import tmp_pattern as _tmp_pattern
+from .file_safety import write_atomic as _write_atomic
 
 __all__ = [
     "SCHEMA",
@@ -567,157 +555,25 @@ def _new_document() -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def try_exclusive_lock(fd: int) -> bool:
-    """Take an exclusive lock on an open file without waiting; False when another process holds it.
-
-    Shared with the device lock (gpu_lock.py): one place knows the flock / msvcrt difference.
-    """
-    try:
-        if _fcntl is not None:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        else:  # pragma: no cover - Windows
-            os.lseek(fd, 0, os.SEEK_SET)
-            _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
-            return False
-        raise
-    return True
-
-
 class _Lock:
-    """An exclusive inter-process lock on ``<file>.lock``; see the module docstring for the protocol."""
+    """The store's lock on one baseline file: file_safety's lock (shared lock directory, timeout
+    naming the holder), named after the file's absolute path, so no lock file lands in baselines/."""
 
     def __init__(self, target: Path, timeout: float):
-        self.path = target.with_name(target.name + ".lock")
-        self.timeout = timeout
-        self.fd: Optional[int] = None
-        self.real = _fcntl is not None or _msvcrt is not None
-
-    def _holder(self, fd: Optional[int]) -> str:
-        if fd is None:
-            return ""
-        try:
-            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if hasattr(os, "pread") else ""
-        except OSError:
-            pid = ""
-        return f" (held by pid {pid})" if pid.isdigit() else ""
-
-    def _timeout(self, fd: Optional[int] = None) -> BaselineError:
-        return BaselineError(
-            f"timed out after {self.timeout:g}s waiting for the lock {_display(self.path)}"
-            f"{self._holder(fd)}; another pytest --ampgate-update may still be writing baselines. "
-            f"Wait for it to finish; a lock left by a dead process is released automatically"
-        )
+        self.target = target
+        self.lock = Lock(lock_name("baseline", str(target)), timeout=timeout, what=f"baseline lock for {_display(target)}")
+        self.path = self.lock.path
+        self.real = True
 
     def acquire(self) -> None:
-        if not self.real:
-            return
-        deadline = time.monotonic() + self.timeout
-        retry = False
-        while True:
-            if retry and time.monotonic() >= deadline:
-                raise self._timeout()
-            retry = True
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
-            except FileNotFoundError:  # directory pruned between mkdir and open: try again
-                continue
-            try:
-                delay = 0.001
-                while not try_exclusive_lock(fd):
-                    if time.monotonic() >= deadline:
-                        raise self._timeout(fd)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-                if _fcntl is not None:
-                    # The previous holder may have unlinked this file before releasing it; then the
-                    # lock we hold guards nothing and the current lock file is another inode.
-                    try:
-                        on_disk = os.stat(self.path)
-                    except FileNotFoundError:
-                        os.close(fd)
-                        continue
-                    mine = os.fstat(fd)
-                    if (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino):
-                        os.close(fd)
-                        continue
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
-            except BaseException:
-                os.close(fd)
-                raise
-            self.fd = fd
-            return
+        self.target.parent.mkdir(parents=True, exist_ok=True)  # the file is written there once locked
+        try:
+            self.lock.acquire(f"pytest --ampgate-update writing {_display(self.target)}")
+        except LockError as exc:
+            raise BaselineError(f"{exc}; another pytest --ampgate-update may still be writing baselines") from None
 
     def release(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        try:
-            if _fcntl is not None:
-                # Unlink while still holding the lock (see module docstring), then close = unlock.
-                try:
-                    os.unlink(self.path)
-                except OSError:
-                    pass
-            else:  # pragma: no cover - Windows: keep the file, unlock the byte
-                try:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    _msvcrt.locking(fd, _msvcrt.LK_UNLCK, 1)
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_pattern(target: Path) -> str:
-    return f".{target.name}.*.tmp"
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so that readers and crashes see the old or the new file only."""
-    directory = target.parent
-    tmp = directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # O_EXCL + 0o666 lets the umask decide permissions, as for any file the user creates.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.chmod(tmp, os.stat(target).st_mode & 0o7777)  # keep the committed file's mode
-        except FileNotFoundError:
-            pass
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+        self.lock.release()
 
 
 # --------------------------------------------------------------------------------------------------

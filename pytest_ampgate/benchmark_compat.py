@@ -8,14 +8,17 @@ grouped by test so ``compare`` shows fp32 next to each AMP mode, with the speedu
 peak memory and its ratio, accuracy and the verdict in ``extra_info``, and the GPU in
 ``machine_info["gpu"]``.
 
-Only pytest-benchmark's public surface is used: its hooks (``pytest_benchmark_update_json`` adds
-our entries to whatever it writes; ``pytest_benchmark_update_machine_info`` adds the GPU; the
-``generate_*`` hooks build a document), its ``Stats`` class and its ``load_storage`` helper.  One
-limit of that surface: pytest-benchmark saves nothing when no ``benchmark`` fixture ran (it checks
-its own private list of benchmarks, and disables itself entirely under pytest-xdist).  Then
-:meth:`BenchmarkBridge.finish` writes the same document itself, built by those same hooks, into the
-``--benchmark-json`` file and the ``--benchmark-save``/``--benchmark-autosave`` storage.  Nothing
-here imports pytest.
+The entries are built with pytest-benchmark's hooks (``pytest_benchmark_update_json`` adds our
+entries to whatever it writes; ``pytest_benchmark_update_machine_info`` adds the GPU; the
+``generate_*`` hooks build a document), its ``Stats`` class and its ``load_storage`` helper.  Where
+that surface falls short we say so: pytest-benchmark saves nothing when no ``benchmark`` fixture
+ran (it checks its own private list of benchmarks, and disables itself entirely under
+pytest-xdist), so :meth:`BenchmarkBridge.finish` then writes the same document itself, built by
+those same hooks, into the ``--benchmark-json`` file (an open file before pytest-benchmark 5.3, a
+path from 5.3) and the ``--benchmark-save``/``--benchmark-autosave`` storage; and
+``--benchmark-compare-fail`` compares pytest-benchmark's own in-session benchmarks only, so it never
+sees these entries (the gate's verdicts are what fail a build).  Supported: pytest-benchmark 5.x.
+Nothing here imports pytest.
 """
 
 from __future__ import annotations

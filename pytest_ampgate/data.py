@@ -206,6 +206,15 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
 
+def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A copy outside inference mode of a tensor made inside it (say under a leaked
+    ``torch.inference_mode()``): autograd refuses to save inference tensors for backward."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def from_tensors(
     name: str,
     train_x: torch.Tensor,
@@ -347,9 +356,11 @@ def _user_dataset(name: str, tensors: dict, device, num_classes: int) -> DeviceD
     dev = torch.device(device)
 
     def inputs(t):
+        t = _normal_tensor(t)
         return t.detach().to(device=dev, dtype=torch.float32 if t.is_floating_point() else t.dtype).contiguous()
 
     def targets(t):
+        t = _normal_tensor(t)
         return t.detach().to(device=dev, dtype=torch.float32 if t.is_floating_point() else torch.int64).contiguous()
 
     return DeviceDataset(

@@ -338,7 +338,14 @@ def _cuda_index(index: Optional[int]) -> int:
 
 
 def _cpu_model() -> str:
-    """The CPU model name: /proc/cpuinfo on Linux (platform.processor() is often empty there)."""
+    """The CPU model name, the CPU part of the environment key.
+
+    ``platform.processor()`` merges different CPUs under one key (``arm`` on every Apple machine,
+    ``aarch64`` on every ARM server), so: the ``model name`` of /proc/cpuinfo where it has one (x86
+    Linux: the very string py-cpuinfo reports, read without its ~1 s probe, so keys recorded before
+    stay the same), else py-cpuinfo's ``brand_raw`` (Apple M-series, ARM servers, Windows), else
+    ``platform`` as a last resort.
+    """
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -347,7 +354,25 @@ def _cpu_model() -> str:
                     return " ".join(value.split())
     except OSError:
         pass
+    brand = _cpuinfo_brand()
+    if brand:
+        return brand
     return " ".join((_platform.processor() or _platform.machine() or "unknown cpu").split())
+
+
+_CPUINFO_BRAND: list = []
+
+
+def _cpuinfo_brand() -> str:
+    """py-cpuinfo's brand string, asked once per process (it probes for about a second)."""
+    if not _CPUINFO_BRAND:
+        try:
+            import cpuinfo
+
+            _CPUINFO_BRAND.append(" ".join(str(cpuinfo.get_cpu_info().get("brand_raw") or "").split()))
+        except Exception:  # not installed, or a platform it cannot probe: fall back
+            _CPUINFO_BRAND.append("")
+    return _CPUINFO_BRAND[0]
 
 
 _SHORT_GPU_CUT = re.compile(r"[\s-](?:SXM\d*|PCIE|PCIe|\d+\s*GB)\b.*$")

@@ -2,46 +2,36 @@
 
 Two processes timing on one GPU make both timings meaningless (each one's kernels queue behind the
 other's), and that is exactly what ``pytest -n 4`` or two CI jobs on one runner would do.  So every
-gated test holds an exclusive lock on a file named after its device for its whole run (set-up, the
+gated test holds an exclusive lock named after its device for its whole run (set-up, the
 measurement, teardown), and a second gated test on the same device waits for it.  Tests that are
-not gated take no lock and still run in parallel.
+not gated take no lock and still run in parallel (under xdist the plugin also groups the gated
+tests onto one worker per device, so no worker queues plain tests behind the lock).
 
-The lock is ``flock`` on POSIX (``msvcrt.locking`` on Windows): the kernel drops it when its holder
-dies, so a crashed worker cannot wedge the next run, and lock files are never deleted (deleting a
-lock file that someone is waiting on lets two holders in at once).  Nothing here imports pytest.
+The lock is file_safety's: ``filelock`` in the shared lock directory (mode 1777, lock files 0666,
+so every OS user of a runner shares it), dropped by the OS when its holder dies, with a timeout
+whose error names the holder.  Nothing here imports pytest.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 from contextlib import contextmanager
 
-from .baselines import try_exclusive_lock
-
-try:
-    import fcntl as _fcntl
-except ImportError:  # pragma: no cover - Windows
-    _fcntl = None
-try:
-    import msvcrt as _msvcrt
-except ImportError:
-    _msvcrt = None
-
-LOCK_DIR_ENV = "PYTEST_AMPGATE_LOCK_DIR"
-"""Where lock files live; default ``<tempdir>/pytest-ampgate-locks``, shared by every process of the machine."""
-
-WAIT_NOTICE_S = 2.0
-"""Say that we are waiting (and for whom) once the wait is longer than this."""
+from .file_safety import LOCK_DIR_ENV, WAIT_NOTICE_S, Lock, lock_dir, lock_name  # noqa: F401  (re-exported)
 
 
-def lock_dir() -> Path:
-    return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "pytest-ampgate-locks")
+def pick_device(spec: str, worker_index: int, device_count: int) -> str:
+    """``cuda:auto`` for one process: xdist worker N takes GPU N mod count (one lock per GPU, so
+    workers on different GPUs time at once and workers sharing a GPU take turns)."""
+    if spec.strip().lower() != "cuda:auto":
+        return spec
+    if device_count <= 0:
+        return "cuda"  # the gate reports "no CUDA device" itself
+    return f"cuda:{worker_index % device_count}"
 
 
 def device_key(device: str, run_id: str | None = None) -> str:
@@ -68,10 +58,6 @@ def device_key(device: str, run_id: str | None = None) -> str:
     return f"cuda{index or 0}"
 
 
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-
-
 @dataclass
 class Hold:
     """One holding of a device lock: who, and when (``time.time()`` seconds, comparable across processes)."""
@@ -84,7 +70,6 @@ class Hold:
     acquired_at: float = 0.0
     released_at: float | None = None
     locked: bool = True
-    """False where the platform has no file locks: the test then ran unserialised."""
 
     @property
     def waited_s(self) -> float:
@@ -95,63 +80,44 @@ class Hold:
 
 
 class DeviceLock:
-    """An exclusive lock on one device, shared by every process on this machine."""
+    """An exclusive lock on one device, shared by every process and user on this machine."""
 
-    def __init__(self, key: str, directory: str | os.PathLike | None = None):
+    def __init__(self, key: str, directory: str | os.PathLike | None = None, timeout: float | None = None):
         self.key = key
-        self.path = Path(directory or lock_dir()) / f"{_safe(key)}.lock"
-        self._fd: int | None = None
+        self.lock = Lock(lock_name("device", key), timeout=timeout, directory=directory, what=f"{key} device lock")
+        self.path = str(self.lock.path)
 
     def holder(self) -> str:
-        """Who holds the lock now, as its holder wrote it (best effort, for waiting messages)."""
-        try:
-            return self.path.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            return ""
+        """Who holds the lock now, as its holder wrote it (for waiting messages)."""
+        return self.lock.holder()
 
-    def acquire(self, holder: str, on_wait: Callable[[str], None] | None = None, poll_s: float = 0.02) -> Hold:
-        hold = Hold(self.key, str(self.path), holder, os.getpid(), requested_at=time.time())
-        if _fcntl is None and _msvcrt is None:  # pragma: no cover - no file locks at all
-            hold.locked = False
-            hold.acquired_at = time.time()
-            return hold
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            noticed = False
-            while not try_exclusive_lock(fd):
-                if on_wait and not noticed and time.time() - hold.requested_at >= WAIT_NOTICE_S:
-                    noticed = True
-                    on_wait(f"waiting for the {self.key} lock ({self.path}), held by: {self.holder() or 'unknown'}")
-                time.sleep(poll_s)
-            hold.acquired_at = time.time()
-            if _fcntl is not None:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {holder}\n".encode("utf-8", "replace"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+    def acquire(self, holder: str, on_wait: Callable[[str], None] | None = None) -> Hold:
+        hold = Hold(self.key, self.path, holder, os.getpid(), requested_at=time.time())
+        self.lock.acquire(holder, on_wait)
+        hold.acquired_at = time.time()
         return hold
 
     def release(self, hold: Hold) -> None:
-        fd, self._fd = self._fd, None
         hold.released_at = time.time()
-        if fd is None:
-            return
+        self.lock.release()
+
+
+def remove_run_lock(path: str | os.PathLike) -> None:
+    """Delete a per-run lock (the CPU's) and its holder file once every process of the run is done."""
+    path = Path(path)
+    for p in (path, path.with_suffix(".holder")):
         try:
-            if _fcntl is None:  # pragma: no cover - Windows
-                os.lseek(fd, 0, os.SEEK_SET)
-                _msvcrt.locking(fd, _msvcrt.LK_UNLCK, 1)
-        finally:
-            os.close(fd)  # closing the descriptor drops the flock
+            p.unlink()
+        except OSError:
+            pass
 
 
 @contextmanager
 def hold_device(device: str, holder: str, on_wait: Callable[[str], None] | None = None,
-                directory: str | os.PathLike | None = None, run_id: str | None = None) -> Iterator[Hold]:
+                directory: str | os.PathLike | None = None, run_id: str | None = None,
+                timeout: float | None = None) -> Iterator[Hold]:
     """Hold ``device`` exclusively for the body; yields the :class:`Hold` (its times fill in as it goes)."""
-    lock = DeviceLock(device_key(device, run_id), directory)
+    lock = DeviceLock(device_key(device, run_id), directory, timeout=timeout)
     hold = lock.acquire(holder, on_wait)
     try:
         yield hold

@@ -58,6 +58,8 @@ def leaked_state(device_type: str = "cpu") -> list[str]:
         found.append("gradients disabled (torch.no_grad() or torch.set_grad_enabled(False) left active)")
     if torch.is_inference_mode_enabled():
         found.append("torch.inference_mode() left active")
+    if torch.is_anomaly_enabled():  # turns the inf/NaN gradients GradScaler skips into errors, and slows every op
+        found.append("torch.autograd.set_detect_anomaly(True) left on")
     if torch.get_default_dtype() != torch.float32:
         found.append(f"torch.set_default_dtype({_dtype_name(torch.get_default_dtype())}) left set (expected float32)")
     get_device = getattr(torch, "get_default_device", None)  # torch >= 2.3
@@ -80,37 +82,39 @@ def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        if torch.is_anomaly_enabled():
+            stack.enter_context(torch.autograd.set_detect_anomaly(False))
+        _outside_autocast_regions(stack)
         if default_device is not None and default_device.type != "cpu":
             torch.set_default_device("cpu")
             stack.callback(torch.set_default_device, default_device)
         if dtype != torch.float32:
             torch.set_default_dtype(torch.float32)
             stack.callback(torch.set_default_dtype, dtype)
-        _leave_leaked_autocast_nesting(stack)
         yield found
 
 
-def _leave_leaked_autocast_nesting(stack: ExitStack) -> None:
-    """An autocast entered and never left keeps autocast's nesting level above 0, and autocast clears
-    its cache of cast weights only when the level returns to 0: every AMP step would then run on
-    the bfloat16/float16 copies of the weights cast at the first step (measured: an amp_bf16 run
-    that stops learning, caught by the same-run check).  Measure at level 0; restore it after."""
-    increment = getattr(torch, "autocast_increment_nesting", None)
-    decrement = getattr(torch, "autocast_decrement_nesting", None)
-    if increment is None or decrement is None:
+def _outside_autocast_regions(stack: ExitStack) -> None:
+    """Measure at autocast nesting depth 0, restoring the caller's depth afterwards.
+
+    autocast caches its casts of leaf tensors (the weights) and drops that cache only when the
+    outermost region exits.  Inside a region a test left open (or one wrapping ``run()``), a mode's
+    own ``torch.autocast`` is not outermost, so the weights' low-precision copies made at the first
+    step would be reused after every optimizer step: the model would train on stale weights and
+    that would be measured (and recorded) as the AMP mode's accuracy.
+    """
+    depth = 0
+    while torch.autocast_decrement_nesting() >= 0:
+        depth += 1
+    torch.autocast_increment_nesting()  # the probe went one below zero
+    if depth == 0:
         return
-    level = increment() - 1
-    decrement()
-    if level <= 0:
-        return
-    for _ in range(level):
-        decrement()
     torch.clear_autocast_cache()
 
     def restore() -> None:
         torch.clear_autocast_cache()
-        for _ in range(level):
-            increment()
+        for _ in range(depth):
+            torch.autocast_increment_nesting()
 
     stack.callback(restore)
 

@@ -25,60 +25,210 @@ CONFIG_KEY = pytest.StashKey["object"]()
 GATE_KEY = pytest.StashKey["object"]()
 STATE_KEY = pytest.StashKey[dict]()
 LOCK_KEY = pytest.StashKey["object"]()
+LOCK_TIMEOUT_KEY = pytest.StashKey["object"]()
+LOCK_OBJECT_KEY = pytest.StashKey["object"]()
 RUN_ATTR = "ampgate_run"
+XDIST_GROUP = "ampgate"
+
+
+def _benchmark_json_makes_its_folder(parser) -> None:
+    """``--benchmark-json PATH`` into a folder that does not exist yet: pytest-benchmark < 5.3 opens
+    the file while the command line is parsed (argparse.FileType), before any hook could create the
+    folder, so its option's type is wrapped to create the folder first (as --junitxml does).
+    pytest 9 builds the argparse action at once; older pytest keeps the Argument until parsing."""
+    targets = [a for a in getattr(getattr(parser, "optparser", None), "_actions", ()) if "--benchmark-json" in a.option_strings]
+    for group in getattr(parser, "_groups", ()):
+        targets += [o for o in getattr(group, "options", ()) if "--benchmark-json" in o.names()]
+    for target in targets:
+        opener = getattr(target, "type", None) or str
+        if getattr(opener, "ampgate_makes_folder", False):
+            continue
+
+        def make_folder_then_open(value, opener=opener):
+            if value and value != "-":
+                try:
+                    Path(value).parent.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    pass  # the opener then says why it cannot write there
+            return opener(value)
+
+        make_folder_then_open.ampgate_makes_folder = True
+        target.type = make_folder_then_open
+        if isinstance(getattr(target, "_attrs", None), dict):
+            target._attrs["type"] = make_folder_then_open
+
+
+_PARSERS: list = []
+
+
+def pytest_plugin_registered(plugin, manager):
+    for parser in _PARSERS:  # pytest-benchmark registered after us: its option exists only now
+        _benchmark_json_makes_its_folder(parser)
 UNMEASURED_ATTR = "ampgate_unmeasured"
 NOT_RECORDED_ATTR = "ampgate_not_recorded"
 
 
 def pytest_addoption(parser):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-benchmark says "disabled because xdist" in every process; the controller says it once
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Benchmarks are automatically disabled because xdist")
+    _PARSERS[:] = [parser]
+    _benchmark_json_makes_its_folder(parser)
     group = parser.getgroup("ampgate", "AMP regression gate (pytest-ampgate)")
     group.addoption("--ampgate", action="store_true", default=False,
-                    help="run the tests marked amp_regression (skipped without this flag)")
+                    help="run the tests marked amp_regression (skipped without this flag). Default: off")
     group.addoption("--ampgate-update", action="store_true", default=False,
-                    help="record the measured results as the new baselines (written at session end)")
+                    help="record the measured results as the new baselines (written at session end). Default: off")
     group.addoption("--ampgate-prune", action="store_true", default=False,
-                    help="with --ampgate-update: delete baseline entries of tests that no longer exist")
+                    help="with --ampgate-update: delete baseline entries of tests that no longer exist. Default: off")
     group.addoption("--ampgate-device", default=None,
-                    help="where to train: cuda (default), cuda:N, or cpu (numerical checks only; timing is not gated)")
+                    help="where to train: cuda, cuda:N, cuda:auto (xdist workers spread over the GPUs, one lock "
+                         "each) or cpu (numerical checks only; timing is not gated). Default: ini ampgate_device, else cuda")
     group.addoption("--ampgate-baseline-dir", default=None,
-                    help="directory of the baseline JSON files (default: baselines/ at the rootdir)")
+                    help="directory of the baseline JSON files. Default: ini ampgate_baseline_dir, else baselines/ at the rootdir")
     group.addoption("--ampgate-data-root", default=None,
-                    help="directory holding MNIST/CIFAR-10 files in torchvision's layout (default: synthetic data)")
+                    help="directory holding MNIST/CIFAR-10 files in torchvision's layout. Default: ini ampgate_data_root, else synthetic data")
     group.addoption("--ampgate-download", action="store_true", default=False,
-                    help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing")
+                    help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing. Default: off")
     group.addoption("--ampgate-strict", action="store_true", default=False,
-                    help="treat INCONCLUSIVE verdicts as failures")
+                    help="treat INCONCLUSIVE verdicts as failures. Default: off")
     group.addoption("--ampgate-json", default=None, metavar="PATH",
-                    help="write a JSON report of the gated run to PATH (schema: docs/json-report.md)")
+                    help="write a JSON report of the gated run to PATH (schema: docs/json-report.md). Default: none")
     group.addoption("--ampgate-markdown", default=None, metavar="PATH",
-                    help="write the summary table as Markdown to PATH (also appended to $GITHUB_STEP_SUMMARY when set)")
+                    help="write the summary table as Markdown to PATH (also appended to $GITHUB_STEP_SUMMARY when set). Default: none")
     group.addoption("--ampgate-plot", default=None, metavar="PATH",
-                    help="write a PNG chart of speedups and memory ratios against their limits (needs matplotlib)")
-    parser.addini("ampgate_device", "default for --ampgate-device", default="cuda")
-    parser.addini("ampgate_baseline_dir", "default for --ampgate-baseline-dir (relative to the rootdir)", default="baselines")
-    parser.addini("ampgate_data_root", "default for --ampgate-data-root", default="")
+                    help="write a PNG chart of speedups and memory ratios against their limits (needs matplotlib). Default: none")
+    group.addoption("--ampgate-modes", default=None, metavar="MODES",
+                    help="precision modes for this run, e.g. amp_bf16,amp_fp16; wins over ini ampgate_modes, "
+                         "loses to modes= in a test's marker. Default: ini ampgate_modes, else amp_fp16 amp_bf16")
+    group.addoption("--ampgate-only", action="store_true", default=False,
+                    help="run only the gated tests (marked amp_regression or using an ampgate fixture); "
+                         "implies --ampgate. Default: off")
+    group.addoption("--ampgate-lock-timeout", default=None, type=float, metavar="SECONDS",
+                    help="give up waiting for the device lock after SECONDS, naming its holder (0: wait forever). "
+                         f"Default: ini ampgate_lock_timeout, else {DEFAULT_DEVICE_LOCK_TIMEOUT:g}")
+    parser.addini("ampgate_device", "default for --ampgate-device (default: cuda)", default="cuda")
+    parser.addini("ampgate_baseline_dir", "default for --ampgate-baseline-dir, relative to the rootdir (default: baselines)", default="baselines")
+    parser.addini("ampgate_data_root", "default for --ampgate-data-root (default: synthetic data)", default="")
+    parser.addini("ampgate_lock_timeout", f"default for --ampgate-lock-timeout in seconds (default: {DEFAULT_DEVICE_LOCK_TIMEOUT:g})",
+                  type=_ini_type("float"), default=None)
     for name, (_check, text) in SETTINGS.items():
-        parser.addini(f"ampgate_{name}", f"default {text}", default="")
+        parser.addini(f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None)
+
+
+DEFAULT_DEVICE_LOCK_TIMEOUT = 3600.0
+"""Seconds a gated test waits for its device before failing with the holder's name: long enough
+for another job's whole gated run, short of a CI job's own timeout, so a hung holder is named."""
+
+INI_TYPES = {
+    "modes": "args",
+    "check_speed": "bool", "check_memory": "bool", "confirm": "bool", "strict": "bool",
+    "missing_baseline": "string",
+    "warmup_steps": "int", "rounds": "int", "steps_per_block": "int", "memory_steps": "int",
+    "world_size": "int",
+}
+"""pytest ini types of the ``ampgate_<setting>`` keys (the rest are floats), so that pytest 9's native
+``[tool.pytest]`` table takes ``1.3``, ``true`` and ``["amp_bf16"]``; INI-file and ``-o`` strings still work."""
+
+
+def _ini_type(kind: str) -> str:
+    """pytest < 8.4 has no "int"/"float" ini types: there the value stays a string, which the
+    setting's own check converts (with the same error messages)."""
+    if kind in ("int", "float") and tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit()) < (8, 4):
+        return "string"
+    return kind
+
+
+def _default_text(name: str) -> str:
+    from .config import GateConfig
+
+    value = getattr(GateConfig, name, None)
+    if name in ("check_speed", "check_memory"):
+        return "auto: on CUDA only; set true or false to force"
+    if isinstance(value, tuple):
+        return " ".join(value)
+    if value is None:
+        return "unset"
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+def _ini_value(config, key: str):
+    """``config.getini``, typed by pytest.  Where pytest's own conversion refuses the value (``-o
+    ampgate_min_speedup=abc``, a native-TOML ``"1.3"`` string for a float), the raw value goes through
+    the setting's own check instead: it is accepted if that check accepts it, else refused with the
+    check's message (naming the key, the setting and the allowed range), never an INTERNALERROR."""
+    try:
+        return config.getini(key)
+    except (TypeError, ValueError) as exc:
+        pytest_says = f"ini option {key}: {exc}".replace(f"{config.inipath}: ", "")
+        raw = _raw_ini(config, key)
+        name = key[len("ampgate_"):]
+        if raw is None or name not in SETTINGS:
+            raise ConfigError(pytest_says) from None
+        if name == "modes":
+            return [raw] if isinstance(raw, str) else list(raw)
+        try:
+            return SETTINGS[name][0](name, raw)
+        except ConfigError as check:
+            raise ConfigError(f"ini option {key}: {check}") from None
+
+
+def _raw_ini(config, key: str):
+    """The value as written in the ini file or ``-o`` (only read once pytest's conversion failed)."""
+    store = getattr(config, "_inicfg", None)  # pytest 9: key -> ConfigValue
+    if not isinstance(store, dict):
+        store = getattr(config, "inicfg", None)  # pytest < 9: key -> str
+    if not isinstance(store, dict) or key not in store:
+        return None
+    value = store[key]
+    return getattr(value, "value", value)
 
 
 def _ini_settings(config) -> dict:
     values = {}
     for name in SETTINGS:
-        value = config.getini(f"ampgate_{name}")
+        value = _ini_value(config, f"ampgate_{name}")
         if value not in ("", None, []):
+            if name == "modes":  # "amp_fp16,amp_bf16" as well as "amp_fp16 amp_bf16" or a TOML list
+                value = [m for v in value for m in str(v).replace(",", " ").split()]
             values[name] = value
     return values
+
+
+def _check_ini_keys(config) -> None:
+    """A misspelt ``ampgate_*`` key would otherwise be a generic warning and silently do nothing."""
+    import difflib
+
+    known = {"ampgate_device", "ampgate_baseline_dir", "ampgate_data_root", "ampgate_lock_timeout"}
+    known |= {f"ampgate_{name}" for name in SETTINGS}
+    getter = getattr(config, "_get_unknown_ini_keys", None)  # pytest's own list of keys nobody declared
+    unknown = sorted(k for k in (getter() if getter else ()) if k.startswith("ampgate_"))
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown ini option {key}: {hint}")
 
 
 def _options(config):
     from .session import GateOptions, validate_device
 
-    device = validate_device(config.getoption("ampgate_device") or config.getini("ampgate_device") or "cuda")
+    raw_device = _raw_device(config)
+    enabled = bool(config.getoption("ampgate") or config.getoption("ampgate_update") or config.getoption("ampgate_only"))
+    device = validate_device(_auto_device(config, raw_device) if enabled else raw_device.replace("auto", "0"))
     base_dir = _path_setting(config, "ampgate_baseline_dir") or Path(config.rootpath) / "baselines"
     data_root = _path_setting(config, "ampgate_data_root")
     data_root = str(data_root) if data_root else None
+    ini_settings = _ini_settings(config)
+    cli_modes = config.getoption("ampgate_modes")
+    if cli_modes:  # the run's choice beats the ini file; a test's own marker still beats both
+        from .config import build_config
+
+        ini_settings["modes"] = list(build_config(("--ampgate-modes", {"modes": cli_modes})).modes)
     return GateOptions(
-        enabled=config.getoption("ampgate") or config.getoption("ampgate_update"),
+        enabled=enabled,
         update=config.getoption("ampgate_update"),
         prune=config.getoption("ampgate_prune"),
         device=device,
@@ -86,8 +236,35 @@ def _options(config):
         data_root=data_root,
         download=config.getoption("ampgate_download"),
         strict=config.getoption("ampgate_strict"),
-        ini_settings=_ini_settings(config),
+        ini_settings=ini_settings,
     )
+
+
+def _raw_device(config) -> str:
+    return config.getoption("ampgate_device") or config.getini("ampgate_device") or "cuda"
+
+
+def _auto_device(config, device: str) -> str:
+    """``cuda:auto``: each xdist worker takes its own GPU (worker N -> GPU N mod count)."""
+    if device.strip().lower() != "cuda:auto":
+        return device
+    from .gpu_lock import pick_device
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    import torch
+
+    return pick_device(device, int(worker[2:]) if worker[2:].isdigit() else 0, torch.cuda.device_count())
+
+
+def _lock_timeout(config) -> float | None:
+    """Seconds to wait for the device lock; None waits forever (``0`` on the command line or in the ini)."""
+    value = config.getoption("ampgate_lock_timeout")
+    if value is None:
+        value = _ini_value(config, "ampgate_lock_timeout")
+    value = DEFAULT_DEVICE_LOCK_TIMEOUT if value in (None, "") else float(value)
+    if value < 0 or value != value:
+        raise ConfigError(f"--ampgate-lock-timeout / ini option ampgate_lock_timeout must be >= 0 seconds, got {value!r}")
+    return value or None
 
 
 def _path_setting(config, name: str) -> Path | None:
@@ -114,6 +291,11 @@ def _check_outputs(config, enabled: bool) -> None:
                 check_output_path(option, _at_root(config, value))
         if enabled and os.environ.get("GITHUB_STEP_SUMMARY"):
             check_step_summary(os.environ["GITHUB_STEP_SUMMARY"])
+        if enabled:
+            from .outputs import check_baseline_dir
+
+            options = config.stash[SESSION_KEY].options
+            check_baseline_dir(Path(options.baseline_dir), options.update)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -146,14 +328,29 @@ def pytest_configure(config):
         f"defaults: {', '.join(SETTINGS)}.",
     )
     try:
+        _check_ini_keys(config)
         options = _options(config)
-    except ConfigError as exc:
+        lock_timeout = _lock_timeout(config)
+        if options.enabled:
+            from .file_safety import check_lock_dir
+
+            check_lock_dir()  # a lock directory that is a file or not writable: say so now, not per test
+    except (ConfigError, AmpGateError) as exc:
         raise pytest.UsageError(str(exc)) from None
     from .session import GateSession
 
     gate = GateSession(options, progress=_progress_writer(config))
     config.stash[SESSION_KEY] = gate
-    config.pluginmanager.register(ResultCollector(gate), "ampgate-results")
+    config.stash[LOCK_TIMEOUT_KEY] = lock_timeout
+    config.pluginmanager.register(ResultCollector(gate, config), "ampgate-results")
+    if options.enabled and _dist_mode(config) == "load":
+        # xdist: gated tests go to one worker per device (xdist_group), so no worker queues plain
+        # tests behind a device lock; "loadgroup" is "load" plus that grouping.  The workers are
+        # told in pytest_configure_node (they parse the original command line themselves).
+        config.option.dist = "loadgroup"
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and workerinput.get("ampgate_loadgroup"):
+        config.option.loadgroup = True  # what xdist's worker sets itself for --dist loadgroup
     if not hasattr(config, "workerinput"):  # the process that sees every result writes the CI outputs
         _check_outputs(config, gate.options.enabled)
         if gate.options.enabled:
@@ -170,7 +367,19 @@ def pytest_configure(config):
             from .benchmark_compat import BenchmarkBridge
 
             config.pluginmanager.register(BenchmarkBridge(config, gate), "ampgate-benchmark")
+        if gate.options.enabled and _html_report_requested(config):
+            from .html_report import HtmlColumns
+
+            config.pluginmanager.register(HtmlColumns(), "ampgate-html")
     config.stash[STATE_KEY] = {"gated_ids": set(), "partial_modules": set(), "modules": set()}
+
+
+def _html_report_requested(config) -> bool:
+    return config.pluginmanager.hasplugin("html") and bool(config.getoption("htmlpath", None))
+
+
+def _dist_mode(config) -> str:
+    return getattr(config.option, "dist", "no") if config.pluginmanager.hasplugin("xdist") else "no"
 
 
 def _progress_writer(config):
@@ -215,13 +424,33 @@ def _named_in_part(config, modules: set) -> set:
     return picked
 
 
+def _test_id(node_or_id) -> str:
+    """The test's own node id: without the ``@<group>`` suffix xdist's loadgroup mode appends to
+    grouped tests on its workers (baselines, reports and locks are keyed by the real id)."""
+    nodeid = getattr(node_or_id, "nodeid", node_or_id)
+    head, sep, tail = nodeid.rpartition("@")
+    return head if sep and XDIST_GROUP in tail and "]" not in tail and "::" not in tail else nodeid
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker turns the xdist_group mark into a node id suffix
 def pytest_collection_modifyitems(session, config, items):
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
     gated = [item for item in items if _is_gated(item)]
+    if config.getoption("ampgate_only"):
+        plain = [item for item in items if not _is_gated(item)]
+        if plain:
+            config.hook.pytest_deselected(items=plain)
+            items[:] = gated
+    if gate.options.enabled and config.pluginmanager.hasplugin("xdist") and _raw_device(config).strip().lower() != "cuda:auto":
+        # One group per device: xdist's loadgroup runs them all on one worker, so no worker queues
+        # plain tests behind a device lock (see pytest_configure).  cuda:auto spreads them instead.
+        group = pytest.mark.xdist_group(f"{XDIST_GROUP}-{gate.options.device.replace(':', '')}")
+        for item in gated:
+            item.add_marker(group)
     for item in gated:
         try:
-            item.stash[CONFIG_KEY] = gate.config_for(item.nodeid, *_marker_settings(item))
+            item.stash[CONFIG_KEY] = gate.config_for(_test_id(item), *_marker_settings(item))
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
         if item.nodeid.startswith("::") and gate.options.enabled:  # baselines are keyed by node id
@@ -275,7 +504,7 @@ def pytest_collection_finish(session):
     if config.getoption("lf", False):  # --last-failed narrows by design, even where it keeps a whole module
         state["partial_modules"] |= set(state["modules"])
         return
-    selected = {item.nodeid for item in session.items}
+    selected = {_test_id(item) for item in session.items}  # without xdist's "@group" suffix, like raw_items
     reported = state.get("reported", set())
     for module in state["modules"]:
         items = {i for i in state.get("raw_items", ()) if i.split("::", 1)[0] == module}
@@ -300,13 +529,13 @@ def _test_gate(request):
             pytest.skip(reason)
         from .session import TestGate
 
-        config = node.stash[CONFIG_KEY] if CONFIG_KEY in node.stash else session.config_for(node.nodeid)
+        config = node.stash[CONFIG_KEY] if CONFIG_KEY in node.stash else session.config_for(_test_id(node))
         reason = session.distributed_skip_reason(config)
         if reason:  # like a missing GPU: a skip, or a failure under --ampgate-strict
             if config.strict:
                 pytest.fail(f"--ampgate-strict: {reason}", pytrace=False)
             pytest.skip(reason)
-        node.stash[GATE_KEY] = TestGate(session, node.nodeid, config)
+        node.stash[GATE_KEY] = TestGate(session, _test_id(node), config)
     return node.stash[GATE_KEY]
 
 
@@ -389,9 +618,9 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
     if call.when == "call" and UNMEASURED_KEY in item.stash:
         report.__dict__[UNMEASURED_ATTR] = True
-    if call.when == "teardown" and LOCK_KEY in item.stash:  # still inside the device lock
+    if call.when == "teardown" and LOCK_KEY in item.stash:  # the device lock was dropped just now
         hold = item.stash[LOCK_KEY].to_dict()
-        report.__dict__[RUN_ATTR] = {**hold, "released_at": time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
+        report.__dict__[RUN_ATTR] = {**hold, "released_at": hold.get("released_at") or time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
     if call.when != "call" or GATE_KEY not in item.stash or not item.stash[GATE_KEY].results:
         return
     results = item.stash[GATE_KEY].results
@@ -405,10 +634,15 @@ def pytest_runtest_makereport(item, call):
             d["update"] = None
         report.__dict__[NOT_RECORDED_ATTR] = f"the test {_outcome_word(report)}"
     report.__dict__[REPORT_ATTR] = records
-    from .report import junit_properties
+    if _junit_family(item.config) in ("xunit1", "legacy"):
+        from .report import junit_properties
 
-    for r in results:  # read by --junitxml from the teardown report, in the controller too
-        item.user_properties.extend(junit_properties(r))
+        for r in results:  # per-test <properties>: valid in these families (xunit2: see ResultCollector)
+            item.user_properties.extend(junit_properties(r))
+    if _html_report_requested(item.config):
+        from .html_report import extras
+
+        report.extras = list(getattr(report, "extras", [])) + extras(results)
     # No test id in the text: pytest names the test already ("FAILED <id> - AMP REGRESSION").
     text = "\n\n".join(r.verdict.explain(strict=r.strict) for r in results)
     if update and any(r.failed for r in results):
@@ -435,10 +669,38 @@ def _bad_input_repr(item, excinfo):
     return text
 
 
+def _junit_family(config) -> str:
+    try:
+        return config.getini("junit_family") or "xunit2"
+    except ValueError:
+        return "xunit2"
+
+
+def _junit_suite_properties(config, results) -> None:
+    """Under pytest's default JUnit family, xunit2, a <testcase> may not hold <properties>: the
+    figures go to the <testsuite>'s properties instead, as ``<test id>::ampgate_<figure>`` (what
+    the ``record_testsuite_property`` fixture writes)."""
+    if _junit_family(config) in ("xunit1", "legacy"):
+        return
+    try:
+        from _pytest.junitxml import xml_key  # where record_testsuite_property finds the report, too
+    except ImportError:
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    from .report import junit_properties
+
+    for r in results:
+        for name, value in junit_properties(r):
+            xml.add_global_property(f"{r.test_id}::{name}", value)
+
+
 class ResultCollector:
     """Gathers every gated result from test reports: in-process, or sent by xdist workers."""
 
-    def __init__(self, session):
+    def __init__(self, session, config=None):
+        self.config = config
         self.session = session
         self.runs: dict = {}
         """Device-lock holdings by test id: worker, pid, when acquired and released."""
@@ -457,21 +719,22 @@ class ResultCollector:
             if reason and reason in str(text):
                 self.device_skips += 1
         if report.__dict__.get(UNMEASURED_ATTR):
-            self.unmeasured.append(report.nodeid)
+            self.unmeasured.append(_test_id(report.nodeid))
         if report.__dict__.get(NOT_RECORDED_ATTR):
-            self.not_recorded[report.nodeid] = report.__dict__[NOT_RECORDED_ATTR]
+            self.not_recorded[_test_id(report.nodeid)] = report.__dict__[NOT_RECORDED_ATTR]
         if report.when == "teardown" and report.nodeid in self._recordable:
             results = self._recordable.pop(report.nodeid)
             if report.failed:  # the whole test did not pass: its call's update is dropped
                 for r in results:
                     r.update = None
-                self.not_recorded[report.nodeid] = "its teardown failed"
+                self.not_recorded[_test_id(report.nodeid)] = "its teardown failed"
         records = report.__dict__.get(REPORT_ATTR)
         if records:
             from .gate import GateResult
 
             results = [GateResult.from_dict(d) for d in records]
             self.session.results.extend(results)
+            _junit_suite_properties(self.config, results)
             if any(r.update is not None for r in results):
                 self._recordable[report.nodeid] = results
             if self.session.progress and getattr(report, "node", None) is not None:  # sent by an xdist worker
@@ -484,24 +747,52 @@ class ResultCollector:
                     )
         run = report.__dict__.get(RUN_ATTR)
         if run:
-            self.runs[report.nodeid] = run
+            self.runs[_test_id(report.nodeid)] = run
+
+
+def _needs_device_lock(item) -> bool:
+    gate = item.config.stash[SESSION_KEY] if SESSION_KEY in item.config.stash else None
+    return not (gate is None or not gate.options.enabled or not _is_gated(item) or item.get_closest_marker("skip") or gate.skip_reason())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Gated tests hold their device exclusively (see gpu_lock): xdist workers and other sessions wait.
+
+    Taken before the test's fixtures set up and dropped after they tear down (pytest_runtest_teardown),
+    so the whole test runs inside it.  A lock that cannot be had (timed out, naming its holder; a lock
+    directory that went bad) is this test's set-up error, not an INTERNALERROR.
+    """
+    if not _needs_device_lock(item):
+        return
+    from .gpu_lock import DeviceLock, device_key
+
+    gate = item.config.stash[SESSION_KEY]
+    workerinput = getattr(item.config, "workerinput", None)
+    run_id = workerinput.get("testrunuid") if workerinput else f"pid{os.getpid()}"
+    lock = DeviceLock(device_key(gate.options.device, run_id), timeout=item.config.stash.get(LOCK_TIMEOUT_KEY, None))
+    item.stash[LOCK_KEY] = lock.acquire(_test_id(item), gate.progress)
+    item.stash[LOCK_OBJECT_KEY] = lock
+    if gate.options.device_type != "cuda":  # a per-run lock file: removed at session end
+        item.config.stash[STATE_KEY].setdefault("run_locks", set()).add(str(lock.path))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Gated tests hold their device exclusively (see gpu_lock): xdist workers and other sessions wait."""
-    gate = item.config.stash[SESSION_KEY] if SESSION_KEY in item.config.stash else None
-    if gate is None or not gate.options.enabled or not _is_gated(item) or item.get_closest_marker("skip") or gate.skip_reason():
+def pytest_runtest_teardown(item, nextitem):
+    try:
         return (yield)
-    from .gpu_lock import hold_device
+    finally:
+        lock = item.stash.get(LOCK_OBJECT_KEY, None)
+        if lock is not None:
+            del item.stash[LOCK_OBJECT_KEY]
+            lock.release(item.stash[LOCK_KEY])
 
-    workerinput = getattr(item.config, "workerinput", None)
-    run_id = workerinput.get("testrunuid") if workerinput else f"pid{os.getpid()}"
-    with hold_device(gate.options.device, holder=item.nodeid, on_wait=gate.progress, run_id=run_id) as hold:
-        item.stash[LOCK_KEY] = hold
-        if gate.options.device_type != "cuda":  # a per-run lock file: removed at session end
-            item.config.stash[STATE_KEY].setdefault("run_locks", set()).add(hold.path)
-        return (yield)
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: tell each worker that gated tests are grouped (see pytest_configure)."""
+    if getattr(node.config.option, "dist", None) == "loadgroup":
+        node.workerinput["ampgate_loadgroup"] = True
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -528,8 +819,11 @@ class CIOutputs:
         config = session.config
         gate, state = self.gate, config.stash[STATE_KEY]
         lines = state.setdefault("summary", [])
-        for path in state.get("run_locks", ()):  # every worker is done with them
-            Path(path).unlink(missing_ok=True)
+        if state.get("run_locks"):
+            from .gpu_lock import remove_run_lock
+
+            for path in state["run_locks"]:  # every worker is done with them
+                remove_run_lock(path)
         bridge = config.pluginmanager.get_plugin("ampgate-benchmark")
         if bridge is not None:
             lines += bridge.finish()
@@ -559,8 +853,12 @@ class CIOutputs:
 
 def _at_root(config, path) -> Path:
     """Output paths are relative to the invocation directory, like --junitxml."""
-    path = Path(path)
-    return (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
+    path = Path(path).expanduser()  # "~" as in every other path option (and --junitxml)
+    path = path if path.is_absolute() else Path(config.invocation_params.dir) / path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): refused by check_output_path
+        return Path(os.path.abspath(path))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -635,14 +933,14 @@ def _stale(config):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if SESSION_KEY not in config.stash or hasattr(config, "workerinput"):
         return
-    from .gate import FAIL, INCONCLUSIVE
-    from .report import format_table, table_columns, table_rows
-
     gate = config.stash[SESSION_KEY]
     state = config.stash[STATE_KEY]
     collector = config.pluginmanager.get_plugin("ampgate-results")
     if not gate.results and not state.get("summary") and not (collector and (collector.unmeasured or collector.not_recorded)):
-        return
+        return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
+    from .gate import FAIL, INCONCLUSIVE
+    from .report import format_table, table_columns, table_rows
+
     terminalreporter.write_sep("=", "ampgate summary")
     if gate.results:
         terminalreporter.write_line(format_table(table_rows(gate.results), table_columns(gate.results)))

@@ -512,30 +512,28 @@ def test_module_needs_only_the_standard_library():
     assert out.strip() == "[]"
 
 
-@pytest.mark.skipif(os.name == "nt", reason="uses fcntl directly to hold the lock")
-def test_lock_timeout_names_the_lock_file(tmp_path):
-    import fcntl
+def test_lock_timeout_names_the_lock_file(tmp_path, monkeypatch):
+    """The store's lock is file_safety's (shared lock directory, holder in a sidecar file)."""
+    from pytest_ampgate.file_safety import Lock, lock_name
 
+    monkeypatch.setenv("PYTEST_AMPGATE_LOCK_DIR", str(tmp_path / "locks"))
     store = BaselineStore(tmp_path, lock_timeout=0.2)
     path = store.path_for(TEST_ID)
-    path.parent.mkdir(parents=True)
-    lock = path.with_name("test_amp.json.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    other = Lock(lock_name("baseline", str(path)), timeout=None)
+    other.acquire("another pytest --ampgate-update (pid 4242)")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, b"4242")
         store.stage(make_baseline())
         start = time.monotonic()
         with pytest.raises(BaselineError) as err:
             store.commit()
         assert 0.15 < time.monotonic() - start < 5
         message = str(err.value)
-        assert "timed out after 0.2s waiting for the lock" in message
-        assert str(lock) in message or os.path.relpath(lock) in message
-        assert "held by pid 4242" in message
+        assert "timed out after 0.2s waiting for the baseline lock for" in message
+        assert str(other.path) in message
+        assert "held by: pid" in message and "another pytest --ampgate-update (pid 4242)" in message
         assert not path.exists()
     finally:
-        os.close(fd)
+        other.release()
     assert store.commit() == [path], "works once the lock is free"
 
 

@@ -173,8 +173,11 @@ def test_junit_xml_carries_the_key_figures_as_properties(two_tests):
     result = two_tests.runpytest(*CPU, "--junitxml", "junit.xml", "--ampgate-json", "r.json")
     result.assert_outcomes(passed=2, failed=1)
     report = {t["test_id"]: t for t in json.loads((two_tests.path / "r.json").read_text())["tests"]}
-    cases = {c.get("name"): c for c in ET.parse(two_tests.path / "junit.xml").getroot().iter("testcase")}
-    props = {name: {p.get("name"): p.get("value") for p in case.iter("property")} for name, case in cases.items()}
+    root = ET.parse(two_tests.path / "junit.xml").getroot()
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert not [p for case in cases.values() for p in case.iter("property")]  # xunit2 (the default) has no per-test properties
+    suite = {p.get("name"): p.get("value") for p in root.find("testsuite").find("properties").iter("property")}
+    props = {name: {k.rsplit("::", 1)[1]: v for k, v in suite.items() if k.startswith(f"test_user.py::{name}::")} for name in cases}
     assert props["test_plain"] == {}
     for name, outcome in (("test_pass", "pass"), ("test_fail", "fail")):
         p = props[name]
@@ -381,9 +384,10 @@ def test_xdist_serialises_gated_tests_and_merges_their_results(pytester):
     assert sorted(t["test_id"] for t in report["tests"]) == ids
     assert report["run"]["workers"] == 2 and report["summary"]["baselines_written"]
 
-    # Serialised: both workers ran gated tests, and no two of them held the device at once.
+    # Serialised: the gated tests were grouped onto one worker (xdist_group + loadgroup), and no two
+    # of them held the device at once.
     runs = [t["run"] for t in report["tests"]]
-    assert {r["worker"] for r in runs} == {"gw0", "gw1"}
+    assert len({r["worker"] for r in runs}) == 1
     assert overlaps([(r["acquired_at"], r["released_at"]) for r in runs]) == []
     assert all(r["released_at"] - r["acquired_at"] >= 0.4 for r in runs)
     assert len({r["key"] for r in runs}) == 1 and report["run"]["device"] == "cpu"

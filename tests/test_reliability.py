@@ -249,6 +249,17 @@ def test_update_records_only_tests_whose_whole_call_passed_and_honours_xfail(pyt
     assert env in stored["test_outcomes.py::test_ok"], "the passing test is recorded"
 
 
+def test_under_xdist_only_passed_calls_reach_the_store(pytester):
+    """The decision travels on the workers' reports: the controller stages only what passed."""
+    pytester.makepyfile(test_outcomes=OUTCOMES_TEST)
+    result = pytester.runpytest_subprocess(*UPDATE, "-n", "2", "-k", "test_ok or own_assert or teardown or known_gate")
+    result.assert_outcomes(passed=2, failed=1, errors=1, xfailed=1)
+    out = _assert_clean(result)
+    assert "baseline NOT recorded for test_outcomes.py::test_teardown_fails: its teardown failed" in out, out
+    stored = json.loads((pytester.path / "baselines" / "test_outcomes.json").read_text())["tests"]
+    assert sorted(stored) == ["test_outcomes.py::test_ok"], stored
+
+
 def test_known_gate_failure_under_xfail_is_xfailed_in_check_mode(pytester):
     pytester.makepyfile(test_outcomes=OUTCOMES_TEST)
     result = pytester.runpytest(*CPU, "-k", "known_gate_failure or strict_xpass")
@@ -763,7 +774,7 @@ def test_sigterm_keeps_the_finished_tests_results_as_ctrl_c_does(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_ADDOPTS", "PYTEST_XDIST", "PYTEST_CURRENT"))}
     env.update(OMP_NUM_THREADS="1", REACHED=str(tmp_path / "reached"), PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-q"],
+        [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-p", "no:hypothesispytest", "-q"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 240
@@ -801,7 +812,7 @@ def test_sigterm_while_baselines_are_written_leaves_the_old_file_whole(tmp_path)
     env.update(OMP_NUM_THREADS="1", AMPGATE_FAULT="mid-write", AMPGATE_FAULT_MARK=str(tmp_path / "reached"),
                PYTHONPATH=os.pathsep.join(sys.path), PYTEST_AMPGATE_LOCK_DIR=str(tmp_path / "locks"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-q", "-k", "test_one"],
+        [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-p", "no:hypothesispytest", "-q", "-k", "test_one"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 240
