@@ -205,6 +205,15 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
 
+def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A copy outside inference mode of a tensor made inside it (say under a leaked
+    ``torch.inference_mode()``): autograd refuses to save inference tensors for backward."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def from_tensors(
     name: str,
     train_x: torch.Tensor,
@@ -296,6 +305,7 @@ def from_tensors(
                 f"labels must lie in [0, {num_classes - 1}]"
             )
     dev = torch.device(device)
+    train_x, train_y, test_x, test_y = (_normal_tensor(t) for t in (train_x, train_y, test_x, test_y))
     return DeviceDataset(
         name=name,
         source="user",

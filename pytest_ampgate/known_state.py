@@ -58,6 +58,8 @@ def leaked_state(device_type: str = "cpu") -> list[str]:
         found.append("gradients disabled (torch.no_grad() or torch.set_grad_enabled(False) left active)")
     if torch.is_inference_mode_enabled():
         found.append("torch.inference_mode() left active")
+    if torch.is_anomaly_enabled():  # turns the inf/NaN gradients GradScaler skips into errors, and slows every op
+        found.append("torch.autograd.set_detect_anomaly(True) left on")
     if torch.get_default_dtype() != torch.float32:
         found.append(f"torch.set_default_dtype({_dtype_name(torch.get_default_dtype())}) left set (expected float32)")
     get_device = getattr(torch, "get_default_device", None)  # torch >= 2.3
@@ -80,6 +82,9 @@ def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        if torch.is_anomaly_enabled():
+            stack.enter_context(torch.autograd.set_detect_anomaly(False))
+        _outside_autocast_regions(stack)
         if default_device is not None and default_device.type != "cpu":
             torch.set_default_device("cpu")
             stack.callback(torch.set_default_device, default_device)
@@ -87,6 +92,31 @@ def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
             torch.set_default_dtype(torch.float32)
             stack.callback(torch.set_default_dtype, dtype)
         yield found
+
+
+def _outside_autocast_regions(stack: ExitStack) -> None:
+    """Measure at autocast nesting depth 0, restoring the caller's depth afterwards.
+
+    autocast caches its casts of leaf tensors (the weights) and drops that cache only when the
+    outermost region exits.  Inside a region a test left open (or one wrapping ``run()``), a mode's
+    own ``torch.autocast`` is not outermost, so the weights' low-precision copies made at the first
+    step would be reused after every optimizer step: the model would train on stale weights and
+    that would be measured (and recorded) as the AMP mode's accuracy.
+    """
+    depth = 0
+    while torch.autocast_decrement_nesting() >= 0:
+        depth += 1
+    torch.autocast_increment_nesting()  # the probe went one below zero
+    if depth == 0:
+        return
+    torch.clear_autocast_cache()
+
+    def restore() -> None:
+        torch.clear_autocast_cache()
+        for _ in range(depth):
+            torch.autocast_increment_nesting()
+
+    stack.callback(restore)
 
 
 def describe(found: list[str]) -> str:

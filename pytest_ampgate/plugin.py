@@ -291,6 +291,11 @@ def _check_outputs(config, enabled: bool) -> None:
                 check_output_path(option, _at_root(config, value))
         if enabled and os.environ.get("GITHUB_STEP_SUMMARY"):
             check_step_summary(os.environ["GITHUB_STEP_SUMMARY"])
+        if enabled:
+            from .outputs import check_baseline_dir
+
+            options = config.stash[SESSION_KEY].options
+            check_baseline_dir(Path(options.baseline_dir), options.update)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -848,8 +853,12 @@ class CIOutputs:
 
 def _at_root(config, path) -> Path:
     """Output paths are relative to the invocation directory, like --junitxml."""
-    path = Path(path)
-    return (path if path.is_absolute() else Path(config.invocation_params.dir) / path).resolve()
+    path = Path(path).expanduser()  # "~" as in every other path option (and --junitxml)
+    path = path if path.is_absolute() else Path(config.invocation_params.dir) / path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): refused by check_output_path
+        return Path(os.path.abspath(path))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -172,6 +172,12 @@ def build_model(workload: Workload) -> nn.Module:
             f"workload {name!r}: model_factory must be a callable returning a torch.nn.Module, got "
             f"{type(workload.model_factory).__name__}; pass e.g. model_factory=MyNet or lambda: MyNet()"
         )
+    if isinstance(workload.model_factory, nn.Module):  # callable, but calling it runs forward()
+        raise WorkloadError(
+            f"workload {name!r}: model_factory is a model instance ({type(workload.model_factory).__name__}), "
+            "not a factory: every mode trains a fresh copy from the same start; pass "
+            "model_factory=lambda: MyNet() (or the class itself)"
+        )
     try:
         model = workload.model_factory()
     except WorkloadError:
