@@ -178,6 +178,18 @@ def _cpu_seconds_per_step(runner, dataset, steps=12):
     return statistics.median(times[2:])
 
 
+def _interleaved_step_ratio(planted, clean, dataset, pairs=12, steps=4):
+    """Median of per-pair ratios, the two runners alternating block by block (as the gate's ABBA
+    rounds do), so a busy machine slows both sides of each pair alike."""
+    ratios = []
+    for i in range(pairs + 1):
+        first, second = (planted, clean) if i % 2 == 0 else (clean, planted)
+        a, b = _cpu_seconds_per_step(first, dataset, steps + 2), _cpu_seconds_per_step(second, dataset, steps + 2)
+        if i:  # the first pair warms both up
+            ratios.append(a / b if first is planted else b / a)
+    return statistics.median(ratios)
+
+
 def test_cpu_slowdown_adds_its_fraction_of_the_step(mnist, dataset):
     """Sized in CPU time, so other processes on the machine cannot change its size.
 
@@ -187,8 +199,8 @@ def test_cpu_slowdown_adds_its_fraction_of_the_step(mnist, dataset):
     clean = prepare("amp_bf16", mnist.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
     planted_workload = plants.slow_down(mnist, 1.0, modes=("amp_bf16",), device="cpu")
     planted = prepare("amp_bf16", planted_workload.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
-    ratio = _cpu_seconds_per_step(planted, dataset) / _cpu_seconds_per_step(clean, dataset)
-    assert 1.6 < ratio < 2.6, ratio
+    ratio = _interleaved_step_ratio(planted, clean, dataset)
+    assert 1.5 < ratio < 3.0, ratio  # about 2; the spin is calibrated in CPU time, which a loaded machine inflates by up to ~30%
 
 
 def test_slowdown_size_against_the_tolerance():
