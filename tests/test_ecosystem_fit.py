@@ -99,7 +99,10 @@ def test_ini_file_strings_still_work(pytester):
     pytester.makepyfile(test_cfg=SHOW_CONFIG)
     result = pytester.runpytest(*CPU, "-s")
     result.assert_outcomes(passed=1)
-    assert "CONFIG 1.25 False ['amp_fp16', 'amp_bf16'] 6 None" in result.stdout.str()  # rounds: the CPU profile's
+    from pytest_ampgate.profiles import CPU_PROFILE
+
+    rounds = CPU_PROFILE["rounds"]  # rounds: the CPU profile's
+    assert f"CONFIG 1.25 False ['amp_fp16', 'amp_bf16'] {rounds} None" in result.stdout.str()
 
 
 @pytest.mark.skipif(not NATIVE_TOML, reason="pytest 9's native [tool.pytest] table")
