@@ -35,7 +35,17 @@ from .data import DeviceDataset
 from .config import MeasureConfig
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
-from .modes import ModeRunner, PrecisionMode, ScalerStats, cudnn_benchmark, numerics_policy, prepare, resolve_mode, unsupported_reason
+from .modes import (
+    ModeRunner,
+    PrecisionMode,
+    ScalerStats,
+    cudnn_benchmark,
+    device_missing_reason,
+    numerics_policy,
+    prepare,
+    resolve_mode,
+    unsupported_reason,
+)
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
@@ -831,16 +841,10 @@ def _available_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"measure(device={device!r}): not a device ({exc}); use 'cuda', 'cuda:N' or 'cpu'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"measure(device={str(device)!r}): no CUDA device is available (no GPU, or a CPU-only torch build); "
-                "measure on the CPU with device='cpu'"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"measure(device={str(device)!r}): this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"measure(device={str(device)!r}): device type {dev.type!r} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
+    missing = device_missing_reason(dev)
+    if missing:
+        advice = "; measure on the CPU with device='cpu'" if dev.type == "cuda" else ""
+        raise ConfigError(f"measure(device={str(device)!r}): {missing}{advice}")
     return dev
 
 

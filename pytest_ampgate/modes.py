@@ -131,12 +131,11 @@ def unsupported_reason(mode: str | PrecisionMode, device: str | torch.device) ->
     """
     mode = resolve_mode(mode)
     device = torch.device(device)
+    missing = device_missing_reason(device)
+    if missing:
+        return missing
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device is available (no GPU, or a CPU-only torch build)"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            return f"CUDA device {index} does not exist (this machine has {torch.cuda.device_count()})"
         major, minor = torch.cuda.get_device_capability(index)
         gpu = torch.cuda.get_device_name(index)
         if mode.low_precision_dtype == torch.bfloat16 and not _cuda_bf16_supported(index):
@@ -149,6 +148,21 @@ def unsupported_reason(mode: str | PrecisionMode, device: str | torch.device) ->
             return f"{mode.name} exists only on NVIDIA GPUs (TF32 tensor cores); run it with a CUDA device"
         dtype = mode.low_precision_dtype
         return None if dtype is None else _cpu_supports(dtype, mode.is_amp)
+    return None
+
+
+def device_missing_reason(device: torch.device) -> str | None:
+    """Why this machine has no ``device`` to measure on (no CUDA, no such index, an unsupported
+    type), or None: the one check behind both a mode's support and ``measure()``'s refusal."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (no GPU, or a CPU-only torch build)"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            return f"CUDA device {index} does not exist (this machine has {torch.cuda.device_count()})"
+        return None
+    if device.type == "cpu":
+        return None
     return f"device type {device.type!r} is not supported; use 'cuda' or 'cpu'"
 
 
