@@ -30,12 +30,12 @@ import traceback
 from pathlib import Path
 
 from .distributed import distributed_mode, fsdp2_api, load_workload
+from .file_safety import write_atomic
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """The parent polls these files: it must see none or a whole one (the project's one atomic write)."""
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _with_plants(runner, plants: list):

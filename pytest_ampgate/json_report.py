@@ -196,15 +196,11 @@ def build_report(
 
 def write_report(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
     """Write atomically (temp file + rename), so a CI step never uploads half a report."""
+    from .file_safety import write_atomic  # removes its temp file when the write fails: no debris
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no debris beside a report that could not be written
-        raise
+    write_atomic(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 
