@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -506,10 +507,15 @@ def pytest_collection_finish(session):
         return
     selected = {_test_id(item) for item in session.items}  # without xdist's "@group" suffix, like raw_items
     reported = state.get("reported", set())
+    items, classes = defaultdict(set), defaultdict(set)  # by module, grouped once (not once per module)
+    for node_id in state.get("raw_items", ()):
+        items[node_id.split("::", 1)[0]].add(node_id)
+    for node_id in state.get("raw_collectors", ()):
+        module = node_id.split("::", 1)[0]
+        if node_id != module:
+            classes[module].add(node_id)
     for module in state["modules"]:
-        items = {i for i in state.get("raw_items", ()) if i.split("::", 1)[0] == module}
-        classes = {c for c in state.get("raw_collectors", ()) if c.split("::", 1)[0] == module and c != module}
-        if not items or items - selected or classes - reported:
+        if not items[module] or items[module] - selected or classes[module] - reported:
             state["partial_modules"].add(module)
 
 
