@@ -351,6 +351,7 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
     ``fraction`` x the step size the spin.  Modes the CPU cannot run get no spin.
     """
     from .modes import numerics_policy, prepare, unsupported_reason
+    from .profiles import cpu_threads
 
     dataset = workload.dataset("cpu")
     model = _build(workload)
@@ -363,7 +364,7 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
         def relative_cost(spin: float) -> tuple[float, float]:
             """(median clean step, median step with the spin, spin included), steps alternating."""
             costs: tuple[list, list] = ([], [])
-            with numerics_policy(mode):
+            with numerics_policy(mode), cpu_threads("cpu"):  # the thread count the gate measures with
                 for i in range(2 * pairs + 4):
                     x, y = dataset.batch(runner.steps_taken, workload.batch_size)
                     begin = time.thread_time()

@@ -18,6 +18,7 @@ from pytest_ampgate.errors import ConfigError, WorkloadError
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, baseline_from, decide
 from pytest_ampgate.measurement import measure
 from pytest_ampgate.modes import prepare
+from pytest_ampgate.profiles import cpu_threads
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -182,11 +183,12 @@ def _interleaved_step_ratio(planted, clean, dataset, pairs=12, steps=4):
     """Median of per-pair ratios, the two runners alternating block by block (as the gate's ABBA
     rounds do), so a busy machine slows both sides of each pair alike."""
     ratios = []
-    for i in range(pairs + 1):
-        first, second = (planted, clean) if i % 2 == 0 else (clean, planted)
-        a, b = _cpu_seconds_per_step(first, dataset, steps + 2), _cpu_seconds_per_step(second, dataset, steps + 2)
-        if i:  # the first pair warms both up
-            ratios.append(a / b if first is planted else b / a)
+    with cpu_threads("cpu"):  # as the gate measures, and as the spin was calibrated
+        for i in range(pairs + 1):
+            first, second = (planted, clean) if i % 2 == 0 else (clean, planted)
+            a, b = _cpu_seconds_per_step(first, dataset, steps + 2), _cpu_seconds_per_step(second, dataset, steps + 2)
+            if i:  # the first pair warms both up
+                ratios.append(a / b if first is planted else b / a)
     return statistics.median(ratios)
 
 
