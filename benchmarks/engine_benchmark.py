@@ -37,15 +37,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
+import torch
 
-from pytest_ampgate.env import NoiseReport, fingerprint  # noqa: E402
-from pytest_ampgate.errors import ModeError  # noqa: E402
-from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block  # noqa: E402
-from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode  # noqa: E402
-from pytest_ampgate.report import format_table  # noqa: E402
-from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times  # noqa: E402
-from pytest_ampgate.workloads import BUILTIN, Workload, get_workload  # noqa: E402
+from pytest_ampgate.env import NoiseReport, fingerprint
+from pytest_ampgate.errors import ModeError
+from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block
+from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode
+from pytest_ampgate.report import format_table
+from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
+from pytest_ampgate.workloads import BUILTIN, Workload, get_workload
 
 DEFAULT_MODES = ("fp32", "amp_fp16", "amp_bf16")
 
@@ -65,8 +65,18 @@ QUICK_PROTOCOL = {"warmup_steps": 2, "rounds": 10, "steps_per_block": 8, "memory
 CHOOSE_MIN_SPEEDUP = 1.2
 CHOOSE_MAX_MEMORY_RATIO = 0.9
 
-COLUMNS = ("workload", "batch", "mode", "step ms (IQR)", "speedup vs fp32 [CI]", "peak MiB", "mem ratio",
-           "final loss", "accuracy", "engine/bare [CI]")
+COLUMNS = (
+    "workload",
+    "batch",
+    "mode",
+    "step ms (IQR)",
+    "speedup vs fp32 [CI]",
+    "peak MiB",
+    "mem ratio",
+    "final loss",
+    "accuracy",
+    "engine/bare [CI]",
+)
 
 
 # --- the bare loop ---------------------------------------------------------------------------
@@ -213,8 +223,7 @@ def engine_vs_bare(workload: Workload, mode: str, dataset, device: torch.device,
             raise RuntimeError(f"engine took {runner.steps_taken} steps, bare loop {bare.steps_taken}")
         result.steps_each = runner.steps_taken
         result.param_max_abs_diff = max(
-            (a.detach().float() - b.detach().float()).abs().max().item()
-            for a, b in zip(runner.model.parameters(), bare.model.parameters())
+            (a.detach().float() - b.detach().float()).abs().max().item() for a, b in zip(runner.model.parameters(), bare.model.parameters())
         )
     except RuntimeError as exc:  # CUDA out-of-memory is a RuntimeError too
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -384,23 +393,34 @@ def table(cases: list[Case]) -> tuple[str, list[str]]:
             peak = None if mm.peak_memory_bytes is None else mm.peak_memory_bytes / 2**20
             mem_ratio = (1.0 if peak is not None else None) if is_ref else (comparison.memory_ratio if comparison else None)
             overhead = case.overhead.get(mm.mode)
-            rows.append(head + [
-                step,
-                speedup,
-                _num(peak, ".1f"),
-                _num(mem_ratio, ".2f"),
-                _num(mm.final_loss, ".4g"),
-                _num(mm.accuracy, ".3f"),
-                _ratio(overhead.estimate) if overhead else "-",
-            ])
-            for label, e in (("speedup", None if comparison is None else comparison.speedup), ("engine/bare", overhead and overhead.estimate)):
+            rows.append(
+                [
+                    *head,
+                    step,
+                    speedup,
+                    _num(peak, ".1f"),
+                    _num(mem_ratio, ".2f"),
+                    _num(mm.final_loss, ".4g"),
+                    _num(mm.accuracy, ".3f"),
+                    _ratio(overhead.estimate) if overhead else "-",
+                ]
+            )
+            for label, e in (
+                ("speedup", None if comparison is None else comparison.speedup),
+                ("engine/bare", overhead and overhead.estimate),
+            ):
                 if e is not None and e.noisy:
                     notes.append(f"! {case.workload} batch {case.batch_size} {mm.mode} {label}: {e.note}")
             bound = launch_bound(mm)
             if bound is not None:
-                state = bound.describe() if bound.bound else (
-                    f"{mm.mode} is not launch-bound: its GPU works {bound.busy_s * 1e3:.3g} ms of each {bound.step_s * 1e3:.3g} ms step; "
-                    f"the host takes {bound.host_s * 1e3:.3g} ms to launch it")
+                state = (
+                    bound.describe()
+                    if bound.bound
+                    else (
+                        f"{mm.mode} is not launch-bound: its GPU works {bound.busy_s * 1e3:.3g} ms of each {bound.step_s * 1e3:.3g} ms step; "
+                        f"the host takes {bound.host_s * 1e3:.3g} ms to launch it"
+                    )
+                )
                 notes.append(f"~ {case.workload} batch {case.batch_size}: {state}")
     return format_table(rows, COLUMNS), notes
 
@@ -432,20 +452,28 @@ def environment_lines(device: torch.device, cases: list[Case]) -> list[str]:
 def report(args, device: torch.device, device_why: str, config: MeasureConfig, cases: list[Case], wall: float) -> str:
     out = [f"device: {device} ({device_why})"]
     out += environment_lines(device, cases)
-    out.append(f"protocol: warm-up {config.warmup_steps}, {config.rounds} rounds x {config.steps_per_block} steps, "
-               f"memory pass {config.memory_steps} steps; fp32 is strict IEEE (TF32 off); intervals are "
-               f"{config.confidence:.0%} distribution-free CIs of the median of per-round ratios")
+    out.append(
+        f"protocol: warm-up {config.warmup_steps}, {config.rounds} rounds x {config.steps_per_block} steps, "
+        f"memory pass {config.memory_steps} steps; fp32 is strict IEEE (TF32 off); intervals are "
+        f"{config.confidence:.0%} distribution-free CIs of the median of per-round ratios"
+    )
     out.append("")
     text, notes = table(cases)
     out.append(text)
     out += notes
     if device.type != "cuda":
-        out.append("peak memory on the CPU comes from torch.profiler's allocation events; CPU step times and memory say nothing about AMP on a GPU")
+        out.append(
+            "peak memory on the CPU comes from torch.profiler's allocation events; CPU step times and memory say nothing about AMP on a GPU"
+        )
     out.append("")
     out.append("engine vs bare hand-written loop (same weights, batch slices, mode; ABBA-interleaved):")
     for case in cases:
         for name, o in case.overhead.items():
-            same = "" if o.param_max_abs_diff is None else f"; after {o.steps_each} steps each, params differ by max {o.param_max_abs_diff:.2g}"
+            same = (
+                ""
+                if o.param_max_abs_diff is None
+                else f"; after {o.steps_each} steps each, params differ by max {o.param_max_abs_diff:.2g}"
+            )
             out.append(f"  {case.workload} batch {case.batch_size} {name}: {o.verdict()}{same}")
     all_est = [o.estimate for c in cases for o in c.overhead.values() if o.estimate is not None]
     if all_est:
@@ -460,8 +488,10 @@ def report(args, device: torch.device, device_why: str, config: MeasureConfig, c
     by_workload: dict[str, list[Case]] = {}
     for c in cases:
         by_workload.setdefault(c.workload, []).append(c)
-    out.append(f"default-batch rule: smallest batch where every AMP mode's speedup CI clears {CHOOSE_MIN_SPEEDUP:.2f}x "
-               f"and peak memory < {CHOOSE_MAX_MEMORY_RATIO:.2f}x fp32")
+    out.append(
+        f"default-batch rule: smallest batch where every AMP mode's speedup CI clears {CHOOSE_MIN_SPEEDUP:.2f}x "
+        f"and peak memory < {CHOOSE_MAX_MEMORY_RATIO:.2f}x fp32"
+    )
     for name, group in by_workload.items():
         chosen, verdicts = choose_default(group)
         for batch, ok, why in verdicts:
@@ -479,7 +509,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     p.add_argument("--workloads", nargs="+", choices=sorted(BUILTIN), default=["mnist_mlp", "cifar_cnn"])
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help=f"precision modes (fp32 is always measured); known: {', '.join(MODES)}")
+    p.add_argument(
+        "--modes", nargs="+", default=list(DEFAULT_MODES), help=f"precision modes (fp32 is always measured); known: {', '.join(MODES)}"
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, help="batch sizes to measure for every workload (default: the workload's own)")
     p.add_argument("--sweep", action="store_true", help="measure the sweep batch sizes per workload, to choose defaults")
     p.add_argument("--quick", action="store_true", help="small batches, small data, few rounds (CPU runs, smoke tests)")
@@ -515,8 +547,12 @@ def pick_device(requested: str | None) -> tuple[torch.device, str]:
 
 def build_config(args) -> MeasureConfig:
     values = dict(QUICK_PROTOCOL) if args.quick else {}
-    for key, arg in (("rounds", args.rounds), ("steps_per_block", args.steps_per_block),
-                     ("warmup_steps", args.warmup), ("memory_steps", args.memory_steps)):
+    for key, arg in (
+        ("rounds", args.rounds),
+        ("steps_per_block", args.steps_per_block),
+        ("warmup_steps", args.warmup),
+        ("memory_steps", args.memory_steps),
+    ):
         if arg is not None:
             values[key] = arg
     return MeasureConfig(**values)
@@ -548,7 +584,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device, why = pick_device(args.device)
     config = build_config(args)
-    say = (lambda _msg: None) if args.quiet else (lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True))
+    say = (
+        (lambda _msg: None)
+        if args.quiet
+        else (lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True))
+    )
     say(f"device {device} ({why})")
     cases = [run_case(w, args.modes, device, config, args.data_root, say, not args.no_overhead) for w in workloads_to_run(args)]
     wall = time.perf_counter() - started

@@ -41,14 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
+import torch
 
-from pytest_ampgate import plants  # noqa: E402
-from pytest_ampgate.config import GateConfig  # noqa: E402
-from pytest_ampgate.env import fingerprint  # noqa: E402
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide  # noqa: E402
-from pytest_ampgate.measurement import MeasureConfig, measure  # noqa: E402
-from pytest_ampgate.workloads import get_workload  # noqa: E402
+from pytest_ampgate import plants
+from pytest_ampgate.config import GateConfig
+from pytest_ampgate.env import fingerprint
+from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide
+from pytest_ampgate.measurement import MeasureConfig, measure
+from pytest_ampgate.workloads import get_workload
 
 SIZES = (0.5, 1.0, 1.5, 2.0)
 """Planted sizes, as multiples of the tolerance (speedup_tolerance, memory_tolerance)."""
@@ -206,19 +206,44 @@ def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-COLUMNS = ["workload", "scenario", "size", "measured drop", "runs", "FAIL", "INCONCL", "detected", "other FAIL", "speedup", "run-to-run cv", "CI width", "wall/run"]
+COLUMNS = [
+    "workload",
+    "scenario",
+    "size",
+    "measured drop",
+    "runs",
+    "FAIL",
+    "INCONCL",
+    "detected",
+    "other FAIL",
+    "speedup",
+    "run-to-run cv",
+    "CI width",
+    "wall/run",
+]
 
 
 def table(tallies: list[Tally]) -> str:
     rows = []
     for t in tallies:
         s = t.summary()
-        rows.append([
-            t.workload, t.scenario, "-" if t.size is None else f"{t.size:g}x tol", _pct(t.drop), str(t.runs),
-            _pct(s["fail_rate"]), _pct(s["inconclusive_rate"]), _pct(s["detection_rate"]), _pct(s["other_fail_rate"]),
-            _num(s["speedup_mean"], ".3f"), _pct(s["speedup_run_to_run_cv"]), _pct(s["ci_relative_width_median"]),
-            _num(s["wall_s_median"], ".2f") + " s",
-        ])
+        rows.append(
+            [
+                t.workload,
+                t.scenario,
+                "-" if t.size is None else f"{t.size:g}x tol",
+                _pct(t.drop),
+                str(t.runs),
+                _pct(s["fail_rate"]),
+                _pct(s["inconclusive_rate"]),
+                _pct(s["detection_rate"]),
+                _pct(s["other_fail_rate"]),
+                _num(s["speedup_mean"], ".3f"),
+                _pct(s["speedup_run_to_run_cv"]),
+                _pct(s["ci_relative_width_median"]),
+                _num(s["wall_s_median"], ".2f") + " s",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -257,7 +282,9 @@ class Runner:
         for i in range(repeats):
             m, verdict, wall = self.gate(workload, config, baseline)
             tally.add(m, verdict, wall, config.modes if config.check_speed else ())
-            self.say(f"  {tally.workload} {tally.scenario} {'' if tally.size is None else f'{tally.size:g}x '}run {i + 1}/{repeats}: {verdict.outcome} ({wall:.2f} s)")
+            self.say(
+                f"  {tally.workload} {tally.scenario} {'' if tally.size is None else f'{tally.size:g}x '}run {i + 1}/{repeats}: {verdict.outcome} ({wall:.2f} s)"
+            )
         return tally
 
     def record_baseline(self) -> dict:
@@ -268,7 +295,11 @@ class Runner:
         info = {"wall_s": wall, "outcome": verdict.outcome}
         for mode in self.timed.modes:
             c = m.comparisons[mode]
-            info[mode] = {"speedup": c.speedup.describe() if c.speedup else None, "memory_ratio": c.memory_ratio, "step_time_s": m.modes[mode].step_time_s}
+            info[mode] = {
+                "speedup": c.speedup.describe() if c.speedup else None,
+                "memory_ratio": c.memory_ratio,
+                "step_time_s": m.modes[mode].step_time_s,
+            }
         info["fp32"] = {"step_time_s": m.reference.step_time_s, "peak_memory_bytes": m.reference.peak_memory_bytes}
         return info
 
@@ -284,7 +315,9 @@ class Runner:
         # The plant calibrates itself against the drop it really causes: on CUDA a host spin plus a
         # GPU sleep, scaled until short measurements show the named slowdown (a launch-bound step
         # would hide a GPU sleep alone); on the CPU a busy-wait sized from each step's CPU time.
-        calibration = MeasureConfig(warmup_steps=3, rounds=4, steps_per_block=p.protocol["steps_per_block"], memory_steps=0, precision_coverage=False)
+        calibration = MeasureConfig(
+            warmup_steps=3, rounds=4, steps_per_block=p.protocol["steps_per_block"], memory_steps=0, precision_coverage=False
+        )
         for k in p.sizes:
             fraction = plants.slowdown_for_drop(k * self.tol)
             planted = plants.slow_down(self.workload, fraction, modes=self.timed.modes, device=p.device, calibration=calibration)
@@ -296,7 +329,7 @@ class Runner:
         if self.memory:
             fp32_peak = self.baseline_measurements.reference.peak_memory_bytes
             for k in p.sizes:
-                extra = int(math.ceil(k * self.mem_tol * fp32_peak))
+                extra = math.ceil(k * self.mem_tol * fp32_peak)
                 planted = plants.retain_activation(self.workload, extra, modes=self.timed.modes)
                 tally = Tally(name, "memory", k, [(m, "memory") for m in self.timed.modes], note=f"+{extra / 2**20:.2f} MiB")
                 out.append(self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline))
@@ -307,8 +340,11 @@ class Runner:
             ("loss scale collapse", plants.collapse_loss_scale(self.workload), plants.PLANTS["collapse_loss_scale"]),
         ):
             expected = [(m, metric) for m in info.modes if m in self.numerics.modes for metric in info.metrics]
-            out.append(self.repeat(Tally(name, scenario, None, expected, consequences=info.consequences), planted, self.numerics,
-                                   p.numeric_repeats))
+            out.append(
+                self.repeat(
+                    Tally(name, scenario, None, expected, consequences=info.consequences), planted, self.numerics, p.numeric_repeats
+                )
+            )
         return out
 
     def default_gate(self) -> float:
@@ -331,7 +367,14 @@ def targets(tallies: list[Tally], default_gate_s: float | None) -> list[tuple[st
         return min(values) if higher_is_better else max(values)
 
     def add(label, required, value, ok):
-        rows.append((label, required, "-" if value is None else (f"{value:.1f} s" if label.startswith("default") else f"{value:.1%}"), None if value is None else ok(value)))
+        rows.append(
+            (
+                label,
+                required,
+                "-" if value is None else (f"{value:.1f} s" if label.startswith("default") else f"{value:.1%}"),
+                None if value is None else ok(value),
+            )
+        )
 
     aa = lambda t: t.scenario.startswith("A/A") or t.scenario.startswith("unchanged")  # noqa: E731
     v = worst(aa, "fail_rate", False)
@@ -397,7 +440,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(f"gate quality on {env.device_name} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"protocol {profile.protocol}, confirm {profile.confirm}; numerics protocol {profile.numerics_protocol}")
-    print(f"repeats: A/A and unchanged {profile.aa_repeats}, per planted size {profile.plant_repeats}, deterministic plants {profile.numeric_repeats}")
+    print(
+        f"repeats: A/A and unchanged {profile.aa_repeats}, per planted size {profile.plant_repeats}, deterministic plants {profile.numeric_repeats}"
+    )
     tallies, baselines, default_walls = [], {}, {}
     for name in profile.workloads:
         runner = Runner(profile, name, say)
@@ -407,8 +452,10 @@ def main(argv=None) -> int:
         print(f"{name}: batch {runner.workload.batch_size}, baseline {shown}")
         tallies += runner.scenarios()
         baselines[name]["offset_from_typical"] = runner.baseline_offsets
-        print(f"{name}: the stored baseline's speedup vs the median unchanged run: "
-              + ", ".join(f"{m} {o:+.1%}" for m, o in runner.baseline_offsets.items()))
+        print(
+            f"{name}: the stored baseline's speedup vs the median unchanged run: "
+            + ", ".join(f"{m} {o:+.1%}" for m, o in runner.baseline_offsets.items())
+        )
         if device == "cuda":
             default_walls[name] = runner.default_gate()
     default_gate_s = sum(default_walls.values()) if default_walls else None
@@ -417,7 +464,9 @@ def main(argv=None) -> int:
     print(table(tallies))
     print()
     if default_walls:
-        print("default gate wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in default_walls.items()) + f"; total {default_gate_s:.1f} s")
+        print(
+            "default gate wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in default_walls.items()) + f"; total {default_gate_s:.1f} s"
+        )
     print("targets (issue 5):")
     for label, required, measured, ok in targets(tallies, default_gate_s):
         word = "not measured here" if ok is None else ("met" if ok else "NOT MET")

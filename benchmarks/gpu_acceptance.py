@@ -58,7 +58,13 @@ def run(name: str, cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict |
         rc = "timeout"
         out = (exc.stdout or b"").decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
     lines = [line for line in out.splitlines() if not line.startswith(("USDT:", "ERROR:20"))]  # profiler chatter
-    return {"step": name, "command": " ".join(cmd), "rc": rc, "wall_s": round(time.perf_counter() - started, 2), "tail": "\n".join(lines[-40:])}
+    return {
+        "step": name,
+        "command": " ".join(cmd),
+        "rc": rc,
+        "wall_s": round(time.perf_counter() - started, 2),
+        "tail": "\n".join(lines[-40:]),
+    }
 
 
 def pytest_cmd(*args: str) -> list[str]:
@@ -73,8 +79,18 @@ def own_gate(args, out: Path) -> dict:
     empty_baselines = Path(tempfile.mkdtemp(prefix="ampgate-acceptance-"))
     extra = ["--ampgate-device", args.device, "--ampgate-baseline-dir", str(empty_baselines)]
     if args.smoke:  # the CPU in miniature: one AMP mode, a few short rounds
-        extra += ["-o", "ampgate_modes=amp_bf16", "-o", "ampgate_rounds=2", "-o", "ampgate_steps_per_block=2",
-                  "-o", "ampgate_warmup_steps=1", "-o", "ampgate_memory_steps=1"]
+        extra += [
+            "-o",
+            "ampgate_modes=amp_bf16",
+            "-o",
+            "ampgate_rounds=2",
+            "-o",
+            "ampgate_steps_per_block=2",
+            "-o",
+            "ampgate_warmup_steps=1",
+            "-o",
+            "ampgate_memory_steps=1",
+        ]
     orders = {}
     for label, order in (("forward", tests), ("reversed", tests[::-1])):
         report = out / f"own_gate_{label}.json"
@@ -87,8 +103,11 @@ def own_gate(args, out: Path) -> dict:
         for test, modes in step.get("memory_ratios", {}).items():
             for mode, ratio in modes.items():
                 ratios.setdefault((test, mode), {})[label] = ratio
-    spread = {f"{t} {m}": abs(v["forward"] - v["reversed"]) / v["forward"] for (t, m), v in ratios.items()
-              if v.get("forward") and v.get("reversed") is not None}
+    spread = {
+        f"{t} {m}": abs(v["forward"] - v["reversed"]) / v["forward"]
+        for (t, m), v in ratios.items()
+        if v.get("forward") and v.get("reversed") is not None
+    }
     forward = orders["forward"]
     wall, device = forward.get("measure_wall_s"), forward.get("device_s")
     return {
@@ -107,7 +126,15 @@ def _gate_figures(report: Path) -> dict:
     if not report.exists():
         return {"report": None}
     data = json.loads(report.read_text())
-    figures = {"report": str(report), "failed_tests": [], "verdicts": {}, "memory_ratios": {}, "statements": [], "measure_wall_s": 0.0, "device_s": 0.0}
+    figures = {
+        "report": str(report),
+        "failed_tests": [],
+        "verdicts": {},
+        "memory_ratios": {},
+        "statements": [],
+        "measure_wall_s": 0.0,
+        "device_s": 0.0,
+    }
     for test in data["tests"]:
         figures["verdicts"][test["test_id"]] = test["outcome"]
         if test["failed"]:
@@ -117,8 +144,9 @@ def _gate_figures(report: Path) -> dict:
             figures["device_s"] += m.get("device_seconds") or 0.0
             if m["memory_ratio"] is not None:
                 figures["memory_ratios"].setdefault(test["test_id"], {})[m["mode"]] = m["memory_ratio"]
-        figures["statements"] += [f"{test['test_id']}: {c['why']} [{c['outcome']}]" for c in test["checks"]
-                                  if c["metric"] in ("speedup", "memory")]
+        figures["statements"] += [
+            f"{test['test_id']}: {c['why']} [{c['outcome']}]" for c in test["checks"] if c["metric"] in ("speedup", "memory")
+        ]
     return figures
 
 
@@ -165,8 +193,13 @@ def xdist(args, out: Path) -> dict:
     (project / "pytest.ini").write_text("[pytest]\n")
     report = out / "xdist.json"
     env = {"AMPGATE_ACCEPTANCE_SMOKE": "1" if args.smoke else "0", "PYTEST_AMPGATE_LOCK_DIR": str(project / "locks")}
-    step = run("xdist -n 2 planted slowdown", pytest_cmd("-n", "2", "--ampgate", "--ampgate-device", args.device,
-                                                          "--ampgate-json", str(report)), args.step_timeout, cwd=project, env=env)
+    step = run(
+        "xdist -n 2 planted slowdown",
+        pytest_cmd("-n", "2", "--ampgate", "--ampgate-device", args.device, "--ampgate-json", str(report)),
+        args.step_timeout,
+        cwd=project,
+        env=env,
+    )
     planted = None
     if report.exists():
         for test in json.loads(report.read_text())["tests"]:
@@ -197,8 +230,10 @@ def summarize(result: dict) -> str:
         lines.append(f"- {label} order: exit {step['rc']}, verdicts {step.get('verdicts')}")
     for text in gate["orders"]["forward"].get("statements", []):
         lines.append(f"  - {text}")
-    lines.append("- memory ratio spread between the two orders: "
-                 + (", ".join(f"{k} {v:.2%}" for k, v in gate["memory_order_spread"].items()) or "none measured"))
+    lines.append(
+        "- memory ratio spread between the two orders: "
+        + (", ".join(f"{k} {v:.2%}" for k, v in gate["memory_order_spread"].items()) or "none measured")
+    )
     lines.append("")
     lines.append("## Steps")
     for step in result["steps"]:
@@ -242,19 +277,64 @@ def main(argv=None) -> int:
     # 3. engine benchmark: default sizes, then a short sweep
     bench = [sys.executable, "benchmarks/engine_benchmark.py", "--device", args.device, "--quiet"]
     if args.smoke:
-        small = ["--quick", "--workloads", "mnist_mlp", "--modes", "fp32", "amp_bf16", "--rounds", "2", "--steps-per-block", "2",
-                 "--warmup", "2", "--memory-steps", "1", "--no-overhead"]
+        small = [
+            "--quick",
+            "--workloads",
+            "mnist_mlp",
+            "--modes",
+            "fp32",
+            "amp_bf16",
+            "--rounds",
+            "2",
+            "--steps-per-block",
+            "2",
+            "--warmup",
+            "2",
+            "--memory-steps",
+            "1",
+            "--no-overhead",
+        ]
         engine = run("engine defaults", [*bench, *small, "--json", str(out / "engine.json")], args.step_timeout)
         sweep = run("engine sweep", [*bench, *small, "--batch-sizes", "32", "64", "--json", str(out / "sweep.json")], args.step_timeout)
     else:
         engine = run("engine defaults", [*bench, "--json", str(out / "engine.json")], args.step_timeout)
-        sweep = run("engine sweep", [*bench, "--sweep", "--rounds", "4", "--steps-per-block", "10", "--warmup", "4",
-                                     "--memory-steps", "1", "--no-overhead", "--json", str(out / "sweep.json")], args.step_timeout)
+        sweep = run(
+            "engine sweep",
+            [
+                *bench,
+                "--sweep",
+                "--rounds",
+                "4",
+                "--steps-per-block",
+                "10",
+                "--warmup",
+                "4",
+                "--memory-steps",
+                "1",
+                "--no-overhead",
+                "--json",
+                str(out / "sweep.json"),
+            ],
+            args.step_timeout,
+        )
     steps += [engine, sweep]
 
     # 4. gate quality, reduced
-    quality_cmd = [sys.executable, "benchmarks/gate_quality.py", "--device", args.device, "--quick", "--quiet", "--json", str(out / "gate_quality.json")]
-    quality_cmd += ["--sizes", "2", "--repeats", "1", "--plant-repeats", "1"] if args.smoke else ["--sizes", "1.5,2", "--repeats", "3", "--plant-repeats", "3"]
+    quality_cmd = [
+        sys.executable,
+        "benchmarks/gate_quality.py",
+        "--device",
+        args.device,
+        "--quick",
+        "--quiet",
+        "--json",
+        str(out / "gate_quality.json"),
+    ]
+    quality_cmd += (
+        ["--sizes", "2", "--repeats", "1", "--plant-repeats", "1"]
+        if args.smoke
+        else ["--sizes", "1.5,2", "--repeats", "3", "--plant-repeats", "3"]
+    )
     quality = run("gate_quality reduced", quality_cmd, args.step_timeout * (1 if args.smoke else 1.4))
     steps.append(quality)
 
@@ -267,14 +347,27 @@ def main(argv=None) -> int:
     checks = [
         ("CUDA-only tests pass (skip without CUDA)", f"exit {cuda_tests['rc']}", True, cuda_tests["rc"] == 0),
         ("own gate never FAILs (both orders)", "ok" if gate["never_fails"] else "FAILED", True, gate["never_fails"]),
-        ("memory ratios agree across test orders (<= 2%)",
-         ", ".join(f"{v:.2%}" for v in gate["memory_order_spread"].values()) or "not measured", True, gate["memory_order_ok"]),
+        (
+            "memory ratios agree across test orders (<= 2%)",
+            ", ".join(f"{v:.2%}" for v in gate["memory_order_spread"].values()) or "not measured",
+            True,
+            gate["memory_order_ok"],
+        ),
         ("engine benchmark runs", f"exit {engine['rc']} / sweep exit {sweep['rc']}", True, engine["rc"] == 0 and sweep["rc"] == 0),
         ("gate quality runs", f"exit {quality['rc']}", True, quality["rc"] == 0),
-        ("-n 2 planted slowdown FAILs (not INCONCLUSIVE)",
-         (parallel["planted_check"] or {}).get("outcome", "no result"), True, parallel["ok"]),
+        (
+            "-n 2 planted slowdown FAILs (not INCONCLUSIVE)",
+            (parallel["planted_check"] or {}).get("outcome", "no result"),
+            True,
+            parallel["ok"],
+        ),
         (f"default gate wall time <= {GOAL_WALL_S:g} s (goal)", "n/a" if wall is None else f"{wall:.1f} s", False, None),
-        (f"wall time <= {GOAL_WALL_OVER_DEVICE:g}x device time of its steps (goal)", "n/a" if ratio is None else f"{ratio:.2f}x", False, None),
+        (
+            f"wall time <= {GOAL_WALL_OVER_DEVICE:g}x device time of its steps (goal)",
+            "n/a" if ratio is None else f"{ratio:.2f}x",
+            False,
+            None,
+        ),
     ]
     result = {
         "smoke": args.smoke,

@@ -34,15 +34,22 @@ def wide_mlp(optimizer, batch: int) -> Workload:
     x = torch.randn(max(4 * batch, 512), 256, generator=g)
     y = (x[:, 0] > 0).long()
     model = lambda: nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 2))  # noqa: E731
-    return Workload(f"wide_mlp_{optimizer.__name__}", model, (x, y, x[:64], y[:64]), nn.CrossEntropyLoss(),
-                    lambda p: optimizer(p, lr=1e-3), batch)
+    return Workload(
+        f"wide_mlp_{optimizer.__name__}", model, (x, y, x[:64], y[:64]), nn.CrossEntropyLoss(), lambda p: optimizer(p, lr=1e-3), batch
+    )
 
 
 def example(width: int, batch: int) -> Workload:
     from mymodel import ResidualMLP, make_data
 
-    return Workload("example_residual_mlp", lambda: ResidualMLP(width=width), make_data(n_train=2 * batch, n_test=256),
-                    nn.CrossEntropyLoss(), lambda p: torch.optim.AdamW(p, lr=1e-3), batch)
+    return Workload(
+        "example_residual_mlp",
+        lambda: ResidualMLP(width=width),
+        make_data(n_train=2 * batch, n_test=256),
+        nn.CrossEntropyLoss(),
+        lambda p: torch.optim.AdamW(p, lr=1e-3),
+        batch,
+    )
 
 
 def main(argv=None) -> int:
@@ -68,15 +75,38 @@ def main(argv=None) -> int:
         forward = first.comparisons[mode].memory_ratio
         backward = 1 / second.comparisons["fp32"].memory_ratio
         parts = ref.memory
-        rows.append([
-            kind, workload.name, str(workload.batch_size),
-            f"{ref.peak_memory_bytes / 2**20:.1f}", f"{amp.peak_memory_bytes / 2**20:.1f}",
-            f"{parts['state_bytes'] / 2**20:.1f}", f"{ref.activation_memory_bytes / 2**20:.1f} / {amp.activation_memory_bytes / 2**20:.1f}",
-            f"{forward:.3f}", f"{backward:.3f}", f"{abs(forward - backward) / forward:.2%}",
-        ])
+        rows.append(
+            [
+                kind,
+                workload.name,
+                str(workload.batch_size),
+                f"{ref.peak_memory_bytes / 2**20:.1f}",
+                f"{amp.peak_memory_bytes / 2**20:.1f}",
+                f"{parts['state_bytes'] / 2**20:.1f}",
+                f"{ref.activation_memory_bytes / 2**20:.1f} / {amp.activation_memory_bytes / 2**20:.1f}",
+                f"{forward:.3f}",
+                f"{backward:.3f}",
+                f"{abs(forward - backward) / forward:.2%}",
+            ]
+        )
     print(f"device {args.device}, {mode} vs fp32, {parts['method']}; torch {torch.__version__}")
-    print(format_table(rows, ["kind", "workload", "batch", "fp32 MiB", f"{mode} MiB", "params+opt MiB",
-                              "activations MiB (fp32 / amp)", "ratio", "ratio reversed", "spread"]))
+    print(
+        format_table(
+            rows,
+            [
+                "kind",
+                "workload",
+                "batch",
+                "fp32 MiB",
+                f"{mode} MiB",
+                "params+opt MiB",
+                "activations MiB (fp32 / amp)",
+                "ratio",
+                "ratio reversed",
+                "spread",
+            ],
+        )
+    )
     return 0
 
 

@@ -50,8 +50,8 @@ def _installed() -> bool:
 def _command(with_plugin: bool, installed: bool) -> list[str]:
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_trivial.py"]
     if with_plugin:
-        return base if installed else base + ["-p", "pytest_ampgate.plugin"]
-    return base + ["-p", "no:ampgate"] if installed else base
+        return base if installed else [*base, "-p", "pytest_ampgate.plugin"]
+    return [*base, "-p", "no:ampgate"] if installed else base
 
 
 def _cpu_children() -> float:
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                 (with_s if plugin else without_s).append(t)
                 (with_cpu if plugin else without_cpu).append(cpu)
                 if plugin:
-                    line = next((l for l in out.splitlines() if l.startswith("HEAVY-MODULES:")), "HEAVY-MODULES: ?")
+                    line = next((ln for ln in out.splitlines() if ln.startswith("HEAVY-MODULES:")), "HEAVY-MODULES: ?")
                     heavy.update(m for m in line.split(":", 1)[1].strip().split(",") if m not in ("-", ""))
     diffs = [a - b for a, b in zip(with_s, without_s)]
     cpu_diffs = [a - b for a, b in zip(with_cpu, without_cpu)]
@@ -129,13 +129,23 @@ def main(argv=None) -> dict:
     }
     ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
     print(f"plain pytest run of one trivial test, {args.runs} interleaved pairs (plugin via {result['plugin_loaded_via']}):")
-    print(f"  with pytest-ampgate:    median {ms(result['with_plugin_median_s'])} (IQR {ms(result['with_plugin_iqr_s'][0])}-{ms(result['with_plugin_iqr_s'][1])})")
-    print(f"  with -p no:ampgate:     median {ms(result['without_plugin_median_s'])} (IQR {ms(result['without_plugin_iqr_s'][0])}-{ms(result['without_plugin_iqr_s'][1])})")
-    print(f"  overhead (paired):      median {ms(result['overhead_median_s'])} (IQR {ms(result['overhead_iqr_s'][0])}-{ms(result['overhead_iqr_s'][1])}); target <= 50 ms")
-    print(f"  CPU time (user+sys):    median {ms(result['with_plugin_cpu_median_s'])} with, {ms(result['without_plugin_cpu_median_s'])} without; "
-          f"overhead median {ms(result['cpu_overhead_median_s'])} (IQR {ms(result['cpu_overhead_iqr_s'][0])}-{ms(result['cpu_overhead_iqr_s'][1])})")
+    print(
+        f"  with pytest-ampgate:    median {ms(result['with_plugin_median_s'])} (IQR {ms(result['with_plugin_iqr_s'][0])}-{ms(result['with_plugin_iqr_s'][1])})"
+    )
+    print(
+        f"  with -p no:ampgate:     median {ms(result['without_plugin_median_s'])} (IQR {ms(result['without_plugin_iqr_s'][0])}-{ms(result['without_plugin_iqr_s'][1])})"
+    )
+    print(
+        f"  overhead (paired):      median {ms(result['overhead_median_s'])} (IQR {ms(result['overhead_iqr_s'][0])}-{ms(result['overhead_iqr_s'][1])}); target <= 50 ms"
+    )
+    print(
+        f"  CPU time (user+sys):    median {ms(result['with_plugin_cpu_median_s'])} with, {ms(result['without_plugin_cpu_median_s'])} without; "
+        f"overhead median {ms(result['cpu_overhead_median_s'])} (IQR {ms(result['cpu_overhead_iqr_s'][0])}-{ms(result['cpu_overhead_iqr_s'][1])})"
+    )
     print(f"  heavy modules imported: {', '.join(result['heavy_modules_imported']) or 'none'}")
-    print(f"  bytecode cache: {'on' if result['bytecode_cache'] else 'off (PYTHONDONTWRITEBYTECODE is set: every run compiles the plugin)'}")
+    print(
+        f"  bytecode cache: {'on' if result['bytecode_cache'] else 'off (PYTHONDONTWRITEBYTECODE is set: every run compiles the plugin)'}"
+    )
     print(f"  machine: {result['cpus']} CPUs, load average {result['load_average']}, Python {result['python']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -76,18 +76,33 @@ def main(argv=None) -> int:
                     continue
                 shortfall = (ref.metric - mm.metric) if mm.higher_is_better else (mm.metric - ref.metric)
                 excess = tail_loss(mm, config.steps_per_block) / ref_tail - 1
-                rows.append(dict(workload=name, seed=seed, mode=mode, metric=mm.metric_name, reference=ref.metric,
-                                 value=mm.metric, shortfall=shortfall, ref_tail_loss=ref_tail, loss_excess=excess))
-                print(f"{name:12s} seed {seed} {mode:9s} {mm.metric_name} {mm.metric:.3f} vs fp32 {ref.metric:.3f} "
-                      f"(shortfall {shortfall:+.3f}); tail loss {excess:+.2%} vs fp32 {ref_tail:.4g}  [{time.perf_counter() - t0:.0f} s]",
-                      flush=True)
+                rows.append(
+                    dict(
+                        workload=name,
+                        seed=seed,
+                        mode=mode,
+                        metric=mm.metric_name,
+                        reference=ref.metric,
+                        value=mm.metric,
+                        shortfall=shortfall,
+                        ref_tail_loss=ref_tail,
+                        loss_excess=excess,
+                    )
+                )
+                print(
+                    f"{name:12s} seed {seed} {mode:9s} {mm.metric_name} {mm.metric:.3f} vs fp32 {ref.metric:.3f} "
+                    f"(shortfall {shortfall:+.3f}); tail loss {excess:+.2%} vs fp32 {ref_tail:.4g}  [{time.perf_counter() - t0:.0f} s]",
+                    flush=True,
+                )
     print()
     for name in args.workloads:
         mine = [r for r in rows if r["workload"] == name]
         if mine:
-            print(f"{name}: worst shortfall {max(r['shortfall'] for r in mine):+.3f}, worst tail-loss excess "
-                  f"{max(r['loss_excess'] for r in mine):+.2%}, fp32 metric {min(r['reference'] for r in mine):.3f}-"
-                  f"{max(r['reference'] for r in mine):.3f} over {len(mine)} (seed, mode) pairs")
+            print(
+                f"{name}: worst shortfall {max(r['shortfall'] for r in mine):+.3f}, worst tail-loss excess "
+                f"{max(r['loss_excess'] for r in mine):+.2%}, fp32 metric {min(r['reference'] for r in mine):.3f}-"
+                f"{max(r['reference'] for r in mine):.3f} over {len(mine)} (seed, mode) pairs"
+            )
     print(f"wall time: {time.perf_counter() - started:.0f} s on {args.device}; torch {torch.__version__}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "device": args.device}, indent=2, allow_nan=False))

@@ -40,11 +40,12 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any
 
 from .errors import BaselineError
 from .file_safety import Lock, LockError, lock_name
@@ -55,9 +56,9 @@ from .file_safety import write_atomic as _write_atomic
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
-    "ModeBaseline",
     "Baseline",
     "BaselineStore",
+    "ModeBaseline",
     "module_of",
     "module_relpath",
     "utc_timestamp",
@@ -115,7 +116,7 @@ def _describe(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_float(value: Any, where: str, name: str) -> Optional[float]:
+def _check_float(value: Any, where: str, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -170,7 +171,7 @@ def _check_range(value: Any, where: str, name: str) -> None:
         )
 
 
-def _check_int(value: Any, where: str, name: str) -> Optional[int]:
+def _check_int(value: Any, where: str, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
@@ -202,20 +203,20 @@ class ModeBaseline:
     survive a rewrite by an older one.
     """
 
-    speedup: Optional[float] = None
-    speedup_low: Optional[float] = None
-    speedup_high: Optional[float] = None
-    memory_ratio: Optional[float] = None
-    step_time_s: Optional[float] = None
-    peak_memory_bytes: Optional[int] = None
-    accuracy: Optional[float] = None
-    final_loss: Optional[float] = None
-    low_precision_share: Optional[float] = None
+    speedup: float | None = None
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    memory_ratio: float | None = None
+    step_time_s: float | None = None
+    peak_memory_bytes: int | None = None
+    accuracy: float | None = None
+    final_loss: float | None = None
+    low_precision_share: float | None = None
     extra: dict = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON object for this mode; None fields are left out (they read back as None)."""
-        out: Dict[str, Any] = {k: v for k, v in self.extra.items() if k not in _KNOWN_MODE_FIELDS}
+        out: dict[str, Any] = {k: v for k, v in self.extra.items() if k not in _KNOWN_MODE_FIELDS}
         for name in _FLOAT_FIELDS + _INT_FIELDS:
             value = getattr(self, name)
             if value is not None:
@@ -223,7 +224,7 @@ class ModeBaseline:
         return out
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ModeBaseline":
+    def from_dict(cls, d: Any, where: str) -> ModeBaseline:
         """Validate and build from a JSON object; ``where`` locates ``d`` in error messages,
         e.g. ``"baselines/tests/test_amp.json: tests['...']['cpu|...']['modes']['amp_bf16']"``."""
         if not isinstance(d, dict):
@@ -231,7 +232,7 @@ class ModeBaseline:
                 f"{where} must be a JSON object of measurements, got {_describe(d)}; correct it, "
                 f"restore the file from version control, or re-record with {_UPDATE_HINT}"
             )
-        kwargs: Dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
         for name in _FLOAT_FIELDS:
             kwargs[name] = _check_float(d.get(name), where, name)
         for name in _INT_FIELDS:
@@ -248,7 +249,7 @@ class ModeBaseline:
 
 
 _KNOWN_MODE_FIELDS = frozenset(_FLOAT_FIELDS + _INT_FIELDS)
-assert _KNOWN_MODE_FIELDS == {f.name for f in fields(ModeBaseline)} - {"extra"}
+assert {f.name for f in fields(ModeBaseline)} - {"extra"} == _KNOWN_MODE_FIELDS
 
 
 @dataclass(frozen=True)
@@ -260,17 +261,14 @@ class Baseline:
     environment: dict
     recorded_at: str
     settings: dict
-    modes: Dict[str, ModeBaseline]
+    modes: dict[str, ModeBaseline]
 
-    def to_entry(self) -> Dict[str, Any]:
+    def to_entry(self) -> dict[str, Any]:
         """The JSON object stored at ``tests[test_id][env_key]``."""
-        modes: Dict[str, Any] = {}
+        modes: dict[str, Any] = {}
         for name, mode in self.modes.items():
             if not isinstance(mode, ModeBaseline):
-                raise BaselineError(
-                    f"baseline for {self.test_id!r}: modes[{name!r}] must be a ModeBaseline, got "
-                    f"{_describe(mode)}"
-                )
+                raise BaselineError(f"baseline for {self.test_id!r}: modes[{name!r}] must be a ModeBaseline, got {_describe(mode)}")
             modes[name] = mode.to_dict()
         return {
             "environment": self.environment,
@@ -280,25 +278,20 @@ class Baseline:
         }
 
     @classmethod
-    def from_entry(cls, test_id: str, env_key: str, entry: Any, where: str) -> "Baseline":
+    def from_entry(cls, test_id: str, env_key: str, entry: Any, where: str) -> Baseline:
         """Validate and build from the JSON object at ``tests[test_id][env_key]`` (located by ``where``)."""
         fix = f"correct it, restore the file from version control, or re-record with {_UPDATE_HINT}"
         if not isinstance(entry, dict):
             raise BaselineError(f"{where} must be a JSON object, got {_describe(entry)}; {fix}")
         missing = [k for k in _REQUIRED_ENTRY_KEYS if k not in entry]
         if missing:
-            raise BaselineError(
-                f"{where} is missing required key(s) {', '.join(repr(k) for k in missing)}; {fix}"
-            )
+            raise BaselineError(f"{where} is missing required key(s) {', '.join(repr(k) for k in missing)}; {fix}")
         for name in ("environment", "settings", "modes"):
             if not isinstance(entry[name], dict):
-                raise BaselineError(
-                    f"{where}{_key(name)} must be a JSON object, got {_describe(entry[name])}; {fix}"
-                )
+                raise BaselineError(f"{where}{_key(name)} must be a JSON object, got {_describe(entry[name])}; {fix}")
         if not isinstance(entry["recorded_at"], str) or not entry["recorded_at"]:
             raise BaselineError(
-                f"{where}['recorded_at'] must be an ISO 8601 timestamp string, got "
-                f"{_describe(entry['recorded_at'])}; {fix}"
+                f"{where}['recorded_at'] must be an ISO 8601 timestamp string, got {_describe(entry['recorded_at'])}; {fix}"
             )
         modes = {}
         for name, mode in entry["modes"].items():
@@ -320,9 +313,7 @@ class Baseline:
 # --------------------------------------------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-_WINDOWS_RESERVED = frozenset(
-    ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(10)] + [f"LPT{i}" for i in range(10)]
-)
+_WINDOWS_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(10)] + [f"LPT{i}" for i in range(10)])
 _MAX_SEGMENT = 100
 
 
@@ -368,8 +359,7 @@ def module_relpath(module: str) -> Path:
 def _corrupt(path: Path, problem: str) -> BaselineError:
     shown = _display(path)
     return BaselineError(
-        f"{shown}: {problem}. Restore it from version control (git checkout -- {shown}) or delete "
-        f"it and re-record with {_UPDATE_HINT}"
+        f"{shown}: {problem}. Restore it from version control (git checkout -- {shown}) or delete it and re-record with {_UPDATE_HINT}"
     )
 
 
@@ -380,7 +370,7 @@ def _unreadable(path: Path, exc: OSError) -> BaselineError:
     )
 
 
-def _read_regular(path: Path) -> Optional[bytes]:
+def _read_regular(path: Path) -> bytes | None:
     """The bytes of a baseline file; None when it does not exist.
 
     Opened without blocking and checked with ``fstat`` before reading: a FIFO in its place would
@@ -421,8 +411,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
             raise ValueError(f"duplicate key {k!r}")
@@ -430,12 +420,12 @@ def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _parse(path: Path, data: bytes) -> "_Loaded":
+def _parse(path: Path, data: bytes) -> _Loaded:
     """Bytes of a baseline file -> its validated document (raises BaselineError naming ``path``)."""
     if not data.strip():
         raise _corrupt(path, "is empty (an interrupted write or a bad merge?)")
     if data.startswith(_BOM):  # Windows editors add one; it is not part of the JSON, so read past it
-        data = data[len(_BOM):]
+        data = data[len(_BOM) :]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -445,9 +435,7 @@ def _parse(path: Path, data: bytes) -> "_Loaded":
     try:
         doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise _corrupt(
-            path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (truncated?)"
-        ) from None
+        raise _corrupt(path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (truncated?)") from None
     except ValueError as exc:  # NaN/Infinity literals, duplicate keys, numbers of over 4300 digits
         raise _corrupt(path, f"is not valid JSON: {exc}") from None
     except RecursionError:
@@ -476,7 +464,7 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
-def _validate_document(path: Path, doc: Any) -> Dict[Tuple[str, str], Baseline]:
+def _validate_document(path: Path, doc: Any) -> dict[tuple[str, str], Baseline]:
     if not isinstance(doc, dict):
         raise _corrupt(path, f"top level must be a JSON object, got {type(doc).__name__}")
     if doc.get("schema") != SCHEMA:
@@ -504,7 +492,7 @@ def _validate_document(path: Path, doc: Any) -> Dict[Tuple[str, str], Baseline]:
     if not isinstance(tests, dict):
         raise _corrupt(path, f"'tests' must be a JSON object, got {_describe(tests)}")
     shown = _display(path)
-    parsed: Dict[Tuple[str, str], Baseline] = {}
+    parsed: dict[tuple[str, str], Baseline] = {}
     for test_id, envs in tests.items():
         where = f"{shown}: tests{_key(test_id)}"
         if not test_id:
@@ -517,13 +505,11 @@ def _validate_document(path: Path, doc: Any) -> Dict[Tuple[str, str], Baseline]:
         for env_key, entry in envs.items():
             if not env_key:
                 raise _corrupt(path, f"tests{_key(test_id)} has an empty environment key")
-            parsed[(test_id, env_key)] = Baseline.from_entry(
-                test_id, env_key, entry, f"{where}{_key(env_key)}"
-            )
+            parsed[(test_id, env_key)] = Baseline.from_entry(test_id, env_key, entry, f"{where}{_key(env_key)}")
     return parsed
 
 
-def _find_non_finite(value: Any, where: str) -> Optional[str]:
+def _find_non_finite(value: Any, where: str) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return where
     if isinstance(value, dict):
@@ -539,14 +525,12 @@ def _find_non_finite(value: Any, where: str) -> Optional[str]:
     return None
 
 
-def _dumps(doc: Dict[str, Any]) -> bytes:
+def _dumps(doc: dict[str, Any]) -> bytes:
     """Stable bytes for git: sorted keys, two-space indent, trailing newline, standard JSON only."""
-    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n").encode(
-        "utf-8"
-    )
+    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _new_document() -> Dict[str, Any]:
+def _new_document() -> dict[str, Any]:
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "tests": {}}
 
 
@@ -582,9 +566,9 @@ class _Lock:
 
 
 class _Loaded:
-    __slots__ = ("doc", "baselines")
+    __slots__ = ("baselines", "doc")
 
-    def __init__(self, doc: Dict[str, Any], baselines: Dict[Tuple[str, str], Baseline]):
+    def __init__(self, doc: dict[str, Any], baselines: dict[tuple[str, str], Baseline]):
         self.doc = doc
         self.baselines = baselines
 
@@ -597,11 +581,11 @@ class BaselineStore:
     Staged-but-uncommitted entries are not visible to :meth:`lookup`.
     """
 
-    def __init__(self, directory: "str | os.PathLike[str]", *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+    def __init__(self, directory: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.directory = Path(os.path.abspath(os.fspath(directory)))
         self.lock_timeout = float(lock_timeout)
-        self._cache: Dict[Path, Optional[_Loaded]] = {}
-        self._staged: Dict[Path, Dict[Tuple[str, str], Dict[str, Any]]] = {}
+        self._cache: dict[Path, _Loaded | None] = {}
+        self._staged: dict[Path, dict[tuple[str, str], dict[str, Any]]] = {}
         self._mutex = threading.RLock()
 
     def __repr__(self) -> str:
@@ -633,27 +617,27 @@ class BaselineStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _load(self, path: Path) -> Optional[_Loaded]:
+    def _load(self, path: Path) -> _Loaded | None:
         with self._mutex:
             if path not in self._cache:
                 data = _read_regular(path)
                 self._cache[path] = None if data is None else _parse(path, data)
             return self._cache[path]
 
-    def lookup(self, test_id: str, env_key: str) -> Optional[Baseline]:
+    def lookup(self, test_id: str, env_key: str) -> Baseline | None:
         """The stored baseline for this test in this environment; None when there is none.
         A file that exists but is unreadable raises BaselineError rather than reading as missing."""
         loaded = self._load(self.path_for(test_id))
         return None if loaded is None else loaded.baselines.get((test_id, env_key))
 
-    def environments(self, test_id: str) -> List[str]:
+    def environments(self, test_id: str) -> list[str]:
         """Environment keys with a baseline for ``test_id`` (to say "recorded on X, not on this GPU")."""
         loaded = self._load(self.path_for(test_id))
         if loaded is None:
             return []
         return sorted(env for (tid, env) in loaded.baselines if tid == test_id)
 
-    def entries(self) -> Iterator[Tuple[Path, str, str]]:
+    def entries(self) -> Iterator[tuple[Path, str, str]]:
         """``(file, test_id, env_key)`` for every stored entry, files in sorted order."""
         if not self.directory.is_dir():
             return
@@ -667,17 +651,15 @@ class BaselineStore:
                 for env_key in sorted(envs):
                     yield path, test_id, env_key
 
-    def stale_entries(
-        self, existing_test_ids: Set[str], modules: Optional[Set[str]] = None
-    ) -> List[Tuple[Path, str]]:
+    def stale_entries(self, existing_test_ids: set[str], modules: set[str] | None = None) -> list[tuple[Path, str]]:
         """Stored test ids that are not in ``existing_test_ids``, as ``(file, test_id)``.
 
         ``modules`` are the test modules (node id parts before ``"::"``) that were collected in
         full; when given, only test ids of those modules are considered, so a ``-k`` or single-file
         run does not call every other module's baselines stale.
         """
-        stale: List[Tuple[Path, str]] = []
-        seen: Set[Tuple[Path, str]] = set()
+        stale: list[tuple[Path, str]] = []
+        seen: set[tuple[Path, str]] = set()
         for path, test_id, _env in self.entries():
             if (path, test_id) in seen or test_id in existing_test_ids:
                 continue
@@ -696,13 +678,9 @@ class BaselineStore:
         path = self.path_for(baseline.test_id)
         if not isinstance(baseline.env_key, str) or not baseline.env_key:
             raise BaselineError(
-                f"baseline for {baseline.test_id!r}: the environment key must be a non-empty string, "
-                f"got {_describe(baseline.env_key)}"
+                f"baseline for {baseline.test_id!r}: the environment key must be a non-empty string, got {_describe(baseline.env_key)}"
             )
-        where = (
-            f"baseline to be written to {_display(path)}: "
-            f"tests{_key(baseline.test_id)}{_key(baseline.env_key)}"
-        )
+        where = f"baseline to be written to {_display(path)}: tests{_key(baseline.test_id)}{_key(baseline.env_key)}"
         entry = baseline.to_entry()
         bad = _find_non_finite(entry, where)
         if bad:
@@ -721,7 +699,7 @@ class BaselineStore:
             self._staged.setdefault(path, {})[(baseline.test_id, baseline.env_key)] = entry
 
     @property
-    def staged(self) -> List[Tuple[str, str]]:
+    def staged(self) -> list[tuple[str, str]]:
         """``(test_id, env_key)`` pairs waiting for :meth:`commit`."""
         with self._mutex:
             return sorted(k for entries in self._staged.values() for k in entries)
@@ -735,7 +713,7 @@ class BaselineStore:
         finally:
             lock.release()
 
-    def _read_for_update(self, path: Path, action: str) -> Optional[Dict[str, Any]]:
+    def _read_for_update(self, path: Path, action: str) -> dict[str, Any] | None:
         data = _read_regular(path)
         if data is None:
             return None
@@ -754,7 +732,7 @@ class BaselineStore:
             except OSError:
                 pass
 
-    def commit(self) -> List[Path]:
+    def commit(self) -> list[Path]:
         """Write every staged entry: per file, lock, re-read from disk, replace only the staged
         ``(test_id, env_key)`` entries, write atomically, unlock. Returns the paths written.
 
@@ -764,8 +742,8 @@ class BaselineStore:
         """
         with self._mutex:
             pending = {p: dict(e) for p, e in self._staged.items()}
-        written: List[Path] = []
-        errors: List[str] = []
+        written: list[Path] = []
+        errors: list[str] = []
         for path in sorted(pending):
             staged = pending[path]
             try:
@@ -803,14 +781,14 @@ class BaselineStore:
             raise err
         return written
 
-    def prune(self, stale: List[Tuple[Path, str]]) -> List[Path]:
+    def prune(self, stale: list[tuple[Path, str]]) -> list[Path]:
         """Remove the given ``(file, test_id)`` entries (all their environments); locked and atomic
         like :meth:`commit`. A file left with no tests is deleted, and so are directories it leaves
         empty below the store directory. Returns the paths rewritten or deleted."""
-        by_path: Dict[Path, Set[str]] = {}
+        by_path: dict[Path, set[str]] = {}
         for path, test_id in stale:
             by_path.setdefault(Path(os.path.abspath(path)), set()).add(test_id)
-        changed: List[Path] = []
+        changed: list[Path] = []
         for path in sorted(by_path):
             self._check_inside(path, _display(path))
             with self._locked(path) as really_locked:
@@ -827,7 +805,7 @@ class BaselineStore:
                     del tests[test_id]
                 if tests:
                     _write_atomic(path, _dumps(doc))
-                    loaded: Optional[_Loaded] = _Loaded(doc, _validate_document(path, doc))
+                    loaded: _Loaded | None = _Loaded(doc, _validate_document(path, doc))
                 else:
                     os.unlink(path)
                     _fsync_dir(path.parent)

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 ENTRY_MARK = "ampgate"
 """``extra_info["ampgate"]`` is True on our entries (so scripts can tell them from real benchmarks)."""
@@ -83,22 +84,24 @@ def entries(results: Iterable) -> list[dict]:
                 "verdict": r.verdict.outcome,
             }
             name = r.test_id.rsplit("::", 1)[-1]
-            out.append({
-                "group": f"ampgate: {r.test_id}",
-                "name": _with_mode(name, mm.mode),
-                "fullname": _with_mode(r.test_id, mm.mode),
-                "params": {"mode": mm.mode},
-                "param": mm.mode,
-                "extra_info": extra,
-                "options": {
-                    "timer": "cuda events" if m.device.startswith("cuda") else "time.perf_counter",
-                    "warmup_steps": m.config.warmup_steps,
-                    "rounds": m.config.rounds,
-                    "steps_per_block": m.config.steps_per_block,
-                    "interleaving": "ABBA",
-                },
-                "stats": stat_dict,
-            })
+            out.append(
+                {
+                    "group": f"ampgate: {r.test_id}",
+                    "name": _with_mode(name, mm.mode),
+                    "fullname": _with_mode(r.test_id, mm.mode),
+                    "params": {"mode": mm.mode},
+                    "param": mm.mode,
+                    "extra_info": extra,
+                    "options": {
+                        "timer": "cuda events" if m.device.startswith("cuda") else "time.perf_counter",
+                        "warmup_steps": m.config.warmup_steps,
+                        "rounds": m.config.rounds,
+                        "steps_per_block": m.config.steps_per_block,
+                        "interleaving": "ABBA",
+                    },
+                    "stats": stat_dict,
+                }
+            )
     return out
 
 

@@ -16,8 +16,9 @@ makes it a failure, "ignore" skips the check.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -77,7 +78,9 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
     from .distributed import DISTRIBUTED_ONLY
 
     try:
-        resolved = tuple(v.strip().lower() if isinstance(v, str) and v.strip().lower() in DISTRIBUTED_ONLY else resolve_mode(v).name for v in value)
+        resolved = tuple(
+            v.strip().lower() if isinstance(v, str) and v.strip().lower() in DISTRIBUTED_ONLY else resolve_mode(v).name for v in value
+        )
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}; with world_size also: {', '.join(DISTRIBUTED_ONLY)}") from None
     if len(set(resolved)) != len(resolved):
@@ -130,7 +133,7 @@ class MeasureConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MeasureConfig":
+    def from_dict(cls, d: dict) -> MeasureConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -190,14 +193,23 @@ class GateConfig:
 
 SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "modes": (_modes, "precision modes compared with fp32 (names or Apex aliases), e.g. 'amp_fp16 amp_bf16'"),
-    "min_speedup": (_number(0, low_open=True), "least speedup over fp32 (fp32 step time / mode step time); 1.2 = 20% more steps per second"),
+    "min_speedup": (
+        _number(0, low_open=True),
+        "least speedup over fp32 (fp32 step time / mode step time); 1.2 = 20% more steps per second",
+    ),
     "speedup_tolerance": (_number(0, 1), "how far (relative) the speedup may fall below the stored baseline's"),
     "max_memory_ratio": (_number(0, low_open=True), "largest peak-memory ratio mode / fp32"),
     "memory_tolerance": (_number(0), "how far (absolute) the memory ratio may rise above the stored baseline's"),
     "accuracy_tolerance": (_number(0, 1), "how far (absolute) held-out accuracy may fall below the stored baseline's"),
-    "same_run_tolerance": (_number(0, 1), "how far (absolute) a mode's held-out metric may fall behind fp32's measured in the same run (no baseline needed)"),
+    "same_run_tolerance": (
+        _number(0, 1),
+        "how far (absolute) a mode's held-out metric may fall behind fp32's measured in the same run (no baseline needed)",
+    ),
     "same_run_loss_tolerance": (_number(0), "how far (relative) a mode's mean loss over the last block may exceed fp32's in the same run"),
-    "max_skipped_fraction": (_number(0, 1), "largest fraction of steps that a dynamic loss scaler (amp_fp16, fp16_master) may skip for inf/NaN gradients"),
+    "max_skipped_fraction": (
+        _number(0, 1),
+        "largest fraction of steps that a dynamic loss scaler (amp_fp16, fp16_master) may skip for inf/NaN gradients",
+    ),
     "min_loss_scale": (_number(0), "smallest final GradScaler loss scale before it counts as collapsed"),
     "min_low_precision_share": (_number(0, 1), "least share of matmul/conv FLOPs that must run in low precision under AMP"),
     "check_speed": (_auto_flag, "gate the speedup (auto: on CUDA only)"),
@@ -211,8 +223,14 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "memory_steps": (_whole(0), "steps in each mode's peak-memory pass (CUDA)"),
     "confidence": (_number(0, 1, low_open=True, high_open=True), "coverage of the speedup's interval"),
     "noise_threshold": (_number(0, 1, low_open=True), "interval width (relative to the median) above which a speedup is flagged noisy"),
-    "world_size": (_whole(1), "train on this many ranks under torch.distributed (DDP/FSDP2, started by torchrun; gloo on cpu, NCCL on cuda)"),
-    "distributed_timeout": (_number(0, low_open=True), "seconds a distributed run may take before its ranks are stopped and the test fails"),
+    "world_size": (
+        _whole(1),
+        "train on this many ranks under torch.distributed (DDP/FSDP2, started by torchrun; gloo on cpu, NCCL on cuda)",
+    ),
+    "distributed_timeout": (
+        _number(0, low_open=True),
+        "seconds a distributed run may take before its ranks are stopped and the test fails",
+    ),
 }
 
 assert set(SETTINGS) == {f.name for f in fields(GateConfig)}
@@ -230,8 +248,7 @@ def build_config(*layers: tuple[str, Mapping[str, Any]]) -> GateConfig:
         unknown = sorted(set(layer) - set(SETTINGS))
         if unknown:
             raise ConfigError(
-                f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                f"valid: {', '.join(SETTINGS)}"
+                f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; valid: {', '.join(SETTINGS)}"
             )
         for name, value in layer.items():
             if value is None:

@@ -26,8 +26,8 @@ import dataclasses
 import math
 import operator
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +35,18 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataError, WorkloadError
 
 __all__ = [
+    "BUILTIN_DATASETS",
+    "SYNTHETIC_N_TEST",
+    "SYNTHETIC_N_TRAIN",
     "DeviceDataset",
     "from_tensors",
-    "synthetic",
-    "load_mnist",
-    "load_cifar10",
     "load_builtin",
-    "BUILTIN_DATASETS",
-    "SYNTHETIC_N_TRAIN",
-    "SYNTHETIC_N_TEST",
+    "load_cifar10",
+    "load_mnist",
+    "synthetic",
 ]
 
-DeviceLike = Union[str, torch.device]
+DeviceLike = str | torch.device
 
 #: Synthetic stand-ins are kept modest (not 60000/50000 like the real sets): big enough for a few
 #: hundred distinct batches and a stable accuracy estimate, small enough to generate in about a
@@ -95,7 +95,7 @@ class DeviceDataset:
     test_y: torch.Tensor = field(repr=False)
     num_classes: int
     note: str = ""
-    root: Optional[str] = None
+    root: str | None = None
 
     def __post_init__(self) -> None:
         # Cheap structural checks only (no host sync): a dataset whose splits disagree would fail
@@ -103,10 +103,7 @@ class DeviceDataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if x.shape[0] != y.shape[0]:
-                raise WorkloadError(
-                    f"dataset {self.name!r}: {split}_y has {y.shape[0]} labels but {split}_x has "
-                    f"{x.shape[0]} samples"
-                )
+                raise WorkloadError(f"dataset {self.name!r}: {split}_y has {y.shape[0]} labels but {split}_x has {x.shape[0]} samples")
         devices = {t.device for t in (self.train_x, self.train_y, self.test_x, self.test_y)}
         if len(devices) != 1:
             raise WorkloadError(
@@ -115,7 +112,7 @@ class DeviceDataset:
             )
 
     @property
-    def sample_shape(self) -> Tuple[int, ...]:
+    def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, without the batch dimension (e.g. ``(1, 28, 28)``)."""
         return tuple(self.train_x.shape[1:])
 
@@ -131,7 +128,7 @@ class DeviceDataset:
     def n_test(self) -> int:
         return int(self.test_x.shape[0])
 
-    def batch(self, step: int, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``step``-th training batch, as views into the resident training tensors.
 
         Slicing keeps the timed loop free of copies, kernel launches and host syncs. Batches walk
@@ -144,9 +141,7 @@ class DeviceDataset:
             bs = operator.index(batch_size)
             k = operator.index(step)
         except TypeError:
-            raise WorkloadError(
-                f"dataset {self.name!r}: batch(step={step!r}, batch_size={batch_size!r}) needs integers"
-            ) from None
+            raise WorkloadError(f"dataset {self.name!r}: batch(step={step!r}, batch_size={batch_size!r}) needs integers") from None
         if bs < 1 or bs > n:
             raise WorkloadError(
                 f"dataset {self.name!r}: batch_size={bs} must be between 1 and the number of "
@@ -157,7 +152,7 @@ class DeviceDataset:
         start = (k * bs) % (n - bs + 1)
         return self.train_x[start : start + bs], self.train_y[start : start + bs]
 
-    def test_batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out split in order, as views of at most ``batch_size`` samples (the last may be short).
 
         Evaluation in slices bounds activation memory whatever the size of the test set.
@@ -170,11 +165,11 @@ class DeviceDataset:
             raise WorkloadError(f"dataset {self.name!r}: test batch_size={bs} must be >= 1")
         return self._iter_test(bs)
 
-    def _iter_test(self, bs: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def _iter_test(self, bs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.test_x.shape[0], bs):
             yield self.test_x[start : start + bs], self.test_y[start : start + bs]
 
-    def to(self, device: DeviceLike) -> "DeviceDataset":
+    def to(self, device: DeviceLike) -> DeviceDataset:
         """A copy on ``device`` (the same object's tensors if they are already there)."""
         return dataclasses.replace(
             self,
@@ -222,7 +217,7 @@ def from_tensors(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     *,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     device: DeviceLike = "cpu",
 ) -> DeviceDataset:
     """Wrap a user's own classification data, validated up front.
@@ -277,9 +272,7 @@ def from_tensors(
     for split in ("train", "test"):
         x, y = tensors[f"{split}_x"], tensors[f"{split}_y"]
         if y.shape[0] != x.shape[0]:
-            raise WorkloadError(
-                f"dataset {name!r}: {split}_y has {y.shape[0]} labels but {split}_x has {x.shape[0]} samples"
-            )
+            raise WorkloadError(f"dataset {name!r}: {split}_y has {y.shape[0]} labels but {split}_x has {x.shape[0]} samples")
     if test_x.shape[1:] != train_x.shape[1:]:
         raise WorkloadError(
             f"dataset {name!r}: test_x has shape {_shape(test_x)} but train_x has shape {_shape(train_x)}; "
@@ -301,9 +294,7 @@ def from_tensors(
     if num_classes is None:
         num_classes = hi + 1
         if num_classes < 2:
-            raise WorkloadError(
-                f"dataset {name!r}: all labels are 0, so num_classes would be 1; pass num_classes explicitly"
-            )
+            raise WorkloadError(f"dataset {name!r}: all labels are 0, so num_classes would be 1; pass num_classes explicitly")
     else:
         try:
             num_classes = operator.index(num_classes)
@@ -314,8 +305,7 @@ def from_tensors(
         if hi >= num_classes:
             which = "train_y" if int(train_y.max()) == hi else "test_y"
             raise WorkloadError(
-                f"dataset {name!r}: {which} holds label {hi} but num_classes={num_classes}; "
-                f"labels must lie in [0, {num_classes - 1}]"
+                f"dataset {name!r}: {which} holds label {hi} but num_classes={num_classes}; labels must lie in [0, {num_classes - 1}]"
             )
     return _user_dataset(name, tensors, device, int(num_classes))
 
@@ -388,7 +378,7 @@ def _positive_int(value: object, what: str) -> int:
     return v
 
 
-def _canonical_shape(sample_shape: Sequence[int]) -> Tuple[int, int, int]:
+def _canonical_shape(sample_shape: Sequence[int]) -> tuple[int, int, int]:
     """View any sample shape as (channels, H, W) so one generator serves images, sequences and vectors."""
     if len(sample_shape) == 1:
         return (1, 1, sample_shape[0])
@@ -397,7 +387,7 @@ def _canonical_shape(sample_shape: Sequence[int]) -> Tuple[int, int, int]:
     return (math.prod(sample_shape[:-2]), sample_shape[-2], sample_shape[-1])
 
 
-def _smooth_templates(num_classes: int, chw: Tuple[int, int, int], pad: Tuple[int, int], g: torch.Generator) -> torch.Tensor:
+def _smooth_templates(num_classes: int, chw: tuple[int, int, int], pad: tuple[int, int], g: torch.Generator) -> torch.Tensor:
     """One smooth random pattern per class, zero mean and unit variance each.
 
     Smooth (random on a coarse grid, bilinearly upsampled) so that neighbouring pixels agree, as in
@@ -405,9 +395,7 @@ def _smooth_templates(num_classes: int, chw: Tuple[int, int, int], pad: Tuple[in
     """
     c, h, w = chw
     hh, ww = h + 2 * pad[0], w + 2 * pad[1]
-    coarse = torch.randn(
-        num_classes, c, max(1, -(-hh // _SYN_GRID)), max(1, -(-ww // _SYN_GRID)), generator=g, dtype=torch.float64
-    )
+    coarse = torch.randn(num_classes, c, max(1, -(-hh // _SYN_GRID)), max(1, -(-ww // _SYN_GRID)), generator=g, dtype=torch.float64)
     t = F.interpolate(coarse, size=(hh, ww), mode="bilinear", align_corners=False)
     flat = t.reshape(num_classes, -1)
     flat = flat - flat.mean(dim=1, keepdim=True)
@@ -417,8 +405,8 @@ def _smooth_templates(num_classes: int, chw: Tuple[int, int, int], pad: Tuple[in
 
 
 def _synthetic_split(
-    templates: torch.Tensor, chw: Tuple[int, int, int], pad: Tuple[int, int], n: int, seed: int, noise: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    templates: torch.Tensor, chw: tuple[int, int, int], pad: tuple[int, int], n: int, seed: int, noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` samples: a class template, shifted, scaled and offset per sample, plus pixel noise."""
     g = torch.Generator().manual_seed(seed)
     k = templates.shape[0]
@@ -516,20 +504,17 @@ def _tv_datasets():
     return datasets
 
 
-def _check_sizes(n_train: Optional[int], n_test: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+def _check_sizes(n_train: int | None, n_test: int | None) -> tuple[int | None, int | None]:
     return (
         None if n_train is None else _positive_int(n_train, "n_train"),
         None if n_test is None else _positive_int(n_test, "n_test"),
     )
 
 
-def _resolve_root(root: Union[str, "os.PathLike[str]", None], label: str, download: bool) -> Optional[str]:
+def _resolve_root(root: str | os.PathLike[str] | None, label: str, download: bool) -> str | None:
     if root is None:
         if download:
-            raise DataError(
-                f"download=True needs a data root to download {label} into: pass root=... "
-                "(--ampgate-data-root)"
-            )
+            raise DataError(f"download=True needs a data root to download {label} into: pass root=... (--ampgate-data-root)")
         return None
     path = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.exists(path):
@@ -545,8 +530,9 @@ def _resolve_root(root: Union[str, "os.PathLike[str]", None], label: str, downlo
     return path
 
 
-def _stand_in(name: str, shape: Tuple[int, ...], n_train, n_test, seed: int, device, note: str, root,
-              noise: Optional[float] = None) -> DeviceDataset:
+def _stand_in(
+    name: str, shape: tuple[int, ...], n_train, n_test, seed: int, device, note: str, root, noise: float | None = None
+) -> DeviceDataset:
     ds = synthetic(
         name,
         shape,
@@ -581,8 +567,8 @@ def _finish_real(
     test_y: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
-    n_train: Optional[int],
-    n_test: Optional[int],
+    n_train: int | None,
+    n_test: int | None,
     seed: int,
     device,
 ) -> DeviceDataset:
@@ -662,7 +648,7 @@ def _check_idx_file(path: str, magic: int) -> None:
         )
 
 
-def _mnist_absent_note(path: str) -> Optional[str]:
+def _mnist_absent_note(path: str) -> str | None:
     """None if MNIST files are there to load; a note if there are none; DataError if half there or misplaced."""
     raw = os.path.join(path, "MNIST", "raw")
     processed = os.path.join(path, "MNIST", "processed")
@@ -700,8 +686,7 @@ def _raise_mnist_failure(path: str, exc: BaseException, download: bool) -> None:
         _check_idx_file(os.path.join(raw, n), magic)
     if download and len(present) < len(_MNIST_FILES):
         raise DataError(
-            f"could not download MNIST into {raw}: {type(exc).__name__}: {exc}; check the network, or copy "
-            "the four idx files there by hand"
+            f"could not download MNIST into {raw}: {type(exc).__name__}: {exc}; check the network, or copy the four idx files there by hand"
         ) from exc
     processed = os.path.join(path, "MNIST", "processed")
     if type(exc).__name__ == "UnpicklingError" and os.path.isdir(processed):
@@ -719,14 +704,14 @@ def _raise_mnist_failure(path: str, exc: BaseException, download: bool) -> None:
 
 
 def load_mnist(
-    root: Union[str, "os.PathLike[str]", None] = None,
+    root: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     device: DeviceLike = "cpu",
-    n_train: Optional[int] = None,
-    n_test: Optional[int] = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     seed: int = 0,
-    synthetic_noise: Optional[float] = None,
+    synthetic_noise: float | None = None,
 ) -> DeviceDataset:
     """MNIST as (N, 1, 28, 28) float32, ``(x / 255 - 0.1307) / 0.3081``, on ``device``.
 
@@ -746,19 +731,20 @@ class _RealDataset:
 
     key: str
     label: str
-    sample_shape: Tuple[int, ...]
+    sample_shape: tuple[int, ...]
     tv_class: str
-    file_shape: Tuple[int, ...]
+    file_shape: tuple[int, ...]
     """Shape of one image as torchvision stores it."""
     folder: str
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    absent_note: Callable[[str], Optional[str]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    absent_note: Callable[[str], str | None]
     raise_failure: Callable[[str, BaseException, bool], None]
 
 
-def _load_real(spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int,
-               synthetic_noise: Optional[float] = None) -> DeviceDataset:
+def _load_real(
+    spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int, synthetic_noise: float | None = None
+) -> DeviceDataset:
     """Real files through torchvision when they are there, else the synthetic stand-in, saying why."""
     n_train, n_test = _check_sizes(n_train, n_test)
     path = _resolve_root(root, spec.label, download)
@@ -795,7 +781,7 @@ def _load_real(spec: _RealDataset, root, download: bool, device, n_train, n_test
     return _finish_real(spec.key, where, path, *arrays, spec.mean, spec.std, n_train, n_test, seed, device)
 
 
-def _cifar_names() -> Tuple[str, list]:
+def _cifar_names() -> tuple[str, list]:
     """(folder, [(file, md5), ...]) read from torchvision's class at call time, so it stays authoritative."""
     cls = _tv_datasets().CIFAR10
     files = [(n, m) for n, m in list(cls.train_list) + list(cls.test_list)]
@@ -803,7 +789,7 @@ def _cifar_names() -> Tuple[str, list]:
     return cls.base_folder, files
 
 
-def _cifar_absent_note(path: str) -> Optional[str]:
+def _cifar_absent_note(path: str) -> str | None:
     folder, files = _cifar_names()
     base = os.path.join(path, folder)
     names = [n for n, _ in files]
@@ -850,20 +836,18 @@ def _raise_cifar_failure(path: str, exc: BaseException, download: bool) -> None:
                 f"CIFAR-10 file {fpath} is corrupt or truncated: {os.path.getsize(fpath)} bytes with md5 {actual}, "
                 f"torchvision expects md5 {md5}; {fix}"
             ) from exc
-    raise DataError(
-        f"torchvision could not read CIFAR-10 under {base}: {type(exc).__name__}: {exc}; {fix}"
-    ) from exc
+    raise DataError(f"torchvision could not read CIFAR-10 under {base}: {type(exc).__name__}: {exc}; {fix}") from exc
 
 
 def load_cifar10(
-    root: Union[str, "os.PathLike[str]", None] = None,
+    root: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     device: DeviceLike = "cpu",
-    n_train: Optional[int] = None,
-    n_test: Optional[int] = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     seed: int = 0,
-    synthetic_noise: Optional[float] = None,
+    synthetic_noise: float | None = None,
 ) -> DeviceDataset:
     """CIFAR-10 as (N, 3, 32, 32) float32, ``(x / 255 - mean[c]) / std[c]``, on ``device``.
 
@@ -878,12 +862,28 @@ def load_cifar10(
 
 
 _MNIST = _RealDataset(
-    "mnist", "MNIST", _MNIST_SHAPE, "MNIST", (28, 28), "MNIST", MNIST_MEAN, MNIST_STD,
-    _mnist_absent_note, _raise_mnist_failure,
+    "mnist",
+    "MNIST",
+    _MNIST_SHAPE,
+    "MNIST",
+    (28, 28),
+    "MNIST",
+    MNIST_MEAN,
+    MNIST_STD,
+    _mnist_absent_note,
+    _raise_mnist_failure,
 )
 _CIFAR10 = _RealDataset(
-    "cifar10", "CIFAR-10", _CIFAR10_SHAPE, "CIFAR10", (32, 32, 3), "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD,
-    _cifar_absent_note, _raise_cifar_failure,
+    "cifar10",
+    "CIFAR-10",
+    _CIFAR10_SHAPE,
+    "CIFAR10",
+    (32, 32, 3),
+    "cifar-10-batches-py",
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    _cifar_absent_note,
+    _raise_cifar_failure,
 )
 
 
@@ -892,12 +892,12 @@ BUILTIN_DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}
 
 def load_builtin(
     name: str,
-    root: Union[str, "os.PathLike[str]", None] = None,
+    root: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     device: DeviceLike = "cpu",
-    n_train: Optional[int] = None,
-    n_test: Optional[int] = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     seed: int = 0,
 ) -> DeviceDataset:
     """Load a built-in dataset by name (``"mnist"`` or ``"cifar10"``; case, ``-`` and ``_`` ignored)."""

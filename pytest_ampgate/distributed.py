@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import AmpGateError, ConfigError
 
@@ -69,15 +70,33 @@ class DistributedMode:
 DISTRIBUTED_ONLY: dict[str, DistributedMode] = {
     m.name: m
     for m in (
-        DistributedMode("fp16_compress_hook", "ddp", comm_hook="fp16_compress_hook",
-                        description="DDP, fp32 training, gradients all-reduced in float16 (fp16_compress_hook)"),
-        DistributedMode("bf16_compress_hook", "ddp", comm_hook="bf16_compress_hook",
-                        description="DDP, fp32 training, gradients all-reduced in bfloat16 (bf16_compress_hook)"),
+        DistributedMode(
+            "fp16_compress_hook",
+            "ddp",
+            comm_hook="fp16_compress_hook",
+            description="DDP, fp32 training, gradients all-reduced in float16 (fp16_compress_hook)",
+        ),
+        DistributedMode(
+            "bf16_compress_hook",
+            "ddp",
+            comm_hook="bf16_compress_hook",
+            description="DDP, fp32 training, gradients all-reduced in bfloat16 (bf16_compress_hook)",
+        ),
         DistributedMode("fsdp2", "fsdp2", description="FSDP2 fully_shard, float32 throughout"),
-        DistributedMode("fsdp2_bf16", "fsdp2", param_dtype="bfloat16", reduce_dtype="float32",
-                        description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)"),
-        DistributedMode("fsdp2_fp16", "fsdp2", param_dtype="float16", reduce_dtype="float32",
-                        description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=float16, reduce_dtype=float32)"),
+        DistributedMode(
+            "fsdp2_bf16",
+            "fsdp2",
+            param_dtype="bfloat16",
+            reduce_dtype="float32",
+            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)",
+        ),
+        DistributedMode(
+            "fsdp2_fp16",
+            "fsdp2",
+            param_dtype="float16",
+            reduce_dtype="float32",
+            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=float16, reduce_dtype=float32)",
+        ),
     )
 }
 """Modes that exist only with ``world_size``; every single-device precision mode also runs under DDP."""
@@ -91,7 +110,9 @@ def distributed_mode(name: str) -> DistributedMode:
     from .modes import resolve_mode
 
     precision = resolve_mode(name)
-    return DistributedMode(precision.name, "ddp", precision=precision.name, description=f"DDP, each rank in {precision.name}: {precision.description}")
+    return DistributedMode(
+        precision.name, "ddp", precision=precision.name, description=f"DDP, each rank in {precision.name}: {precision.description}"
+    )
 
 
 def require_world_size(modes: Sequence[str], world_size: int | None, source: str) -> None:
@@ -317,8 +338,16 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
     spec_path = job_dir / "job.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [
-        sys.executable, "-m", LAUNCHER, "--standalone", f"--nproc-per-node={world_size}", "--max-restarts=0",
-        "--monitor-interval=0.1", "-m", WORKER_MODULE, str(spec_path),
+        sys.executable,
+        "-m",
+        LAUNCHER,
+        "--standalone",
+        f"--nproc-per-node={world_size}",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+        "-m",
+        WORKER_MODULE,
+        str(spec_path),
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, env.get("PYTHONPATH", "")] if p)
@@ -327,7 +356,12 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
     log_path = job_dir / "launcher.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     deadline = time.monotonic() + timeout_s
@@ -570,8 +604,14 @@ def merge(ranks: list[dict], config, spec: dict):
         out.peak_memory_bytes = None if any(p is None for p in peaks) else max(peaks)
         out.memory_note = ms[0].memory_note
         steps = min(len(m.losses) for m in ms)
-        out.record_losses([math.fsum(m.losses[i] for m in ms) / len(ms) if all(math.isfinite(m.losses[i]) for m in ms)
-                           else next(m.losses[i] for m in ms if not math.isfinite(m.losses[i])) for i in range(steps)])
+        out.record_losses(
+            [
+                math.fsum(m.losses[i] for m in ms) / len(ms)
+                if all(math.isfinite(m.losses[i]) for m in ms)
+                else next(m.losses[i] for m in ms if not math.isfinite(m.losses[i]))
+                for i in range(steps)
+            ]
+        )
         accuracies = [m.accuracy for m in ms if m.accuracy is not None]
         out.accuracy = min(accuracies) if accuracies else None
         out.scaler = ms[0].scaler
@@ -583,23 +623,25 @@ def merge(ranks: list[dict], config, spec: dict):
     comparisons = {name: _compare(reference, m, config) for name, m in modes.items()}
     rank_records = []
     for r, (raw, m) in enumerate(zip(ranks, per_rank, strict=True)):
-        rank_records.append({
-            "rank": r,
-            "host": raw.get("host"),
-            "device": raw.get("device"),
-            "modes": {
-                mm.mode: {
-                    "step_time_s": mm.step_time_s,
-                    "peak_memory_bytes": mm.peak_memory_bytes,
-                    "first_nonfinite_step": mm.first_nonfinite_step,
-                    "nonfinite_steps": mm.nonfinite_steps,
-                    "final_loss": None if mm.final_loss is None or not math.isfinite(mm.final_loss) else mm.final_loss,
-                    "accuracy": mm.accuracy,
-                    "error": mm.error,
-                }
-                for mm, _c in m.each_mode()
-            },
-        })
+        rank_records.append(
+            {
+                "rank": r,
+                "host": raw.get("host"),
+                "device": raw.get("device"),
+                "modes": {
+                    mm.mode: {
+                        "step_time_s": mm.step_time_s,
+                        "peak_memory_bytes": mm.peak_memory_bytes,
+                        "first_nonfinite_step": mm.first_nonfinite_step,
+                        "nonfinite_steps": mm.nonfinite_steps,
+                        "final_loss": None if mm.final_loss is None or not math.isfinite(mm.final_loss) else mm.final_loss,
+                        "accuracy": mm.accuracy,
+                        "error": mm.error,
+                    }
+                    for mm, _c in m.each_mode()
+                },
+            }
+        )
     return Measurements(
         workload=base.workload,
         device=spec["device_type"],
@@ -656,16 +698,28 @@ def judge(measurements, verdict):
             continue
         first = replica.get("first_diverged")
         if first is None:
-            checks.append(Check(name, "replicas", PASS,
-                                f"{name} all {info['world_size']} ranks hold identical parameters after training "
-                                f"({replica['parameters']} tensors)", measured=0, threshold=0))
+            checks.append(
+                Check(
+                    name,
+                    "replicas",
+                    PASS,
+                    f"{name} all {info['world_size']} ranks hold identical parameters after training ({replica['parameters']} tensors)",
+                    measured=0,
+                    threshold=0,
+                )
+            )
         else:
-            checks.append(Check(
-                name, "replicas", FAIL,
-                f"{name} ranks diverged after training: parameter {first['parameter']!r} differs between rank "
-                f"{first['ranks'][0]} and rank {first['ranks'][1]} (sum {first['sums'][0]:.6g} vs {first['sums'][1]:.6g}; "
-                f"{len(replica['diverged'])} of {replica['parameters']} tensors differ); DDP keeps replicas bit-identical, "
-                "so one rank's update went astray",
-                measured=len(replica["diverged"]), threshold=0,
-            ))
+            checks.append(
+                Check(
+                    name,
+                    "replicas",
+                    FAIL,
+                    f"{name} ranks diverged after training: parameter {first['parameter']!r} differs between rank "
+                    f"{first['ranks'][0]} and rank {first['ranks'][1]} (sum {first['sums'][0]:.6g} vs {first['sums'][1]:.6g}; "
+                    f"{len(replica['diverged'])} of {replica['parameters']} tensors differ); DDP keeps replicas bit-identical, "
+                    "so one rank's update went astray",
+                    measured=len(replica["diverged"]),
+                    threshold=0,
+                )
+            )
     return Verdict(checks, confirmed=verdict.confirmed, reference=verdict.reference)

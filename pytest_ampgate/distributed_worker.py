@@ -182,7 +182,12 @@ def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> di
     modes = [MODES[n] if n in MODES else PrecisionMode(n, distributed_mode(n).description) for n in spec["modes"]]
     made: dict = {}
     m = measure(
-        workload, modes, device=device, config=config, dataset=_shard(dataset, rank, world_size), progress=say,
+        workload,
+        modes,
+        device=device,
+        config=config,
+        dataset=_shard(dataset, rank, world_size),
+        progress=say,
         runner_factory=_runner_factory(device, plants, made),
     )
     for p in plants:

@@ -23,20 +23,21 @@ import platform as _platform
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Union
 
 import torch
 
 from .errors import BaselineError, ConfigError
 
 __all__ = [
-    "TF32Policy",
-    "current_tf32_policy",
     "Environment",
-    "fingerprint",
     "GpuProcess",
     "NoiseReport",
+    "TF32Policy",
+    "current_tf32_policy",
+    "fingerprint",
     "noise_report",
 ]
 
@@ -46,6 +47,7 @@ DeviceLike = Union[str, "torch.device", int, None]
 # --------------------------------------------------------------------------------------------------
 # TF32 policy
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TF32Policy:
@@ -81,12 +83,12 @@ class TF32Policy:
         return {"matmul": self.matmul, "cudnn_conv": self.cudnn_conv, "api": self.api}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TF32Policy":
+    def from_dict(cls, data: Mapping[str, Any]) -> TF32Policy:
         _require(data, ("matmul", "cudnn_conv", "api"), "TF32 policy")
         return cls(matmul=str(data["matmul"]), cudnn_conv=str(data["cudnn_conv"]), api=str(data["api"]))
 
 
-def _read_fp32_precision(obj: Any) -> Optional[str]:
+def _read_fp32_precision(obj: Any) -> str | None:
     """``obj.fp32_precision`` if this torch has the new API there, else None.
 
     Older torch raises AttributeError from these modules' ``__getattr__``; anything else going wrong
@@ -95,7 +97,7 @@ def _read_fp32_precision(obj: Any) -> Optional[str]:
     if obj is None:
         return None
     try:
-        value = getattr(obj, "fp32_precision")
+        value = obj.fp32_precision
     except Exception:
         return None
     return value if isinstance(value, str) else None
@@ -125,7 +127,7 @@ def current_tf32_policy() -> TF32Policy:
 
 def _legacy_flag(module: Any) -> str:
     try:
-        allowed = getattr(module, "allow_tf32")
+        allowed = module.allow_tf32
     except Exception:
         return "unknown"
     if allowed is True:
@@ -155,12 +157,12 @@ class Environment:
 
     device_type: str
     device_name: str
-    compute_capability: Optional[str]
+    compute_capability: str | None
     bf16_supported: bool
     torch_version: str
-    cuda_version: Optional[str]
-    cudnn_version: Optional[int]
-    driver_version: Optional[str]
+    cuda_version: str | None
+    cudnn_version: int | None
+    driver_version: str | None
     gpu_count: int
     tf32: TF32Policy
     python_version: str
@@ -216,7 +218,7 @@ class Environment:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Environment":
+    def from_dict(cls, data: Mapping[str, Any]) -> Environment:
         """Inverse of :meth:`to_dict`. Unknown keys are ignored so newer files stay readable."""
         _require(
             data,
@@ -306,7 +308,7 @@ def _cuda_bf16_supported(index: int) -> bool:
         return False
 
 
-def _parse_device(device: DeviceLike) -> Tuple[str, Optional[int]]:
+def _parse_device(device: DeviceLike) -> tuple[str, int | None]:
     if device is None:
         return ("cuda", None) if torch.cuda.is_available() else ("cpu", None)
     if isinstance(device, bool):
@@ -316,13 +318,11 @@ def _parse_device(device: DeviceLike) -> Tuple[str, Optional[int]]:
     try:
         dev = device if isinstance(device, torch.device) else torch.device(str(device))
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"device must be 'cuda', 'cuda:N', 'cpu' or a torch.device, got {device!r} ({exc})"
-        ) from None
+        raise ConfigError(f"device must be 'cuda', 'cuda:N', 'cpu' or a torch.device, got {device!r} ({exc})") from None
     return dev.type, dev.index
 
 
-def _cuda_index(index: Optional[int]) -> int:
+def _cuda_index(index: int | None) -> int:
     if not torch.cuda.is_available():
         raise ConfigError(
             "a CUDA device was asked for but none is visible to torch "
@@ -386,9 +386,7 @@ def _short_gpu_name(name: str) -> str:
 
 def _key_part(text: str) -> str:
     """Printable ASCII only, no quote, backslash or key separator, whitespace collapsed."""
-    cleaned = "".join(
-        ch if (" " <= ch <= "~" and ch not in '"\\' + _KEY_SEPARATOR) else " " for ch in str(text)
-    )
+    cleaned = "".join(ch if (" " <= ch <= "~" and ch not in '"\\' + _KEY_SEPARATOR) else " " for ch in str(text))
     return " ".join(cleaned.split()) or "unknown"
 
 
@@ -412,12 +410,9 @@ def _major(version: str) -> str:
 _DISTORTING_REASONS = (
     ("sw_power_cap", "nvmlClocksEventReasonSwPowerCap", "nvmlClocksThrottleReasonSwPowerCap", 0x4),
     ("hw_slowdown", "nvmlClocksEventReasonHwSlowdown", "nvmlClocksThrottleReasonHwSlowdown", 0x8),
-    ("sw_thermal_slowdown", "nvmlClocksEventReasonSwThermalSlowdown",
-     "nvmlClocksThrottleReasonSwThermalSlowdown", 0x20),
-    ("hw_thermal_slowdown", "nvmlClocksEventReasonHwThermalSlowdown",
-     "nvmlClocksThrottleReasonHwThermalSlowdown", 0x40),
-    ("hw_power_brake_slowdown", "nvmlClocksEventReasonHwPowerBrakeSlowdown",
-     "nvmlClocksThrottleReasonHwPowerBrakeSlowdown", 0x80),
+    ("sw_thermal_slowdown", "nvmlClocksEventReasonSwThermalSlowdown", "nvmlClocksThrottleReasonSwThermalSlowdown", 0x20),
+    ("hw_thermal_slowdown", "nvmlClocksEventReasonHwThermalSlowdown", "nvmlClocksThrottleReasonHwThermalSlowdown", 0x40),
+    ("hw_power_brake_slowdown", "nvmlClocksEventReasonHwPowerBrakeSlowdown", "nvmlClocksThrottleReasonHwPowerBrakeSlowdown", 0x80),
 )
 
 CPU_REASON = "timing on the CPU; NVML applies to NVIDIA GPUs only"
@@ -429,18 +424,17 @@ class GpuProcess:
     """Another compute process on the GPU being timed: it competes for SMs and memory bandwidth."""
 
     pid: int
-    used_memory_bytes: Optional[int] = None
-    name: Optional[str] = None
+    used_memory_bytes: int | None = None
+    name: str | None = None
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "used_memory_bytes": self.used_memory_bytes, "name": self.name}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GpuProcess":
+    def from_dict(cls, data: Mapping[str, Any]) -> GpuProcess:
         _require(data, ("pid",), "GPU process")
         mem = data.get("used_memory_bytes")
-        return cls(pid=int(data["pid"]), used_memory_bytes=None if mem is None else int(mem),
-                   name=_opt_str(data.get("name")))
+        return cls(pid=int(data["pid"]), used_memory_bytes=None if mem is None else int(mem), name=_opt_str(data.get("name")))
 
 
 @dataclass(frozen=True)
@@ -458,14 +452,14 @@ class NoiseReport:
 
     available: bool
     reason: str = ""
-    other_processes: Tuple[GpuProcess, ...] = ()
-    throttle_reasons: Tuple[str, ...] = ()
-    sm_clock_mhz: Optional[int] = None
-    max_sm_clock_mhz: Optional[int] = None
-    temperature_c: Optional[int] = None
-    utilization_percent: Optional[int] = None
+    other_processes: tuple[GpuProcess, ...] = ()
+    throttle_reasons: tuple[str, ...] = ()
+    sm_clock_mhz: int | None = None
+    max_sm_clock_mhz: int | None = None
+    temperature_c: int | None = None
+    utilization_percent: int | None = None
     own_process_unidentified: bool = False
-    unreadable: Tuple[str, ...] = ()
+    unreadable: tuple[str, ...] = ()
 
     @property
     def other_process_count(self) -> int:
@@ -510,7 +504,7 @@ class NoiseReport:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "NoiseReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> NoiseReport:
         _require(data, ("available",), "noise report")
         return cls(
             available=bool(data["available"]),
@@ -583,7 +577,7 @@ def _import_pynvml() -> Any:
     return pynvml
 
 
-def _nvml_handle(pynvml: Any, props: Any, index: int) -> Tuple[Any, str]:
+def _nvml_handle(pynvml: Any, props: Any, index: int) -> tuple[Any, str]:
     """The NVML handle of the GPU torch calls ``index``.
 
     torch's indices follow CUDA_VISIBLE_DEVICES and CUDA's ordering, NVML's do not, so match by
@@ -629,8 +623,7 @@ def _read_noise(pynvml: Any, handle: Any, own_context: bool) -> NoiseReport:
                 own_seen = True
                 continue
             mem = getattr(proc, "usedGpuMemory", None)
-            others.append(GpuProcess(pid=pid, used_memory_bytes=mem if isinstance(mem, int) else None,
-                                     name=_process_name(pynvml, pid)))
+            others.append(GpuProcess(pid=pid, used_memory_bytes=mem if isinstance(mem, int) else None, name=_process_name(pynvml, pid)))
     own_unidentified = bool(own_context and not own_seen and others)
 
     throttle = ()
@@ -646,8 +639,7 @@ def _read_noise(pynvml: Any, handle: Any, own_context: bool) -> NoiseReport:
     sm_const = getattr(pynvml, "NVML_CLOCK_SM", 1)
     sm_clock, _ = _try(getattr(pynvml, "nvmlDeviceGetClockInfo", None), handle, sm_const)
     max_sm, _ = _try(getattr(pynvml, "nvmlDeviceGetMaxClockInfo", None), handle, sm_const)
-    temp, _ = _try(getattr(pynvml, "nvmlDeviceGetTemperature", None), handle,
-                   getattr(pynvml, "NVML_TEMPERATURE_GPU", 0))
+    temp, _ = _try(getattr(pynvml, "nvmlDeviceGetTemperature", None), handle, getattr(pynvml, "NVML_TEMPERATURE_GPU", 0))
     util, _ = _try(getattr(pynvml, "nvmlDeviceGetUtilizationRates", None), handle)
 
     return NoiseReport(
@@ -664,7 +656,7 @@ def _read_noise(pynvml: Any, handle: Any, own_context: bool) -> NoiseReport:
     )
 
 
-def _decode_reasons(pynvml: Any, mask: int) -> Tuple[str, ...]:
+def _decode_reasons(pynvml: Any, mask: int) -> tuple[str, ...]:
     names = []
     for name, new_const, old_const, documented in _DISTORTING_REASONS:
         bit = getattr(pynvml, new_const, None)
@@ -677,7 +669,7 @@ def _decode_reasons(pynvml: Any, mask: int) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def _process_name(pynvml: Any, pid: int) -> Optional[str]:
+def _process_name(pynvml: Any, pid: int) -> str | None:
     """The process's name from NVML (sees host PIDs) or /proc; None when neither can tell."""
     name, err = _try(getattr(pynvml, "nvmlSystemGetProcessName", None), pid)
     if err is None and name:
@@ -690,7 +682,7 @@ def _process_name(pynvml: Any, pid: int) -> Optional[str]:
         return None
 
 
-def _nvml_driver_version() -> Optional[str]:
+def _nvml_driver_version() -> str | None:
     pynvml = _import_pynvml()
     if pynvml is None:
         return None
@@ -710,7 +702,7 @@ def _nvml_driver_version() -> Optional[str]:
             pass
 
 
-def _try(fn: Any, *args: Any) -> Tuple[Any, Optional[str]]:
+def _try(fn: Any, *args: Any) -> tuple[Any, str | None]:
     """Call an NVML function; (result, None) or (None, why). NVML refusals are normal, not errors."""
     if fn is None:
         return None, "not in this pynvml"
@@ -732,7 +724,8 @@ def _err(exc: BaseException) -> str:
 # small helpers
 # --------------------------------------------------------------------------------------------------
 
-def _require(data: Any, keys: Tuple[str, ...], what: str) -> None:
+
+def _require(data: Any, keys: tuple[str, ...], what: str) -> None:
     if not isinstance(data, Mapping):
         raise BaselineError(f"stored {what} must be a JSON object, got {type(data).__name__}")
     missing = [k for k in keys if k not in data]
@@ -740,11 +733,11 @@ def _require(data: Any, keys: Tuple[str, ...], what: str) -> None:
         raise BaselineError(f"stored {what} lacks {', '.join(repr(k) for k in missing)}; re-record it with --ampgate-update")
 
 
-def _opt_str(value: Any) -> Optional[str]:
+def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _opt_int(value: Any) -> Optional[int]:
+def _opt_int(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -776,13 +769,13 @@ class BusyProcess:
     pid: int
     sm_percent: int
     memory_percent: int
-    name: Optional[str] = None
+    name: str | None = None
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "sm_percent": self.sm_percent, "memory_percent": self.memory_percent, "name": self.name}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BusyProcess":
+    def from_dict(cls, data: Mapping[str, Any]) -> BusyProcess:
         _require(data, ("pid",), "busy GPU process")
         return cls(int(data["pid"]), int(data.get("sm_percent", 0)), int(data.get("memory_percent", 0)), _opt_str(data.get("name")))
 
@@ -801,15 +794,14 @@ class WindowNoise:
     available: bool
     reason: str = ""
     window_s: float = 0.0
-    busy_processes: Tuple[BusyProcess, ...] = ()
+    busy_processes: tuple[BusyProcess, ...] = ()
     throttled_s: Mapping[str, float] = None  # type: ignore[assignment]
-    ignored_own_pids: Tuple[int, ...] = ()
-    unreadable: Tuple[str, ...] = ()
+    ignored_own_pids: tuple[int, ...] = ()
+    unreadable: tuple[str, ...] = ()
 
     @property
     def throttle(self) -> dict:
-        return {k: v for k, v in (self.throttled_s or {}).items()
-                if self.window_s > 0 and v / self.window_s >= THROTTLE_SHARE}
+        return {k: v for k, v in (self.throttled_s or {}).items() if self.window_s > 0 and v / self.window_s >= THROTTLE_SHARE}
 
     @property
     def noisy(self) -> bool:
@@ -820,9 +812,12 @@ class WindowNoise:
             return f"NVML not available: {self.reason}"
         parts = []
         if self.busy_processes:
-            who = ", ".join(f"pid {p.pid}{' ' + p.name if p.name else ''} (SM {p.sm_percent}%, memory {p.memory_percent}%)"
-                            for p in self.busy_processes)
-            parts.append(f"{len(self.busy_processes)} other process{'es' if len(self.busy_processes) > 1 else ''} used the GPU during the timed rounds: {who}")
+            who = ", ".join(
+                f"pid {p.pid}{' ' + p.name if p.name else ''} (SM {p.sm_percent}%, memory {p.memory_percent}%)" for p in self.busy_processes
+            )
+            parts.append(
+                f"{len(self.busy_processes)} other process{'es' if len(self.busy_processes) > 1 else ''} used the GPU during the timed rounds: {who}"
+            )
         for name, seconds in self.throttle.items():
             parts.append(f"clocks held back by the {name} limit for {seconds:.2f} s of the {self.window_s:.2f} s window")
         line = "; ".join(parts) if parts else "quiet during the timed rounds"
@@ -842,7 +837,7 @@ class WindowNoise:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "WindowNoise":
+    def from_dict(cls, data: Mapping[str, Any]) -> WindowNoise:
         _require(data, ("available",), "noise window")
         return cls(
             available=bool(data["available"]),
@@ -887,7 +882,7 @@ def own_run_pids() -> set:
 class NoiseWindow:
     """Open at the start of the timed rounds, :meth:`close` at their end: what disturbed the GPU in between."""
 
-    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: Optional[set] = None):
+    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: set | None = None):
         self.pynvml, self.handle, self.reason = pynvml, handle, reason
         self.own_pids = own_pids
         self.started = time.perf_counter()
@@ -916,11 +911,10 @@ class NoiseWindow:
         samples, err = _try(getattr(pynvml, "nvmlDeviceGetProcessUtilization", None), handle, self.since_us)
         busy: dict = {}
         ignored = set()
-        if err is not None:
-            # NVML answers "not found" (pynvml sometimes raises "Success") when no process has a
-            # sample since the timestamp: nobody used the GPU.
-            if "not found" not in err.lower() and "success" not in err.lower():
-                unreadable.append("per-process utilisation")
+        # NVML answers "not found" (pynvml sometimes raises "Success") when no process has a
+        # sample since the timestamp: nobody used the GPU.
+        if err is not None and "not found" not in err.lower() and "success" not in err.lower():
+            unreadable.append("per-process utilisation")
         for sample in samples or ():
             pid = int(getattr(sample, "pid", -1))
             sm, mem = int(getattr(sample, "smUtil", 0) or 0), int(getattr(sample, "memUtil", 0) or 0)
@@ -945,7 +939,7 @@ class NoiseWindow:
         )
 
 
-def _violations(pynvml: Any, handle: Any) -> Tuple[dict, list]:
+def _violations(pynvml: Any, handle: Any) -> tuple[dict, list]:
     """NVML's cumulative violation time (ns) per clock-limiting policy; unreadable policies left out."""
     getter = getattr(pynvml, "nvmlDeviceGetViolationStatus", None)
     counters, bad = {}, []
@@ -959,7 +953,7 @@ def _violations(pynvml: Any, handle: Any) -> Tuple[dict, list]:
     return counters, bad
 
 
-def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pids: Optional[set] = None) -> NoiseWindow:
+def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pids: set | None = None) -> NoiseWindow:
     """Start watching the GPU ``device`` names (cuda:N follows N); never raises.
 
     ``pynvml`` replaces the NVML bindings (tests pass a fake one; the device is then its index).

@@ -30,9 +30,9 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from .errors import AmpGateError
 
@@ -126,8 +126,7 @@ def _open_shared(path: Path) -> int:
 class Lock:
     """An exclusive, inter-process, inter-user lock named ``name`` in the shared lock directory."""
 
-    def __init__(self, name: str, *, timeout: float | None, directory: str | os.PathLike | None = None,
-                 what: str = "lock"):
+    def __init__(self, name: str, *, timeout: float | None, directory: str | os.PathLike | None = None, what: str = "lock"):
         self.directory = Path(directory) if directory is not None else lock_dir()
         self.path = self.directory / f"{name}.lock"
         self.holder_path = self.directory / f"{name}.holder"
@@ -197,7 +196,7 @@ class Lock:
             pass
         lock.release()
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         return self
 
     def __exit__(self, *exc) -> None:

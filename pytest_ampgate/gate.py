@@ -10,9 +10,9 @@ INCONCLUSIVE with that reason: a verdict nobody can trust must not break a build
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
 
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
@@ -60,7 +60,7 @@ class Check:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Check":
+    def from_dict(cls, d: dict) -> Check:
         return cls(**d)
 
 
@@ -102,7 +102,9 @@ class Verdict:
             return f"WORKLOAD ERROR: the {self.reference} reference itself failed, so AMP is not to blame: fix the workload"
         if self.outcome == SKIPPED and self.no_mode_ran:
             return "AMP GATE SKIPPED: no requested precision mode can run here, so nothing was gated"
-        return {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[self.outcome]
+        return {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}[
+            self.outcome
+        ]
 
     def explain(self, test_id: str = "", strict: bool = False) -> str:
         """The failure text of DESIGN.md: one line per check, failures first, then what to run next."""
@@ -128,13 +130,18 @@ class Verdict:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"outcome": self.outcome, "confirmed": self.confirmed, "reference": self.reference,
-                "checks": [c.to_dict() for c in self.checks]}
+        return {
+            "outcome": self.outcome,
+            "confirmed": self.confirmed,
+            "reference": self.reference,
+            "checks": [c.to_dict() for c in self.checks],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Verdict":
-        return cls(checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False),
-                   reference=d.get("reference", "fp32"))
+    def from_dict(cls, d: dict) -> Verdict:
+        return cls(
+            checks=[Check.from_dict(c) for c in d["checks"]], confirmed=d.get("confirmed", False), reference=d.get("reference", "fp32")
+        )
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -249,14 +256,20 @@ def _memory_check(name: str, m: Measurements, config: GateConfig, base: ModeBase
         source += f"; baseline {base.memory_ratio:.2f}x on {env_label}, tol +{config.memory_tolerance:.2f}"
         limit = min(limit, base.memory_ratio + config.memory_tolerance)
     text = (
-        f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 "
-        f"({_fmt_bytes(m.reference.peak_memory_bytes)}"
+        f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 ({_fmt_bytes(m.reference.peak_memory_bytes)}"
     )
     act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(m.reference, "activation_memory_bytes", None)
     text += f"; activations {_fmt_bytes(act)} vs {_fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
     outcome = PASS if ratio <= limit else FAIL
-    return Check(name, "memory", outcome, f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
-                 measured=ratio, threshold=limit, baseline=base.memory_ratio if base else None)
+    return Check(
+        name,
+        "memory",
+        outcome,
+        f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
+        measured=ratio,
+        threshold=limit,
+        baseline=base.memory_ratio if base else None,
+    )
 
 
 def _finite_check(mm: ModeMeasurement) -> Check:
@@ -265,10 +278,12 @@ def _finite_check(mm: ModeMeasurement) -> Check:
         return Check(mm.mode, "finite_loss", PASS, f"{mm.mode} loss finite at all {steps} steps", measured=0, threshold=0)
     bad = mm.losses[mm.first_nonfinite_step]
     return Check(
-        mm.mode, "finite_loss", FAIL,
-        f"{mm.mode} loss non-finite ({bad}) first at step {mm.first_nonfinite_step} of {steps} "
-        f"({mm.nonfinite_steps} non-finite steps)",
-        measured=mm.nonfinite_steps, threshold=0,
+        mm.mode,
+        "finite_loss",
+        FAIL,
+        f"{mm.mode} loss non-finite ({bad}) first at step {mm.first_nonfinite_step} of {steps} ({mm.nonfinite_steps} non-finite steps)",
+        measured=mm.nonfinite_steps,
+        threshold=0,
     )
 
 
@@ -288,19 +303,29 @@ def _scaler_checks(mm: ModeMeasurement, config: GateConfig) -> list[Check]:
     if s.skipped_steps is not None:
         fraction = s.skipped_steps / s.steps if s.steps else 0.0
         ok = fraction <= config.max_skipped_fraction
-        checks.append(Check(
-            mm.mode, "skipped_steps", PASS if ok else FAIL,
-            f"{mm.mode} {_scaler_name(mm)} skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
-            f"{'<=' if ok else '>'} {config.max_skipped_fraction:.1%}",
-            measured=fraction, threshold=config.max_skipped_fraction,
-        ))
+        checks.append(
+            Check(
+                mm.mode,
+                "skipped_steps",
+                PASS if ok else FAIL,
+                f"{mm.mode} {_scaler_name(mm)} skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
+                f"{'<=' if ok else '>'} {config.max_skipped_fraction:.1%}",
+                measured=fraction,
+                threshold=config.max_skipped_fraction,
+            )
+        )
     ok = s.final_scale >= config.min_loss_scale
-    checks.append(Check(
-        mm.mode, "loss_scale", PASS if ok else FAIL,
-        f"{mm.mode} loss scale {s.final_scale:g} (start {s.initial_scale:g}, lowest {s.min_scale:g}) "
-        f"{'>=' if ok else '< collapse limit'} {config.min_loss_scale:g}",
-        measured=s.final_scale, threshold=config.min_loss_scale,
-    ))
+    checks.append(
+        Check(
+            mm.mode,
+            "loss_scale",
+            PASS if ok else FAIL,
+            f"{mm.mode} loss scale {s.final_scale:g} (start {s.initial_scale:g}, lowest {s.min_scale:g}) "
+            f"{'>=' if ok else '< collapse limit'} {config.min_loss_scale:g}",
+            measured=s.final_scale,
+            threshold=config.min_loss_scale,
+        )
+    )
     return checks
 
 
@@ -337,12 +362,20 @@ def _metric_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | 
         return Check(mm.mode, name, outcome, f"{mm.mode} {name} {_fmt_metric(value)}: {missing}", measured=value)
     higher = mm.higher_is_better
     limit = base - tol if higher else base + tol
-    text = (f"{mm.mode} {name} {_fmt_metric(value)} vs baseline {_fmt_metric(base)} "
-            f"(tol {tol:g}, {'higher' if higher else 'lower'} is better)")
+    text = (
+        f"{mm.mode} {name} {_fmt_metric(value)} vs baseline {_fmt_metric(base)} (tol {tol:g}, {'higher' if higher else 'lower'} is better)"
+    )
     worse = value < limit if higher else value > limit
     if worse:
-        return Check(mm.mode, name, FAIL, f"{text} {'dropped below' if higher else 'rose above'} {_fmt_metric(limit)}",
-                     measured=value, threshold=limit, baseline=base)
+        return Check(
+            mm.mode,
+            name,
+            FAIL,
+            f"{text} {'dropped below' if higher else 'rose above'} {_fmt_metric(limit)}",
+            measured=value,
+            threshold=limit,
+            baseline=base,
+        )
     if (value > base + tol) if higher else (value < base - tol):
         text += "; better than the baseline by more than the tolerance, refresh it with --ampgate-update"
     return Check(mm.mode, name, PASS, text, measured=value, threshold=limit, baseline=base)
@@ -351,7 +384,7 @@ def _metric_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | 
 def tail_loss(mm: ModeMeasurement, steps: int) -> float | None:
     """Mean loss over the last ``steps`` training steps: every mode trains on the same batches in the
     same order, so these are comparable across modes, and steadier than the very last step's loss."""
-    tail = mm.losses[-max(1, steps):]
+    tail = mm.losses[-max(1, steps) :]
     return sum(tail) / len(tail) if tail else None
 
 
@@ -367,20 +400,25 @@ def _same_run_checks(name: str, m: Measurements, config: GateConfig, tolerance: 
         higher = mm.higher_is_better
         limit = base - tol if higher else base + tol
         ok = math.isfinite(value) and (value >= limit if higher else value <= limit)
-        text = (f"{name} {metric} {_fmt_metric(value) if math.isfinite(value) else value} vs {ref.mode} "
-                f"{_fmt_metric(base)} in this run ({'higher' if higher else 'lower'} is better, tol {tol:g})")
+        text = (
+            f"{name} {metric} {_fmt_metric(value) if math.isfinite(value) else value} vs {ref.mode} "
+            f"{_fmt_metric(base)} in this run ({'higher' if higher else 'lower'} is better, tol {tol:g})"
+        )
         if not ok:
             text += f": {'below' if higher else 'above'} {_fmt_metric(limit)}"
-        checks.append(Check(name, "same_run", PASS if ok else FAIL, text,
-                            measured=value if math.isfinite(value) else None, threshold=limit))
+        checks.append(
+            Check(name, "same_run", PASS if ok else FAIL, text, measured=value if math.isfinite(value) else None, threshold=limit)
+        )
     steps = m.config.steps_per_block
     loss, ref_loss = tail_loss(mm, steps), tail_loss(ref, steps)
     if loss is not None and ref_loss is not None and math.isfinite(ref_loss) and math.isfinite(loss):
         ltol = config.same_run_loss_tolerance
         limit = ref_loss + ltol * max(abs(ref_loss), 1e-3)
         ok = loss <= limit
-        text = (f"{name} loss over the last {min(steps, len(mm.losses))} steps {loss:.4g} vs {ref.mode} {ref_loss:.4g} "
-                f"in this run (at most +{ltol:.0%})")
+        text = (
+            f"{name} loss over the last {min(steps, len(mm.losses))} steps {loss:.4g} vs {ref.mode} {ref_loss:.4g} "
+            f"in this run (at most +{ltol:.0%})"
+        )
         if not ok:
             text += f": above {limit:.4g}"
         checks.append(Check(name, "same_run_loss", PASS if ok else FAIL, text, measured=loss, threshold=limit))
@@ -397,7 +435,9 @@ def _accuracy_check(mm: ModeMeasurement, config: GateConfig, baseline: Baseline 
     low = base.accuracy - config.accuracy_tolerance
     text = f"{mm.mode} accuracy {mm.accuracy:.3f} vs baseline {base.accuracy:.3f} (tol {config.accuracy_tolerance:g})"
     if mm.accuracy < low:
-        return Check(mm.mode, "accuracy", FAIL, f"{text} dropped below {low:.3f}", measured=mm.accuracy, threshold=low, baseline=base.accuracy)
+        return Check(
+            mm.mode, "accuracy", FAIL, f"{text} dropped below {low:.3f}", measured=mm.accuracy, threshold=low, baseline=base.accuracy
+        )
     if mm.accuracy > base.accuracy + config.accuracy_tolerance:
         text += "; above the baseline by more than the tolerance, refresh it with --ampgate-update"
     return Check(mm.mode, "accuracy", PASS, text, measured=mm.accuracy, threshold=low, baseline=base.accuracy)
@@ -414,8 +454,7 @@ def _coverage_check(mm: ModeMeasurement, config: GateConfig) -> Check | None:
     ok = cov.share >= config.min_low_precision_share
     text = f"{mm.mode} ran {cov.share:.1%} of matmul/conv FLOPs in low precision {'>=' if ok else '<'} {config.min_low_precision_share:.0%}"
     text += fp32_layers_text(cov)
-    return Check(mm.mode, "precision_coverage", PASS if ok else FAIL, text,
-                 measured=cov.share, threshold=config.min_low_precision_share)
+    return Check(mm.mode, "precision_coverage", PASS if ok else FAIL, text, measured=cov.share, threshold=config.min_low_precision_share)
 
 
 def fp32_layers_text(cov, shown: int = 5) -> str:
@@ -426,7 +465,7 @@ def fp32_layers_text(cov, shown: int = 5) -> str:
         return ""
     head = every if len(every) <= shown else every[: shown - 1]
     parts = [f"{name} ({fraction:.1%})" for name, _flops, fraction in head]
-    rest = every[len(head):]
+    rest = every[len(head) :]
     if rest:
         parts.append(f"and {len(rest)} more ({sum(f for _n, _fl, f in rest):.1%})")
     return "; still fp32: " + ", ".join(parts)
@@ -473,7 +512,14 @@ def evaluate(
         if config.timing_applies(device_type):
             checks.append(_speedup_check(name, measurements, config, base, env_label))
         else:
-            checks.append(Check(name, "speedup", SKIPPED, f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"))
+            checks.append(
+                Check(
+                    name,
+                    "speedup",
+                    SKIPPED,
+                    f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)",
+                )
+            )
         if config.memory_applies(device_type):
             checks.append(_memory_check(name, measurements, config, base, env_label))
     leaked = measurements.environment.get(LEAKED_KEY)
@@ -530,16 +576,22 @@ def decide(
     if not (config.confirm and timing_failures):
         return first, verdict
     second = measure_once()
-    again = {(c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances).checks}
+    again = {
+        (c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances).checks
+    }
     checks = []
     for c in verdict.checks:
         if c in timing_failures:
             c2 = again.get((c.mode, c.metric))
             if c2 is not None and c2.outcome == FAIL:
-                c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {c2.measured:.2f}x", c.measured, c.threshold, c.baseline)
+                c = Check(
+                    c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {c2.measured:.2f}x", c.measured, c.threshold, c.baseline
+                )
             else:
                 second_text = f"{c2.measured:.2f}x ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
-                c = Check(c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline)
+                c = Check(
+                    c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline
+                )
         checks.append(c)
     return first, Verdict(checks, confirmed=True, reference=verdict.reference)
 
@@ -618,7 +670,9 @@ class GateResult:
         try:
             return self.measurements.modes[name]
         except KeyError:
-            raise KeyError(f"{name!r} was not measured; measured: {self.measurements.reference.mode}, {', '.join(self.measurements.modes)}") from None
+            raise KeyError(
+                f"{name!r} was not measured; measured: {self.measurements.reference.mode}, {', '.join(self.measurements.modes)}"
+            ) from None
 
     def speedup(self, name: str) -> float | None:
         """Median speedup of a mode over the reference (None when not timed)."""
@@ -645,7 +699,7 @@ class GateResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GateResult":
+    def from_dict(cls, d: dict) -> GateResult:
         return cls(
             test_id=d["test_id"],
             env_key=d["env_key"],

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-from contextlib import contextmanager
 
 from .file_safety import LOCK_DIR_ENV, WAIT_NOTICE_S, Lock, lock_dir, lock_name  # noqa: F401  (re-exported)
 
@@ -113,9 +113,14 @@ def remove_run_lock(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def hold_device(device: str, holder: str, on_wait: Callable[[str], None] | None = None,
-                directory: str | os.PathLike | None = None, run_id: str | None = None,
-                timeout: float | None = None) -> Iterator[Hold]:
+def hold_device(
+    device: str,
+    holder: str,
+    on_wait: Callable[[str], None] | None = None,
+    directory: str | os.PathLike | None = None,
+    run_id: str | None = None,
+    timeout: float | None = None,
+) -> Iterator[Hold]:
     """Hold ``device`` exclusively for the body; yields the :class:`Hold` (its times fill in as it goes)."""
     lock = DeviceLock(device_key(device, run_id), directory, timeout=timeout)
     hold = lock.acquire(holder, on_wait)

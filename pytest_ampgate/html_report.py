@@ -16,19 +16,19 @@ import tempfile
 
 from .report import COLUMNS, table_rows
 
-VERDICT_STYLE = {"fail": "color:#b00020;font-weight:bold", "inconclusive": "color:#b26a00;font-weight:bold",
-                 "pass": "color:#1b7f3b", "skipped": "color:#666666"}
+VERDICT_STYLE = {
+    "fail": "color:#b00020;font-weight:bold",
+    "inconclusive": "color:#b26a00;font-weight:bold",
+    "pass": "color:#1b7f3b",
+    "skipped": "color:#666666",
+}
 
 
 def mode_table(results) -> str:
     """The per-mode summary table (the terminal summary's rows) as an HTML table."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table_rows(results)
-    )
-    checks = "".join(
-        f"<li>{html.escape(c.line())}</li>" for r in results for c in r.verdict.checks
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table_rows(results))
+    checks = "".join(f"<li>{html.escape(c.line())}</li>" for r in results for c in r.verdict.checks)
     return (
         '<div class="ampgate"><p><b>pytest-ampgate</b> '
         + ", ".join(f"{html.escape(r.test_id)}: {verdict_html(r.verdict.outcome)}" for r in results)

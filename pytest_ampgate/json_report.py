@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SCHEMA_ID = "pytest-ampgate/report"
 SCHEMA_VERSION = 1
@@ -39,8 +40,14 @@ def _step_time(mm, steps_per_round: int) -> dict | None:
         return None
     s = summarize_times(mm.step_times_s)
     return {
-        "median_s": s["median"], "mean_s": s["mean"], "min_s": s["min"], "max_s": s["max"],
-        "stddev_s": s["stddev"], "iqr_s": s["iqr"], "rounds": s["rounds"], "steps_per_round": steps_per_round,
+        "median_s": s["median"],
+        "mean_s": s["mean"],
+        "min_s": s["min"],
+        "max_s": s["max"],
+        "stddev_s": s["stddev"],
+        "iqr_s": s["iqr"],
+        "rounds": s["rounds"],
+        "steps_per_round": steps_per_round,
         "samples_s": list(mm.step_times_s),
     }
 
@@ -50,8 +57,14 @@ def _speedup(comparison) -> dict | None:
     if est is None:
         return None
     return {
-        "median": est.median, "low": est.low, "high": est.high, "confidence": est.confidence,
-        "rounds": est.rounds, "noisy": est.noisy, "note": est.note, "samples": list(est.samples),
+        "median": est.median,
+        "low": est.low,
+        "high": est.high,
+        "confidence": est.confidence,
+        "rounds": est.rounds,
+        "noisy": est.noisy,
+        "note": est.note,
+        "samples": list(est.samples),
     }
 
 
@@ -59,8 +72,16 @@ def _memory(mm) -> dict | None:
     """What the peak-memory figure covers and its parts (parameters, buffers, optimizer state, gradients, activations)."""
     if not mm.memory:
         return None
-    keys = ("peak_bytes", "parameter_bytes", "buffer_bytes", "optimizer_state_bytes", "gradient_bytes",
-            "activation_bytes", "step_peak_bytes", "state_bytes")
+    keys = (
+        "peak_bytes",
+        "parameter_bytes",
+        "buffer_bytes",
+        "optimizer_state_bytes",
+        "gradient_bytes",
+        "activation_bytes",
+        "step_peak_bytes",
+        "state_bytes",
+    )
     return {**{k: mm.memory.get(k) for k in keys}, "method": mm.memory.get("method", ""), "covers": mm.memory.get("covers", "")}
 
 
@@ -110,8 +131,11 @@ def _mode_record(result, mm, comparison) -> dict:
             "name": mm.metric_name,
             "value": None if mm.metric is None else json_float(mm.metric),
             "higher_is_better": mm.higher_is_better,
-            "baseline": _num((getattr(result, "baseline_metric", None) or
-                              ({} if mm.metric_name != "accuracy" else result.baseline_accuracy)).get(mm.mode)),
+            "baseline": _num(
+                (getattr(result, "baseline_metric", None) or ({} if mm.metric_name != "accuracy" else result.baseline_accuracy)).get(
+                    mm.mode
+                )
+            ),
         },
         "final_loss": None if mm.final_loss is None else json_float(mm.final_loss),
         "steps": len(mm.losses),
@@ -223,9 +247,13 @@ _SPEEDUP = {
     "type": ["object", "null"],
     "required": ["median", "low", "high", "confidence", "rounds", "noisy", "note", "samples"],
     "properties": {
-        "median": {"type": "number"}, "low": {"type": "number"}, "high": {"type": "number"},
+        "median": {"type": "number"},
+        "low": {"type": "number"},
+        "high": {"type": "number"},
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "rounds": {"type": "integer", "minimum": 1}, "noisy": {"type": "boolean"}, "note": _STR,
+        "rounds": {"type": "integer", "minimum": 1},
+        "noisy": {"type": "boolean"},
+        "note": _STR,
         "samples": {"type": "array", "items": {"type": "number"}},
     },
 }
@@ -233,10 +261,30 @@ _SPEEDUP = {
 _MODE = {
     "type": "object",
     "required": [
-        "mode", "role", "supported", "unsupported_reason", "error", "outcome", "step_time", "speedup",
-        "peak_memory_bytes", "memory_ratio", "memory_note", "accuracy", "baseline_accuracy", "metric", "final_loss",
-        "steps", "first_nonfinite_step", "nonfinite_steps", "scaler", "low_precision_share",
-        "activation_memory_bytes", "memory", "failed_phase", "launch",
+        "mode",
+        "role",
+        "supported",
+        "unsupported_reason",
+        "error",
+        "outcome",
+        "step_time",
+        "speedup",
+        "peak_memory_bytes",
+        "memory_ratio",
+        "memory_note",
+        "accuracy",
+        "baseline_accuracy",
+        "metric",
+        "final_loss",
+        "steps",
+        "first_nonfinite_step",
+        "nonfinite_steps",
+        "scaler",
+        "low_precision_share",
+        "activation_memory_bytes",
+        "memory",
+        "failed_phase",
+        "launch",
     ],
     "properties": {
         "mode": _STR,
@@ -253,12 +301,26 @@ _MODE = {
         "activation_memory_bytes": _INT,
         "memory": {
             "type": ["object", "null"],
-            "required": ["peak_bytes", "parameter_bytes", "optimizer_state_bytes", "gradient_bytes", "activation_bytes", "method", "covers"],
+            "required": [
+                "peak_bytes",
+                "parameter_bytes",
+                "optimizer_state_bytes",
+                "gradient_bytes",
+                "activation_bytes",
+                "method",
+                "covers",
+            ],
             "properties": {
-                "peak_bytes": {"type": "integer", "minimum": 0}, "parameter_bytes": {"type": "integer", "minimum": 0},
-                "buffer_bytes": _INT, "optimizer_state_bytes": {"type": "integer", "minimum": 0},
-                "gradient_bytes": {"type": "integer", "minimum": 0}, "activation_bytes": _INT,
-                "step_peak_bytes": _INT, "state_bytes": _INT, "method": _STR, "covers": _STR,
+                "peak_bytes": {"type": "integer", "minimum": 0},
+                "parameter_bytes": {"type": "integer", "minimum": 0},
+                "buffer_bytes": _INT,
+                "optimizer_state_bytes": {"type": "integer", "minimum": 0},
+                "gradient_bytes": {"type": "integer", "minimum": 0},
+                "activation_bytes": _INT,
+                "step_peak_bytes": _INT,
+                "state_bytes": _INT,
+                "method": _STR,
+                "covers": _STR,
             },
         },
         "failed_phase": _STR,
@@ -267,8 +329,10 @@ _MODE = {
             "type": ["object", "null"],
             "required": ["host_step_s", "busy_step_s", "idle_share", "launch_bound"],
             "properties": {
-                "host_step_s": {"type": "number", "minimum": 0}, "busy_step_s": _NUM,
-                "idle_share": _NUM, "launch_bound": {"type": ["boolean", "null"]},
+                "host_step_s": {"type": "number", "minimum": 0},
+                "busy_step_s": _NUM,
+                "idle_share": _NUM,
+                "launch_bound": {"type": ["boolean", "null"]},
             },
         },
         "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
@@ -296,8 +360,13 @@ _CHECK = {
     "type": "object",
     "required": ["mode", "metric", "outcome", "why", "measured", "threshold", "baseline"],
     "properties": {
-        "mode": _STR, "metric": _STR, "outcome": {"enum": list(OUTCOMES)}, "why": _STR,
-        "measured": _NUM, "threshold": _NUM, "baseline": _NUM,
+        "mode": _STR,
+        "metric": _STR,
+        "outcome": {"enum": list(OUTCOMES)},
+        "why": _STR,
+        "measured": _NUM,
+        "threshold": _NUM,
+        "baseline": _NUM,
     },
 }
 
@@ -305,17 +374,39 @@ _RUN = {
     "type": ["object", "null"],
     "required": ["key", "holder", "pid", "requested_at", "acquired_at", "released_at", "waited_s", "locked"],
     "properties": {
-        "key": _STR, "holder": _STR, "pid": {"type": "integer"}, "worker": {"type": ["string", "null"]},
-        "requested_at": {"type": "number"}, "acquired_at": {"type": "number"}, "released_at": {"type": "number"},
-        "waited_s": {"type": "number", "minimum": 0}, "locked": {"type": "boolean"},
+        "key": _STR,
+        "holder": _STR,
+        "pid": {"type": "integer"},
+        "worker": {"type": ["string", "null"]},
+        "requested_at": {"type": "number"},
+        "acquired_at": {"type": "number"},
+        "released_at": {"type": "number"},
+        "waited_s": {"type": "number", "minimum": 0},
+        "locked": {"type": "boolean"},
     },
 }
 
 _TEST = {
     "type": "object",
     "required": [
-        "test_id", "outcome", "failed", "env_key", "workload", "device", "batch_size", "reference_mode",
-        "protocol", "config", "dataset", "wall_time_s", "run", "modes", "checks", "verdict", "noise", "baseline_update",
+        "test_id",
+        "outcome",
+        "failed",
+        "env_key",
+        "workload",
+        "device",
+        "batch_size",
+        "reference_mode",
+        "protocol",
+        "config",
+        "dataset",
+        "wall_time_s",
+        "run",
+        "modes",
+        "checks",
+        "verdict",
+        "noise",
+        "baseline_update",
     ],
     "properties": {
         "test_id": _STR,

@@ -16,8 +16,8 @@ Nothing here imports pytest: the engine can be driven from a script.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator
 
 import torch
 

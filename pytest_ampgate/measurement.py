@@ -25,14 +25,14 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from . import env as env_mod
-from .data import DeviceDataset
 from .config import MeasureConfig
+from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
 from .modes import (
@@ -134,7 +134,7 @@ class ModeMeasurement:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModeMeasurement":
+    def from_dict(cls, d: dict) -> ModeMeasurement:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values["losses"] = [float(v) for v in values.get("losses", [])]
@@ -167,7 +167,7 @@ class Comparison:
         return {**asdict(self), "speedup": self.speedup.to_dict() if self.speedup else None}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Comparison":
+    def from_dict(cls, d: dict) -> Comparison:
         return cls(**{**d, "speedup": Estimate.from_dict(d["speedup"]) if d.get("speedup") else None})
 
 
@@ -210,7 +210,7 @@ class Measurements:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Measurements":
+    def from_dict(cls, d: dict) -> Measurements:
         return cls(
             workload=d["workload"],
             device=d["device"],
@@ -237,7 +237,7 @@ class Measurements:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "Measurements":
+    def from_json(cls, text: str) -> Measurements:
         return cls.from_dict(json.loads(text))
 
 
@@ -538,7 +538,9 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
     return peak, activation, loss
 
 
-def memory_pass(runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device, base: int | None = None) -> tuple[dict, list]:
+def memory_pass(
+    runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device, base: int | None = None
+) -> tuple[dict, list]:
     """Peak memory of a steady-state training step, the same way in every mode; (figures, losses).
 
     Gradients are set to None before each step, so every mode starts it holding its parameters,
@@ -656,7 +658,7 @@ def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch
     metric.check_value(value, workload.name)
 
 
-def _evaluate_metric(slot: "_Slot", workload: Workload, dataset: DeviceDataset) -> None:
+def _evaluate_metric(slot: _Slot, workload: Workload, dataset: DeviceDataset) -> None:
     """The workload's metric for one mode, recorded under its name."""
     metric = metric_of(workload)
     value = slot.runner.evaluate(dataset.test_batches(workload.eval_batch_size), metric)
@@ -815,7 +817,18 @@ def measure(
             # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
             with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
                 _warm_libraries(device)
-                _run(workload, slots, initial_model, dataset, device, config, say, timer or default_timer(device), noise, runner_factory or prepare)
+                _run(
+                    workload,
+                    slots,
+                    initial_model,
+                    dataset,
+                    device,
+                    config,
+                    say,
+                    timer or default_timer(device),
+                    noise,
+                    runner_factory or prepare,
+                )
             noise["after"] = env_mod.noise_report(device).to_dict()
 
     reference = slots[0].m
@@ -927,7 +940,9 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
         torch.cuda.empty_cache()
 
 
-def _start(slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer, runner_factory=prepare) -> None:
+def _start(
+    slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer, runner_factory=prepare
+) -> None:
     """Set-up, precision-coverage step, warm-up (its last steps probe launch-boundness) and the memory pass."""
     batch = workload.batch_size
     phase = "set-up"

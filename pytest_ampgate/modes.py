@@ -17,8 +17,8 @@ import copy
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -70,8 +70,7 @@ MODES: dict[str, PrecisionMode] = {
         PrecisionMode("bf16", "pure bfloat16 parameters (BatchNorm kept float32)", param_dtype=torch.bfloat16),
         PrecisionMode(
             "fp16_master",
-            "Apex O2: float16 model (BatchNorm kept float32), float32 master weights updated by the optimizer, "
-            "dynamic loss scaling",
+            "Apex O2: float16 model (BatchNorm kept float32), float32 master weights updated by the optimizer, dynamic loss scaling",
             param_dtype=torch.float16,
             master_weights=True,
         ),
@@ -105,7 +104,7 @@ def resolve_mode(name: str | PrecisionMode) -> PrecisionMode:
 # --- what the hardware can run ---------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_supports(dtype: torch.dtype, autocast: bool) -> str | None:
     """Probe once whether this torch build runs a tiny linear layer in ``dtype`` on the CPU."""
     try:
@@ -328,12 +327,16 @@ class MasterWeights:
     (BatchNorm, kept float32 as Apex's ``keep_batchnorm_fp32``) are their own masters.
     """
 
-    def __init__(self, model: nn.Module, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+    def __init__(
+        self,
+        model: nn.Module,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
         self.model_params = [p for p in model.parameters() if p.requires_grad]
-        self.masters = [
-            p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params
-        ]
+        self.masters = [p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in self.model_params]
         self.scale = float(init_scale)
         self.initial_scale = float(init_scale)
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
@@ -397,7 +400,7 @@ class ScalerStats:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScalerStats":
+    def from_dict(cls, d: dict) -> ScalerStats:
         return cls(**d)
 
 
@@ -417,7 +420,7 @@ class ModeRunner:
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         device: torch.device,
-        master: "MasterWeights | None" = None,
+        master: MasterWeights | None = None,
     ):
         self.mode = mode
         self.model = model

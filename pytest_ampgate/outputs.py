@@ -8,8 +8,8 @@ decides which to call and says where each file went.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def write_ci_outputs(
@@ -29,6 +29,7 @@ def write_ci_outputs(
     lines = []
     skip_reason = gate.skip_reason()
     if json_path:
+
         def json_report():
             from .json_report import build_report, write_report
 
@@ -41,6 +42,7 @@ def write_ci_outputs(
 
         text = markdown_summary(gate.results, skip_reason)
         if markdown_path:
+
             def markdown():
                 markdown_path.parent.mkdir(parents=True, exist_ok=True)
                 markdown_path.write_text(text, encoding="utf-8")
@@ -48,6 +50,7 @@ def write_ci_outputs(
 
             lines.append(_one_output("ampgate Markdown summary", markdown_path, markdown))
         if step_summary:
+
             def append_summary():
                 with open(step_summary, "a", encoding="utf-8") as fh:
                     fh.write(text + "\n")
@@ -56,6 +59,7 @@ def write_ci_outputs(
             if line:
                 lines.append(line)
     if plot_path:
+
         def chart():
             from .plot import write_chart
 
@@ -143,6 +147,8 @@ def check_baseline_dir(path: Path, update: bool) -> None:
         if not parent.is_dir():
             raise ConfigError(f"baseline directory {path}: {parent} is a file, not a directory; {fix}")
         if update and not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"baseline directory {path}: {parent} is not writable by this user, so --ampgate-update could record nothing; {fix} you may write to")
+            raise ConfigError(
+                f"baseline directory {path}: {parent} is not writable by this user, so --ampgate-update could record nothing; {fix} you may write to"
+            )
     except OSError as exc:
         raise ConfigError(f"baseline directory {path}: {exc.strerror or exc}; {fix}") from None

@@ -31,8 +31,8 @@ import functools
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -207,7 +207,7 @@ def busy_wait(cpu_seconds: float) -> None:
         pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_cycles_per_second(device_index: int) -> float:
     """What one cycle of ``torch.cuda._sleep`` lasts on this GPU, timed with CUDA events (median of 5)."""
     cycles = 20_000_000
@@ -255,7 +255,9 @@ class _DelayHook:
             return None
         device = x.device if x is not None else torch.device("cpu")
         if device.type != self.device_type:
-            raise WorkloadError(f"slow_down was sized for {self.device_type} but the step runs on {device.type}; plant it with device={device.type!r}")
+            raise WorkloadError(
+                f"slow_down was sized for {self.device_type} but the step runs on {device.type}; plant it with device={device.type!r}"
+            )
         _delay(device, delay)
         return None
 
@@ -361,7 +363,7 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
             continue
         runner = prepare(mode, model, workload.optimizer_factory, workload.loss_fn, "cpu")
 
-        def relative_cost(spin: float) -> tuple[float, float]:
+        def relative_cost(spin: float, mode=mode, runner=runner) -> tuple[float, float]:
             """(median clean step, median step with the spin, spin included), steps alternating."""
             costs: tuple[list, list] = ([], [])
             with numerics_policy(mode), cpu_threads("cpu"):  # the thread count the gate measures with
@@ -394,8 +396,11 @@ def calibrate_cuda_delay(workload: Workload, fraction: float, modes: Sequence[st
     clean = _measure_step_times(workload, modes, device, calibration)
     delays = {}
     for mode in modes:
+
         def achieved(delay: float, mode=mode) -> float:
-            planted = _planted(workload, "calibration", plant=lambda model: model.register_forward_pre_hook(_DelayHook({mode: delay}, "cuda")))
+            planted = _planted(
+                workload, "calibration", plant=lambda model: model.register_forward_pre_hook(_DelayHook({mode: delay}, "cuda"))
+            )
             return _measure_step_times(planted, [mode], device, calibration)[mode] / clean[mode] - 1.0
 
         delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode])
@@ -552,7 +557,8 @@ PLANTS = {
     "slow_down": PlantInfo("slow_down", ("speedup",), AMP_MODES),
     "retain_activation": PlantInfo("retain_activation", ("memory",), AMP_MODES),
     "overflow_in_fp16": PlantInfo("overflow_in_fp16", ("finite_loss",), ("amp_fp16",)),
-    "collapse_loss_scale": PlantInfo("collapse_loss_scale", ("skipped_steps", "loss_scale"), ("amp_fp16",),
-                                     consequences=("same_run", "same_run_loss")),
+    "collapse_loss_scale": PlantInfo(
+        "collapse_loss_scale", ("skipped_steps", "loss_scale"), ("amp_fp16",), consequences=("same_run", "same_run_loss")
+    ),
 }
 """Which checks each plant must fail, and in which modes (the others must not fail for it)."""

@@ -65,22 +65,26 @@ def chart_rows(results) -> list[ChartRow]:
             speed = checks.get((name, "speedup"))
             memory = checks.get((name, "memory"))
             floor_gated = speed is not None and speed.threshold is not None
-            rows.append(ChartRow(
-                test_id=r.test_id,
-                mode=name,
-                speedup=est.median if est else None,
-                low=est.low if est else None,
-                high=est.high if est else None,
-                floor=speed.threshold if floor_gated else r.config.get("min_speedup"),
-                floor_gated=floor_gated,
-                speed_outcome=speed.outcome if speed is not None else "skipped",
-                memory_ratio=comparison.memory_ratio,
-                memory_limit=memory.threshold if memory is not None and memory.threshold is not None else r.config.get("max_memory_ratio"),
-                memory_gated=memory is not None and memory.threshold is not None,
-                memory_outcome=memory.outcome if memory is not None else "skipped",
-                memory_note=m.modes[name].memory_note or m.reference.memory_note or comparison.note or "not measured",
-                **_metric_fields(r, name, checks),
-            ))
+            rows.append(
+                ChartRow(
+                    test_id=r.test_id,
+                    mode=name,
+                    speedup=est.median if est else None,
+                    low=est.low if est else None,
+                    high=est.high if est else None,
+                    floor=speed.threshold if floor_gated else r.config.get("min_speedup"),
+                    floor_gated=floor_gated,
+                    speed_outcome=speed.outcome if speed is not None else "skipped",
+                    memory_ratio=comparison.memory_ratio,
+                    memory_limit=memory.threshold
+                    if memory is not None and memory.threshold is not None
+                    else r.config.get("max_memory_ratio"),
+                    memory_gated=memory is not None and memory.threshold is not None,
+                    memory_outcome=memory.outcome if memory is not None else "skipped",
+                    memory_note=m.modes[name].memory_note or m.reference.memory_note or comparison.note or "not measured",
+                    **_metric_fields(r, name, checks),
+                )
+            )
     return rows
 
 
@@ -116,8 +120,9 @@ def _draw_metric(ax, rows: list[ChartRow], ys: list[int]) -> None:
     for y, row in zip(ys, rows):
         colour = COLOURS.get(row.metric_outcome, COLOURS["skipped"])
         if row.metric is None:
-            ax.text(0.03, y, f"{row.metric_name} not measured", va="center", fontsize=8, color="#555555",
-                    transform=ax.get_yaxis_transform())
+            ax.text(
+                0.03, y, f"{row.metric_name} not measured", va="center", fontsize=8, color="#555555", transform=ax.get_yaxis_transform()
+            )
             continue
         ax.plot([row.metric], [y], "o", color=colour, markersize=7, zorder=3)
         label = f"{row.metric:.3g}" if len(names) == 1 else f"{row.metric_name} {row.metric:.3g}"
@@ -159,15 +164,40 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
     for y, row in zip(ys, rows):
         colour = COLOURS.get(row.speed_outcome, COLOURS["skipped"])
         if row.speedup is not None:
-            ax_speed.errorbar(row.speedup, y, xerr=[[row.speedup - row.low], [row.high - row.speedup]], fmt="o",
-                              color=colour, ecolor=colour, elinewidth=2.2, capsize=5, markersize=7, zorder=3)
-            ax_speed.annotate(f"{row.speedup:.2f}x [{row.low:.2f}-{row.high:.2f}]", (row.low, y), xytext=(0, 10),
-                              textcoords="offset points", fontsize=8, color="#333333", ha="left", va="bottom", zorder=5)
+            ax_speed.errorbar(
+                row.speedup,
+                y,
+                xerr=[[row.speedup - row.low], [row.high - row.speedup]],
+                fmt="o",
+                color=colour,
+                ecolor=colour,
+                elinewidth=2.2,
+                capsize=5,
+                markersize=7,
+                zorder=3,
+            )
+            ax_speed.annotate(
+                f"{row.speedup:.2f}x [{row.low:.2f}-{row.high:.2f}]",
+                (row.low, y),
+                xytext=(0, 10),
+                textcoords="offset points",
+                fontsize=8,
+                color="#333333",
+                ha="left",
+                va="bottom",
+                zorder=5,
+            )
         else:
             ax_speed.text(1.0, y, "  speedup not measured", va="center", fontsize=8, color=COLOURS["skipped"])
         if row.floor is not None:
-            ax_speed.plot([row.floor, row.floor], [y - 0.2, y + 0.2], color="black",
-                          linestyle="-" if row.floor_gated else (0, (2, 2)), linewidth=2.2, zorder=2)
+            ax_speed.plot(
+                [row.floor, row.floor],
+                [y - 0.2, y + 0.2],
+                color="black",
+                linestyle="-" if row.floor_gated else (0, (2, 2)),
+                linewidth=2.2,
+                zorder=2,
+            )
     ax_speed.axvline(1.0, color="#bbbbbb", linewidth=1, zorder=1)
     ax_speed.set_xlabel("speedup over fp32 (median of per-round ratios, with its interval)")
     ax_speed.set_title("Speedup vs floor", fontsize=11, loc="left")
@@ -182,11 +212,18 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
             ax_mem.barh(y, row.memory_ratio, height=0.5, color=colour, alpha=0.85, zorder=2)
             ax_mem.text(row.memory_ratio, y, f" {row.memory_ratio:.2f}x", va="center", fontsize=8, zorder=3)
         else:
-            ax_mem.text(0.03, y, row.memory_note, va="center", fontsize=8, color="#555555",
-                        transform=ax_mem.get_yaxis_transform(), wrap=True)
+            ax_mem.text(
+                0.03, y, row.memory_note, va="center", fontsize=8, color="#555555", transform=ax_mem.get_yaxis_transform(), wrap=True
+            )
         if row.memory_limit is not None and row.memory_ratio is not None:
-            ax_mem.plot([row.memory_limit, row.memory_limit], [y - 0.2, y + 0.2], color="black",
-                        linestyle="-" if row.memory_gated else (0, (2, 2)), linewidth=2.2, zorder=4)
+            ax_mem.plot(
+                [row.memory_limit, row.memory_limit],
+                [y - 0.2, y + 0.2],
+                color="black",
+                linestyle="-" if row.memory_gated else (0, (2, 2)),
+                linewidth=2.2,
+                zorder=4,
+            )
     ax_mem.axvline(1.0, color="#bbbbbb", linewidth=1, zorder=1)
     ax_mem.set_xlabel("peak memory, mode / fp32 (lower is better)")
     ax_mem.set_title("Peak-memory ratio vs limit", fontsize=11, loc="left")

@@ -65,6 +65,8 @@ _PARSERS: list = []
 def pytest_plugin_registered(plugin, manager):
     for parser in _PARSERS:  # pytest-benchmark registered after us: its option exists only now
         _benchmark_json_makes_its_folder(parser)
+
+
 UNMEASURED_ATTR = "ampgate_unmeasured"
 NOT_RECORDED_ATTR = "ampgate_not_recorded"
 
@@ -78,45 +80,101 @@ def pytest_addoption(parser):
     _PARSERS[:] = [parser]
     _benchmark_json_makes_its_folder(parser)
     group = parser.getgroup("ampgate", "AMP regression gate (pytest-ampgate)")
-    group.addoption("--ampgate", action="store_true", default=False,
-                    help="run the tests marked amp_regression (skipped without this flag). Default: off")
-    group.addoption("--ampgate-update", action="store_true", default=False,
-                    help="record the measured results as the new baselines (written at session end). Default: off")
-    group.addoption("--ampgate-prune", action="store_true", default=False,
-                    help="with --ampgate-update: delete baseline entries of tests that no longer exist. Default: off")
-    group.addoption("--ampgate-device", default=None,
-                    help="where to train: cuda, cuda:N, cuda:auto (xdist workers spread over the GPUs, one lock "
-                         "each) or cpu (numerical checks only; timing is not gated). Default: ini ampgate_device, else cuda")
-    group.addoption("--ampgate-baseline-dir", default=None,
-                    help="directory of the baseline JSON files. Default: ini ampgate_baseline_dir, else baselines/ at the rootdir")
-    group.addoption("--ampgate-data-root", default=None,
-                    help="directory holding MNIST/CIFAR-10 files in torchvision's layout. Default: ini ampgate_data_root, else synthetic data")
-    group.addoption("--ampgate-download", action="store_true", default=False,
-                    help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing. Default: off")
-    group.addoption("--ampgate-strict", action="store_true", default=False,
-                    help="treat INCONCLUSIVE verdicts as failures. Default: off")
-    group.addoption("--ampgate-json", default=None, metavar="PATH",
-                    help="write a JSON report of the gated run to PATH (schema: docs/json-report.md). Default: none")
-    group.addoption("--ampgate-markdown", default=None, metavar="PATH",
-                    help="write the summary table as Markdown to PATH (also appended to $GITHUB_STEP_SUMMARY when set). Default: none")
-    group.addoption("--ampgate-plot", default=None, metavar="PATH",
-                    help="write a PNG chart of speedups and memory ratios against their limits (needs matplotlib). Default: none")
-    group.addoption("--ampgate-modes", default=None, metavar="MODES",
-                    help="precision modes for this run, e.g. amp_bf16,amp_fp16; wins over ini ampgate_modes, "
-                         "loses to modes= in a test's marker. Default: ini ampgate_modes, else amp_fp16 amp_bf16")
-    group.addoption("--ampgate-only", action="store_true", default=False,
-                    help="run only the gated tests (marked amp_regression or using an ampgate fixture); "
-                         "implies --ampgate. Default: off")
-    group.addoption("--ampgate-lock-timeout", default=None, type=float, metavar="SECONDS",
-                    help="give up waiting for the device lock after SECONDS, naming its holder (0: wait forever). "
-                         f"Default: ini ampgate_lock_timeout, else {DEFAULT_DEVICE_LOCK_TIMEOUT:g}")
+    group.addoption(
+        "--ampgate",
+        action="store_true",
+        default=False,
+        help="run the tests marked amp_regression (skipped without this flag). Default: off",
+    )
+    group.addoption(
+        "--ampgate-update",
+        action="store_true",
+        default=False,
+        help="record the measured results as the new baselines (written at session end). Default: off",
+    )
+    group.addoption(
+        "--ampgate-prune",
+        action="store_true",
+        default=False,
+        help="with --ampgate-update: delete baseline entries of tests that no longer exist. Default: off",
+    )
+    group.addoption(
+        "--ampgate-device",
+        default=None,
+        help="where to train: cuda, cuda:N, cuda:auto (xdist workers spread over the GPUs, one lock "
+        "each) or cpu (numerical checks only; timing is not gated). Default: ini ampgate_device, else cuda",
+    )
+    group.addoption(
+        "--ampgate-baseline-dir",
+        default=None,
+        help="directory of the baseline JSON files. Default: ini ampgate_baseline_dir, else baselines/ at the rootdir",
+    )
+    group.addoption(
+        "--ampgate-data-root",
+        default=None,
+        help="directory holding MNIST/CIFAR-10 files in torchvision's layout. Default: ini ampgate_data_root, else synthetic data",
+    )
+    group.addoption(
+        "--ampgate-download",
+        action="store_true",
+        default=False,
+        help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing. Default: off",
+    )
+    group.addoption("--ampgate-strict", action="store_true", default=False, help="treat INCONCLUSIVE verdicts as failures. Default: off")
+    group.addoption(
+        "--ampgate-json",
+        default=None,
+        metavar="PATH",
+        help="write a JSON report of the gated run to PATH (schema: docs/json-report.md). Default: none",
+    )
+    group.addoption(
+        "--ampgate-markdown",
+        default=None,
+        metavar="PATH",
+        help="write the summary table as Markdown to PATH (also appended to $GITHUB_STEP_SUMMARY when set). Default: none",
+    )
+    group.addoption(
+        "--ampgate-plot",
+        default=None,
+        metavar="PATH",
+        help="write a PNG chart of speedups and memory ratios against their limits (needs matplotlib). Default: none",
+    )
+    group.addoption(
+        "--ampgate-modes",
+        default=None,
+        metavar="MODES",
+        help="precision modes for this run, e.g. amp_bf16,amp_fp16; wins over ini ampgate_modes, "
+        "loses to modes= in a test's marker. Default: ini ampgate_modes, else amp_fp16 amp_bf16",
+    )
+    group.addoption(
+        "--ampgate-only",
+        action="store_true",
+        default=False,
+        help="run only the gated tests (marked amp_regression or using an ampgate fixture); implies --ampgate. Default: off",
+    )
+    group.addoption(
+        "--ampgate-lock-timeout",
+        default=None,
+        type=float,
+        metavar="SECONDS",
+        help="give up waiting for the device lock after SECONDS, naming its holder (0: wait forever). "
+        f"Default: ini ampgate_lock_timeout, else {DEFAULT_DEVICE_LOCK_TIMEOUT:g}",
+    )
     parser.addini("ampgate_device", "default for --ampgate-device (default: cuda)", default="cuda")
-    parser.addini("ampgate_baseline_dir", "default for --ampgate-baseline-dir, relative to the rootdir (default: baselines)", default="baselines")
+    parser.addini(
+        "ampgate_baseline_dir", "default for --ampgate-baseline-dir, relative to the rootdir (default: baselines)", default="baselines"
+    )
     parser.addini("ampgate_data_root", "default for --ampgate-data-root (default: synthetic data)", default="")
-    parser.addini("ampgate_lock_timeout", f"default for --ampgate-lock-timeout in seconds (default: {DEFAULT_DEVICE_LOCK_TIMEOUT:g})",
-                  type=_ini_type("float"), default=None)
+    parser.addini(
+        "ampgate_lock_timeout",
+        f"default for --ampgate-lock-timeout in seconds (default: {DEFAULT_DEVICE_LOCK_TIMEOUT:g})",
+        type=_ini_type("float"),
+        default=None,
+    )
     for name, (_check, text) in SETTINGS.items():
-        parser.addini(f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None)
+        parser.addini(
+            f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None
+        )
 
 
 DEFAULT_DEVICE_LOCK_TIMEOUT = 3600.0
@@ -125,9 +183,15 @@ for another job's whole gated run, short of a CI job's own timeout, so a hung ho
 
 INI_TYPES = {
     "modes": "args",
-    "check_speed": "bool", "check_memory": "bool", "confirm": "bool", "strict": "bool",
+    "check_speed": "bool",
+    "check_memory": "bool",
+    "confirm": "bool",
+    "strict": "bool",
     "missing_baseline": "string",
-    "warmup_steps": "int", "rounds": "int", "steps_per_block": "int", "memory_steps": "int",
+    "warmup_steps": "int",
+    "rounds": "int",
+    "steps_per_block": "int",
+    "memory_steps": "int",
     "world_size": "int",
 }
 """pytest ini types of the ``ampgate_<setting>`` keys (the rest are floats), so that pytest 9's native
@@ -165,7 +229,7 @@ def _ini_value(config, key: str):
     except (TypeError, ValueError) as exc:
         pytest_says = f"ini option {key}: {exc}".replace(f"{config.inipath}: ", "")
         raw = _raw_ini(config, key)
-        name = key[len("ampgate_"):]
+        name = key[len("ampgate_") :]
         if raw is None or name not in SETTINGS:
             raise ConfigError(pytest_says) from None
         if name == "modes":
@@ -325,8 +389,7 @@ def _stop_on_sigterm(config) -> None:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(**settings): an AMP regression gate, run with --ampgate. Settings override the ini "
-        f"defaults: {', '.join(SETTINGS)}.",
+        f"{MARKER}(**settings): an AMP regression gate, run with --ampgate. Settings override the ini defaults: {', '.join(SETTINGS)}.",
     )
     try:
         _check_ini_keys(config)
@@ -588,7 +651,7 @@ def pytest_runtest_call(item):
         return result
     results = item.stash[GATE_KEY].results if GATE_KEY in item.stash else []
     if not results:
-        config = item.stash[CONFIG_KEY] if CONFIG_KEY in item.stash else None
+        config = item.stash.get(CONFIG_KEY, None)
         if config.strict if config is not None else gate.options.strict:
             raise GateFailed(NOTHING_MEASURED + " (--ampgate-strict)")
         item.stash[UNMEASURED_KEY] = True
@@ -626,7 +689,11 @@ def pytest_runtest_makereport(item, call):
         report.__dict__[UNMEASURED_ATTR] = True
     if call.when == "teardown" and LOCK_KEY in item.stash:  # the device lock was dropped just now
         hold = item.stash[LOCK_KEY].to_dict()
-        report.__dict__[RUN_ATTR] = {**hold, "released_at": hold.get("released_at") or time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
+        report.__dict__[RUN_ATTR] = {
+            **hold,
+            "released_at": hold.get("released_at") or time.time(),
+            "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+        }
     if call.when != "call" or GATE_KEY not in item.stash or not item.stash[GATE_KEY].results:
         return
     results = item.stash[GATE_KEY].results
@@ -757,7 +824,7 @@ class ResultCollector:
 
 
 def _needs_device_lock(item) -> bool:
-    gate = item.config.stash[SESSION_KEY] if SESSION_KEY in item.config.stash else None
+    gate = item.config.stash.get(SESSION_KEY, None)
     return not (gate is None or not gate.options.enabled or not _is_gated(item) or item.get_closest_marker("skip") or gate.skip_reason())
 
 
@@ -917,7 +984,9 @@ def _report_device_skips(session, gate, summary: list) -> None:
     tests = f"{count} gated test{'s' if count != 1 else ''}"
     if gate.options.strict or gate.options.update:
         flag = "--ampgate-update" if gate.options.update else "--ampgate-strict"
-        summary.append(f"{NO_DEVICE_PREFIX}: {tests} could not run on {gate.options.device}: {reason}; {flag} needs the device, so this run fails")
+        summary.append(
+            f"{NO_DEVICE_PREFIX}: {tests} could not run on {gate.options.device}: {reason}; {flag} needs the device, so this run fails"
+        )
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
@@ -964,8 +1033,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 terminalreporter.write_line(f"LEAKED STATE {r.test_id}: {check.why}", yellow=True)
     if collector and collector.unmeasured:
         terminalreporter.write_line(
-            f"gated but measured nothing (never called ampgate.run()): {', '.join(collector.unmeasured)}; "
-            "--ampgate-strict fails them",
+            f"gated but measured nothing (never called ampgate.run()): {', '.join(collector.unmeasured)}; --ampgate-strict fails them",
             yellow=True,
         )
     stale = _stale(config)

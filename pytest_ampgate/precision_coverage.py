@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,7 +84,7 @@ _SCHEMA = 1
 
 def _dtype_name(dtype: torch.dtype) -> str:
     text = str(dtype)
-    return text[len("torch."):] if text.startswith("torch.") else text
+    return text[len("torch.") :] if text.startswith("torch.") else text
 
 
 _LOW_PRECISION_NAMES = frozenset(_dtype_name(d) for d in LOW_PRECISION)
@@ -220,9 +221,7 @@ class PrecisionCoverage:
         derived = cls.from_records(records)
         for key in ("total_flops", "low_precision_flops"):
             if key in d and d[key] != getattr(derived, key):
-                raise BaselineError(
-                    f"precision coverage {key}={d[key]!r} disagrees with its records ({getattr(derived, key)})"
-                )
+                raise BaselineError(f"precision coverage {key}={d[key]!r} disagrees with its records ({getattr(derived, key)})")
         return derived
 
 
@@ -380,9 +379,7 @@ class PrecisionRecorder:
     def _build(self) -> PrecisionCoverage:
         with self._lock:
             items = list(self._agg.items())
-        records = [
-            OpRecord(module=m, op=o, dtype=d, phase=p, flops=v[0], calls=v[1]) for (m, o, d, p), v in items
-        ]
+        records = [OpRecord(module=m, op=o, dtype=d, phase=p, flops=v[0], calls=v[1]) for (m, o, d, p), v in items]
         return PrecisionCoverage.from_records(records)
 
     # -- recording (called from the dispatch mode) -----------------------------------------

@@ -7,6 +7,7 @@ the controller as plain dicts inside test reports and are rebuilt there.
 from __future__ import annotations
 
 import math
+
 from .gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, GateResult, Verdict
 from .measurement import ModeMeasurement
 
@@ -90,16 +91,18 @@ def table_rows(results: list[GateResult]) -> list[list[str]]:
                 speed = "-"
             accuracy = metric_cell(r, mm)
             outcome = mode_status(r, mm)
-            rows.append([
-                r.test_id,
-                mm.mode,
-                _time(mm.step_time_s),
-                speed,
-                _mem(mm, comparison.memory_ratio if comparison else reference_memory_ratio(mm)),
-                _loss(mm.final_loss),
-                accuracy,
-                outcome.upper() if outcome in (FAIL, INCONCLUSIVE) else outcome,
-            ])
+            rows.append(
+                [
+                    r.test_id,
+                    mm.mode,
+                    _time(mm.step_time_s),
+                    speed,
+                    _mem(mm, comparison.memory_ratio if comparison else reference_memory_ratio(mm)),
+                    _loss(mm.final_loss),
+                    accuracy,
+                    outcome.upper() if outcome in (FAIL, INCONCLUSIVE) else outcome,
+                ]
+            )
     return rows
 
 
@@ -176,7 +179,9 @@ def junit_properties(result: GateResult) -> list[tuple[str, object]]:
             "memory_ratio": _round(comparison.memory_ratio) if comparison and comparison.memory_ratio is not None else None,
             "accuracy": _round(mm.accuracy) if mm.accuracy is not None else None,
             **({mm.metric_name: _round(mm.metric)} if mm.metric_name != "accuracy" and mm.metric is not None else {}),
-            "final_loss": None if mm.final_loss is None else (_round(mm.final_loss) if math.isfinite(mm.final_loss) else str(mm.final_loss)),
+            "final_loss": None
+            if mm.final_loss is None
+            else (_round(mm.final_loss) if math.isfinite(mm.final_loss) else str(mm.final_loss)),
             "first_nonfinite_step": mm.first_nonfinite_step,
         }
         props += [(f"{prefix}_{k}", v) for k, v in figures.items() if v is not None]

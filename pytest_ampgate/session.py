@@ -9,14 +9,15 @@ baseline.  Nothing here imports pytest, so the same flow can be driven from a sc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .baselines import Baseline, BaselineStore
 from .config import GateConfig, build_config
 from .errors import BaselineError, ConfigError
-from .profiles import CPU_PROFILE, CPU_WORKLOAD_SIZES  # noqa: F401  (re-exported: the one source is profiles.py)
+from .profiles import CPU_PROFILE, CPU_WORKLOAD_SIZES
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,7 @@ class GateSession:
     def config_for(self, test_id: str, marker_args: Sequence[Any] = (), marker_kwargs: Mapping[str, Any] | None = None) -> GateConfig:
         """Defaults, the CPU profile (on cpu), ini options, then the test's marker arguments."""
         if marker_args:
-            raise ConfigError(
-                f"marker amp_regression on {test_id}: takes keyword arguments only, got positional {list(marker_args)!r}"
-            )
+            raise ConfigError(f"marker amp_regression on {test_id}: takes keyword arguments only, got positional {list(marker_args)!r}")
         layers = []
         if self.options.device_type == "cpu":
             layers.append(("CPU profile", CPU_PROFILE))
@@ -159,7 +158,9 @@ class TestGate:
             from .distributed import workload_reference
 
             if dataset is not None:
-                raise ConfigError(f"{self.test_id}: world_size runs the workload in other processes; give its data through the workload, not dataset=")
+                raise ConfigError(
+                    f"{self.test_id}: world_size runs the workload in other processes; give its data through the workload, not dataset="
+                )
             reference, workload = workload_reference(workload)
         else:
             workload = get_workload(workload)
@@ -217,7 +218,13 @@ class TestGate:
                 raise BaselineError(f"refusing to update baselines: {exc}") from None
             config = dataclasses.replace(config, missing_baseline="ignore")
             measurements = measure_once()
-            verdict = evaluate(measurements, config, None, missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)", **tolerances)
+            verdict = evaluate(
+                measurements,
+                config,
+                None,
+                missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)",
+                **tolerances,
+            )
             baseline = None
         else:
             baseline = self.session.store.lookup(self.test_id, env_key)
@@ -238,14 +245,20 @@ class TestGate:
             measurements=measurements,
             verdict=verdict,
             baseline_accuracy={k: v.accuracy for k, v in baseline.modes.items() if v.accuracy is not None} if baseline else {},
-            baseline_metric={k: stored_metric(v, metric.name) for k, v in baseline.modes.items()
-                             if stored_metric(v, metric.name) is not None} if baseline else {},
+            baseline_metric={
+                k: stored_metric(v, metric.name) for k, v in baseline.modes.items() if stored_metric(v, metric.name) is not None
+            }
+            if baseline
+            else {},
             strict=config.strict,
             config=config.to_dict(),
         )
         if options.update and not result.failed:
-            settings = {"config": config.to_dict(), "measure": measurements.config.to_dict(),
-                        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better}}
+            settings = {
+                "config": config.to_dict(),
+                "measure": measurements.config.to_dict(),
+                "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
+            }
             result.update = baseline_from(measurements, self.test_id, env_key, settings).to_entry()
         self.results.append(result)
         return result

@@ -12,8 +12,8 @@ numbers read the same as in pytest-benchmark's own tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from pytest_benchmark.stats import Stats
 
@@ -87,7 +87,7 @@ class Estimate:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Estimate":
+    def from_dict(cls, d: dict) -> Estimate:
         return cls(**{**d, "samples": tuple(d["samples"])})
 
 
@@ -142,7 +142,7 @@ def abba_order(labels: Sequence[str], rounds: int) -> list[list[str]]:
         return [forward if r % 2 == 0 else forward[::-1] for r in range(rounds)]
     order = []
     for r in range(rounds):
-        rotated = forward[(r // 2) % n:] + forward[: (r // 2) % n]
+        rotated = forward[(r // 2) % n :] + forward[: (r // 2) % n]
         order.append(rotated if r % 2 == 0 else rotated[::-1])
     return order
 

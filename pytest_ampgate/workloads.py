@@ -8,8 +8,9 @@ through exactly the same measurement engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,9 @@ from . import data as data_mod
 from .data import DeviceDataset
 from .errors import WorkloadError
 
-DataSource = Union[
-    DeviceDataset,
-    tuple,  # (train_x, train_y, test_x, test_y)
-    Callable[..., DeviceDataset],  # called as f(device=..., root=..., download=..., n_train=..., n_test=..., seed=...)
-]
+#: A dataset, a ``(train_x, train_y, test_x, test_y)`` tuple, or a callable called as
+#: ``f(device=..., root=..., download=..., n_train=..., n_test=..., seed=...)``.
+DataSource = DeviceDataset | tuple | Callable[..., DeviceDataset]
 
 
 @dataclass(frozen=True)
@@ -39,12 +38,12 @@ class Workload:
     description: str = ""
     data_options: dict = field(default_factory=dict)
     """Extra keyword arguments for a data callable (for example smaller synthetic sizes in tests)."""
-    metric: "Metric | None" = None
+    metric: Metric | None = None
     """How held-out quality is judged; None is classification accuracy (see :class:`Metric`)."""
     prediction: Callable[[Any], torch.Tensor] | None = None
     """Picks the prediction out of the model's output for accuracy; None: :func:`prediction_of`."""
 
-    def with_options(self, **changes) -> "Workload":
+    def with_options(self, **changes) -> Workload:
         """A copy with some fields changed, e.g. ``cifar_cnn().with_options(batch_size=32)``."""
         return replace(self, **changes)
 
@@ -119,9 +118,27 @@ def describe_output(output: Any) -> str:
 
 
 RESERVED_METRIC_NAMES = frozenset(
-    ("speedup", "speedup_low", "speedup_high", "memory_ratio", "step_time_s", "peak_memory_bytes", "final_loss",
-     "low_precision_share", "extra", "memory", "finite_loss", "skipped_steps", "loss_scale", "precision_coverage",
-     "supported", "ran", "same_run", "same_run_loss", "metric")
+    (
+        "speedup",
+        "speedup_low",
+        "speedup_high",
+        "memory_ratio",
+        "step_time_s",
+        "peak_memory_bytes",
+        "final_loss",
+        "low_precision_share",
+        "extra",
+        "memory",
+        "finite_loss",
+        "skipped_steps",
+        "loss_scale",
+        "precision_coverage",
+        "supported",
+        "ran",
+        "same_run",
+        "same_run_loss",
+        "metric",
+    )
 )
 """Names a custom metric may not take: they are baseline fields or check names already."""
 
@@ -159,7 +176,9 @@ class Metric:
             raise WorkloadError(f"Metric {self.name!r}: higher_is_better must be True or False, got {self.higher_is_better!r}")
         for what in ("tolerance", "same_run_tolerance"):
             value = getattr(self, what)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value)
+            ):
                 raise WorkloadError(f"Metric {self.name!r}: {what} must be a finite number >= 0, got {value!r}")
 
     @property
@@ -170,16 +189,16 @@ class Metric:
         """The metric's result as a float, or a WorkloadError saying why it is not one number in bounds."""
         if torch.is_tensor(value):
             if value.numel() != 1:
-                raise WorkloadError(f"workload {workload!r}: metric {self.name!r} returned a tensor of shape {tuple(value.shape)}; it must return one number")
+                raise WorkloadError(
+                    f"workload {workload!r}: metric {self.name!r} returned a tensor of shape {tuple(value.shape)}; it must return one number"
+                )
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WorkloadError(f"workload {workload!r}: metric {self.name!r} returned {type(value).__name__}; it must return one number")
         value = float(value)
         low, high = self.bounds
         if math.isfinite(value) and ((low is not None and value < low) or (high is not None and value > high)):
-            raise WorkloadError(
-                f"workload {workload!r}: metric {self.name!r} returned {value:g}, outside its bounds [{low}, {high}]"
-            )
+            raise WorkloadError(f"workload {workload!r}: metric {self.name!r} returned {value:g}, outside its bounds [{low}, {high}]")
         return value
 
 
@@ -212,20 +231,26 @@ def accuracy_fit_problem(pred: Any, y: torch.Tensor) -> str | None:
     if not torch.is_tensor(pred):
         return f"the prediction is a {type(pred).__name__}, not a tensor of class scores"
     if y.is_floating_point():
-        return (f"the targets are floating {tuple(y.shape)} (regression or soft labels) and accuracy needs integer "
-                "class labels; give the Workload a metric (e.g. pytest_ampgate.workloads.mse()), or use y.argmax(1) for one-hot labels")
+        return (
+            f"the targets are floating {tuple(y.shape)} (regression or soft labels) and accuracy needs integer "
+            "class labels; give the Workload a metric (e.g. pytest_ampgate.workloads.mse()), or use y.argmax(1) for one-hot labels"
+        )
     if pred.dim() < 2 or pred.shape[0] != y.shape[0]:
         return f"accuracy needs class scores (N, C) with N = {y.shape[0]} samples, got a prediction of shape {tuple(pred.shape)}"
     if pred.shape[1] < 2:
-        return (f"the prediction has shape {tuple(pred.shape)}: a single score per sample, so its argmax is always class 0 "
-                "and accuracy would be the share of one class; output one score per class (2 for a binary task), "
-                "or give the Workload a metric that thresholds it")
+        return (
+            f"the prediction has shape {tuple(pred.shape)}: a single score per sample, so its argmax is always class 0 "
+            "and accuracy would be the share of one class; output one score per class (2 for a binary task), "
+            "or give the Workload a metric that thresholds it"
+        )
     if tuple(pred.shape[2:]) != tuple(y.shape[1:]):
         want = f"(N, C{''.join(', ' + str(d) for d in y.shape[1:])})"
-        return (f"the prediction has shape {tuple(pred.shape)} but the targets {tuple(y.shape)}: accuracy compares the "
-                f"argmax over dim 1 with the labels, so it needs class scores {want}"
-                + (" (squeeze the trailing dimension)" if pred.dim() > 2 and all(d == 1 for d in pred.shape[2:]) else "")
-                + "; or give the Workload a metric")
+        return (
+            f"the prediction has shape {tuple(pred.shape)} but the targets {tuple(y.shape)}: accuracy compares the "
+            f"argmax over dim 1 with the labels, so it needs class scores {want}"
+            + (" (squeeze the trailing dimension)" if pred.dim() > 2 and all(d == 1 for d in pred.shape[2:]) else "")
+            + "; or give the Workload a metric"
+        )
     return None
 
 
@@ -275,7 +300,7 @@ def token_accuracy(ignore_index: int = -100) -> Metric:
     return Metric("token_accuracy", fn, higher_is_better=True, bounds=(0.0, 1.0))
 
 
-def metric_of(workload: "Workload") -> Metric:
+def metric_of(workload: Workload) -> Metric:
     """The workload's metric: its own, or accuracy through its prediction picker."""
     if workload.metric is None:
         return accuracy(workload.prediction)
@@ -449,9 +474,7 @@ def validate_optimizer(workload: Workload, model: nn.Module) -> None:
     except WorkloadError:
         raise
     except Exception as exc:
-        raise WorkloadError(
-            f"workload {name!r}: optimizer_factory(model.parameters()) raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise WorkloadError(f"workload {name!r}: optimizer_factory(model.parameters()) raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise WorkloadError(
             f"workload {name!r}: optimizer_factory returned {type(optimizer).__name__}, not a "

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from pytest_ampgate import ConfigError, MeasureConfig, Workload, WorkloadError, measure
-from pytest_ampgate.gate import FAIL, PASS, evaluate, fp32_layers_text
 from pytest_ampgate.config import GateConfig
+from pytest_ampgate.gate import FAIL, PASS, evaluate, fp32_layers_text
 from pytest_ampgate.modes import MODES, prepare, resolve_mode
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
 from pytest_ampgate.workloads import Metric
+
 
 @pytest.fixture(scope="module", autouse=True)
 def engine_imported():
@@ -35,8 +36,13 @@ def engine_imported():
     for info in pkgutil.iter_modules(pytest_ampgate.__path__):
         importlib.import_module(f"pytest_ampgate.{info.name}")
     tiny = mnist_mlp().with_options(batch_size=8, data_options={"n_train": 16, "n_test": 8})
-    measure(tiny, ["amp_bf16", "fp16_master"], device="cpu", config=MeasureConfig(warmup_steps=0, rounds=1, steps_per_block=1, memory_steps=0),
-            progress=False)
+    measure(
+        tiny,
+        ["amp_bf16", "fp16_master"],
+        device="cpu",
+        config=MeasureConfig(warmup_steps=0, rounds=1, steps_per_block=1, memory_steps=0),
+        progress=False,
+    )
 
 
 TINY = MeasureConfig(warmup_steps=1, rounds=2, steps_per_block=3, memory_steps=0)
@@ -74,8 +80,9 @@ def _token_workload(model_box):
 
     train_x, train_y = _tokens(256, 0)
     test_x, test_y = _tokens(64, 1)
-    return Workload("tokens", factory, (train_x, train_y, test_x, test_y), nn.CrossEntropyLoss(),
-                    lambda p: torch.optim.Adam(p, lr=0.05), batch_size=32)
+    return Workload(
+        "tokens", factory, (train_x, train_y, test_x, test_y), nn.CrossEntropyLoss(), lambda p: torch.optim.Adam(p, lr=0.05), batch_size=32
+    )
 
 
 def test_int64_token_ids_stay_unchanged_under_amp_bf16_and_bf16(monkeypatch):
@@ -105,17 +112,20 @@ def test_int64_token_ids_stay_unchanged_under_amp_bf16_and_bf16(monkeypatch):
 
 
 def test_embedding_model_passes_the_gate_end_to_end(pytester):
-    pytester.makepyfile(test_tok=_TOKEN_PROJECT + '''
+    pytester.makepyfile(
+        test_tok=_TOKEN_PROJECT
+        + """
 @pytest.mark.amp_regression(modes=["amp_bf16", "bf16"], rounds=2, steps_per_block=4, warmup_steps=1)
 def test_tokens(ampgate):
     ampgate.run(workload())
-''')
+"""
+    )
     result = pytester.runpytest(*CPU, "-rA")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*bf16 accuracy * vs fp32 * in this run*", "*ampgate summary*"])
 
 
-_TOKEN_PROJECT = '''
+_TOKEN_PROJECT = """
 import pytest
 import torch
 from torch import nn
@@ -145,14 +155,17 @@ def workload(**changes):
                    optimizer_factory=lambda p: torch.optim.Adam(p, lr=0.05), batch_size=32)
     options.update(changes)
     return Workload(**options)
-'''
+"""
 
 
-@pytest.mark.parametrize("dtype, advice", [
-    (torch.uint8, "for uint8 images use train_x.float() / 255"),
-    (torch.int16, "use train_x.long()"),
-    (torch.bool, "for a mask use train_x.float()"),
-])
+@pytest.mark.parametrize(
+    "dtype, advice",
+    [
+        (torch.uint8, "for uint8 images use train_x.float() / 255"),
+        (torch.int16, "use train_x.long()"),
+        (torch.bool, "for a mask use train_x.float()"),
+    ],
+)
 def test_unsupported_input_dtypes_name_what_is_supported(dtype, advice):
     from pytest_ampgate.data import from_tensors
 
@@ -167,7 +180,9 @@ def test_unsupported_input_dtypes_name_what_is_supported(dtype, advice):
 def test_int32_inputs_stay_int32_and_float_targets_are_kept():
     from pytest_ampgate.data import from_tensors
 
-    ds = from_tensors("d", torch.arange(24, dtype=torch.int32).view(8, 3), torch.randn(8), torch.zeros(2, 3, dtype=torch.int32), torch.randn(2))
+    ds = from_tensors(
+        "d", torch.arange(24, dtype=torch.int32).view(8, 3), torch.randn(8), torch.zeros(2, 3, dtype=torch.int32), torch.randn(2)
+    )
     assert ds.train_x.dtype == torch.int32 and ds.train_y.dtype == torch.float32 and ds.num_classes == 0
 
 
@@ -248,12 +263,21 @@ class Shaped(nn.Module):
         return {"single": lambda: logits[:, :1], "trailing": lambda: logits.unsqueeze(-1), "vector": lambda: logits[:, 0]}[self.out_shape]()
 
 
-@pytest.mark.parametrize("shape, loss, message", [
-    ("single", lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), (y > 0).float()),
-     r"output Tensor\(16, 1\).*single score per sample, so its argmax is always class 0"),
-    ("trailing", lambda out, y: nn.functional.cross_entropy(out.squeeze(-1), y),
-     r"output Tensor\(16, 3, 1\).*prediction has shape \(16, 3, 1\) but the targets \(16,\).*class scores \(N, C\) \(squeeze the trailing"),
-])
+@pytest.mark.parametrize(
+    "shape, loss, message",
+    [
+        (
+            "single",
+            lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), (y > 0).float()),
+            r"output Tensor\(16, 1\).*single score per sample, so its argmax is always class 0",
+        ),
+        (
+            "trailing",
+            lambda out, y: nn.functional.cross_entropy(out.squeeze(-1), y),
+            r"output Tensor\(16, 3, 1\).*prediction has shape \(16, 3, 1\) but the targets \(16,\).*class scores \(N, C\) \(squeeze the trailing",
+        ),
+    ],
+)
 def test_bad_output_shapes_are_refused_before_training_with_the_shapes(shape, loss, message):
     made = []
 
@@ -269,7 +293,9 @@ def test_bad_output_shapes_are_refused_before_training_with_the_shapes(shape, lo
 
 
 def test_bad_output_shape_is_a_clean_error_in_pytest(pytester):
-    pytester.makepyfile(test_bad=_TOKEN_PROJECT + '''
+    pytester.makepyfile(
+        test_bad=_TOKEN_PROJECT
+        + """
 class Trailing(Tok):
     def forward(self, ids):
         return super().forward(ids).unsqueeze(-1)
@@ -278,7 +304,8 @@ class Trailing(Tok):
 @pytest.mark.amp_regression(modes=["amp_bf16"], rounds=2, steps_per_block=4, warmup_steps=1)
 def test_trailing(ampgate):
     ampgate.run(workload(model_factory=Trailing, loss_fn=lambda out, y: nn.functional.cross_entropy(out.squeeze(-1), y)))
-''')
+"""
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*WorkloadError: workload 'tokens': the model's output Tensor(32, 4, 1) float32 does not fit*"])
@@ -287,7 +314,7 @@ def test_trailing(ampgate):
 
 # --- any metric -------------------------------------------------------------------------------
 
-_REGRESSION_PROJECT = '''
+_REGRESSION_PROJECT = """
 import os
 
 import pytest
@@ -319,7 +346,7 @@ def test_regression(ampgate):
     lr = float(os.environ.get("AMPGATE_TEST_LR", "0.05"))
     ampgate.run(Workload("regression", Net, (a, b, c, d), nn.MSELoss(),
                          lambda p: torch.optim.Adam(p, lr=lr), batch_size=32, metric=mse()))
-'''
+"""
 
 
 def test_custom_lower_is_better_metric_is_gated_and_baselined_under_its_name(pytester, monkeypatch):
@@ -335,14 +362,17 @@ def test_custom_lower_is_better_metric_is_gated_and_baselined_under_its_name(pyt
 
     again = pytester.runpytest(*CPU, "-rA", "--ampgate-json", "report.json", "--ampgate-markdown", "summary.md")
     again.assert_outcomes(passed=1)
-    again.stdout.fnmatch_lines([
-        "*amp_bf16 mse * vs baseline * (tol 0.02, lower is better)*",
-        "*metric (baseline)*",
-        "*test_reg.py::test_regression*amp_bf16*mse *(*)*pass*",
-    ])
+    again.stdout.fnmatch_lines(
+        [
+            "*amp_bf16 mse * vs baseline * (tol 0.02, lower is better)*",
+            "*metric (baseline)*",
+            "*test_reg.py::test_regression*amp_bf16*mse *(*)*pass*",
+        ]
+    )
     report = json.loads((pytester.path / "report.json").read_text())
-    from pytest_ampgate.json_report import SCHEMA
     import jsonschema
+
+    from pytest_ampgate.json_report import SCHEMA
 
     jsonschema.validate(report, SCHEMA)
     modes = {m["mode"]: m for m in report["tests"][0]["modes"]}
@@ -367,8 +397,9 @@ def test_metric_chart_names_the_metric(tmp_path):
     (a, b), (c, d) = _blobs(128, 0), _blobs(64, 1)
     from pytest_ampgate.workloads import perplexity
 
-    workload = Workload("ppl", lambda: Wrapped("tuple"), (a, b, c, d), _logits_loss, lambda p: torch.optim.SGD(p, lr=0.1), 16,
-                        metric=perplexity())
+    workload = Workload(
+        "ppl", lambda: Wrapped("tuple"), (a, b, c, d), _logits_loss, lambda p: torch.optim.SGD(p, lr=0.1), 16, metric=perplexity()
+    )
     m = measure(workload, ["amp_bf16"], device="cpu", config=TINY, progress=False)
     result = GateResult("t::ppl", "cpu", m, evaluate(m, GateConfig(modes=("amp_bf16",))), baseline_metric={"amp_bf16": 2.0})
     (row,) = chart_rows([result])
@@ -390,8 +421,14 @@ def test_metric_must_return_one_number_before_training():
 
 def test_float_targets_without_a_metric_say_to_bring_one():
     x = torch.randn(64, 8)
-    workload = Workload("r", lambda: nn.Linear(8, 1), (x, x[:, 0], x[:16], x[:16, 0]), lambda out, y: ((out.squeeze(-1) - y) ** 2).mean(),
-                        lambda p: torch.optim.SGD(p, lr=0.1), 16)
+    workload = Workload(
+        "r",
+        lambda: nn.Linear(8, 1),
+        (x, x[:, 0], x[:16], x[:16, 0]),
+        lambda out, y: ((out.squeeze(-1) - y) ** 2).mean(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        16,
+    )
     with pytest.raises(WorkloadError, match=r"targets are floating \(16,\).*give the Workload a metric"):
         measure(workload, ["amp_bf16"], device="cpu", config=TINY, progress=False)
 
@@ -442,8 +479,12 @@ def test_a_mode_at_chance_fails_the_same_run_check_on_a_first_run(pytester):
     line = re.search(r"amp_bf16 accuracy ([\d.]+) vs fp32 ([\d.]+) in this run \(higher is better, tol 0\.08\): below \S+ FAILED", text)
     assert line, text
     assert float(line.group(1)) < 0.4 and float(line.group(2)) > 0.9
-    result.stdout.fnmatch_lines(["*amp_bf16 loss over the last 5 steps * vs fp32 * in this run (at most +25%): above * FAILED*",
-                                 "*relax same_run_loss_tolerance, same_run_tolerance in @pytest.mark.amp_regression*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*amp_bf16 loss over the last 5 steps * vs fp32 * in this run (at most +25%): above * FAILED*",
+            "*relax same_run_loss_tolerance, same_run_tolerance in @pytest.mark.amp_regression*",
+        ]
+    )
     assert not list(pytester.path.glob("baselines/**/*.json"))  # a failing run is not recorded as the baseline
 
 
@@ -516,20 +557,25 @@ def test_o2_overflow_skips_the_step_and_backs_off_the_scale():
 
 
 def test_o2_runs_in_the_gate_with_its_loss_scale_and_skipped_steps(pytester):
-    pytester.makepyfile(test_o2=_TOKEN_PROJECT + '''
+    pytester.makepyfile(
+        test_o2=_TOKEN_PROJECT
+        + """
 @pytest.mark.amp_regression(modes=["O2"], rounds=2, steps_per_block=4, warmup_steps=1)
 def test_o2(ampgate):
     result = ampgate.run(workload())
     scaler = result.mode("fp16_master").scaler
     assert scaler.initial_scale == 2.0 ** 16 and scaler.skipped_steps is not None
-''')
+"""
+    )
     result = pytester.runpytest(*CPU, "-rA")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "*fp16_master loss scaler skipped * of * steps*",
-        "*fp16_master loss scale * (start 65536, lowest *)*",
-        "*fp16_master ran 100.0% of matmul/conv FLOPs in low precision*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*fp16_master loss scaler skipped * of * steps*",
+            "*fp16_master loss scale * (start 65536, lowest *)*",
+            "*fp16_master ran 100.0% of matmul/conv FLOPs in low precision*",
+        ]
+    )
 
 
 def test_every_apex_level_resolves():

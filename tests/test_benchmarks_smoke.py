@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pytest_ampgate import workloads
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.measurement import Comparison, MeasureConfig, Measurements, ModeMeasurement, time_block
 from pytest_ampgate.modes import prepare, resolve_mode
 from pytest_ampgate.stats import estimate_ratio
-from pytest_ampgate import workloads
 from pytest_ampgate.workloads import mnist_mlp
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_benchmark.py"
@@ -40,16 +40,39 @@ def bench():
 
 def test_quick_cpu_run_prints_table_overhead_ratio_and_environment(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--workloads", "mnist_mlp",
-           "--modes", "fp32", "tf32", "amp_bf16", *TINY, "--quiet", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--quick",
+        "--workloads",
+        "mnist_mlp",
+        "--modes",
+        "fp32",
+        "tf32",
+        "amp_bf16",
+        *TINY,
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
 
-    assert re.search(r"^workload\s+batch\s+mode\s+step ms \(IQR\)\s+speedup vs fp32 \[CI\]\s+peak MiB\s+mem ratio\s+"
-                     r"final loss\s+accuracy\s+engine/bare \[CI\]$", text, re.M), text
-    assert re.search(rf"^mnist_mlp\s+128\s+fp32\s+\d+\.\d+ \(\d+\.\d+\)\s+reference\s+\d+\.\d+\s+1\.00\s+\d\.\d+\s+0\.\d+\s+{RATIO}", text, re.M), text  # CPU memory: profiler events
-    assert re.search(rf"^mnist_mlp\s+128\s+amp_bf16\s+\d+\.\d+ \(\d+\.\d+\)\s+{RATIO}!?\s+\d+\.\d+\s+\d\.\d+\s+\d\.\d+\s+0\.\d+\s+{RATIO}", text, re.M), text
+    assert re.search(
+        r"^workload\s+batch\s+mode\s+step ms \(IQR\)\s+speedup vs fp32 \[CI\]\s+peak MiB\s+mem ratio\s+"
+        r"final loss\s+accuracy\s+engine/bare \[CI\]$",
+        text,
+        re.M,
+    ), text
+    assert re.search(
+        rf"^mnist_mlp\s+128\s+fp32\s+\d+\.\d+ \(\d+\.\d+\)\s+reference\s+\d+\.\d+\s+1\.00\s+\d\.\d+\s+0\.\d+\s+{RATIO}", text, re.M
+    ), text  # CPU memory: profiler events
+    assert re.search(
+        rf"^mnist_mlp\s+128\s+amp_bf16\s+\d+\.\d+ \(\d+\.\d+\)\s+{RATIO}!?\s+\d+\.\d+\s+\d\.\d+\s+\d\.\d+\s+0\.\d+\s+{RATIO}", text, re.M
+    ), text
     assert re.search(r"^mnist_mlp\s+128\s+tf32\s+unsupported\*", text, re.M), text
     assert "* mnist_mlp tf32: unsupported: tf32 exists only on NVIDIA GPUs" in text
 

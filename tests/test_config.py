@@ -107,8 +107,20 @@ def test_rounds_zero_is_refused():
 # --- flags and choices -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [("true", True), ("TRUE", True), ("yes", True), ("1", True), ("on", True),
-                                            ("false", False), ("no", False), ("0", False), (" Off ", False)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("1", True),
+        ("on", True),
+        ("false", False),
+        ("no", False),
+        ("0", False),
+        (" Off ", False),
+    ],
+)
 @pytest.mark.parametrize("name", ["confirm", "strict"])
 def test_flags_accept_ini_words(name, text, expected):
     assert getattr(build_config(("ini option ampgate_<name>", {name: text})), name) is expected

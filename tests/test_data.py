@@ -218,9 +218,7 @@ def _train_eval(model, ds, steps, batch_size, lr, momentum=0.0):
 def test_synthetic_mnist_shape_is_learnable_by_reference_mlp_but_not_by_one_pixel():
     ds = synthetic("mnist", (1, 28, 28), 10, n_train=2048, n_test=1000, seed=0)
     torch.manual_seed(0)
-    mlp = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     # the product's reference settings: SGD lr 0.01, batch 64, a few hundred steps
     acc = _train_eval(mlp, ds, steps=300, batch_size=64, lr=0.01)
     assert acc > 0.6, acc
@@ -238,9 +236,7 @@ def test_synthetic_mnist_shape_is_learnable_by_reference_mlp_but_not_by_one_pixe
 def test_synthetic_image_shape_is_learnable_by_small_cnn():
     ds = synthetic("img", (3, 16, 16), 10, n_train=1024, n_test=500, seed=1)
     torch.manual_seed(0)
-    cnn = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
-    )
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
     acc = _train_eval(cnn, ds, steps=150, batch_size=64, lr=0.01, momentum=0.9)
     assert acc > 0.6, acc
 
@@ -328,7 +324,7 @@ def test_cuda_residency_views_and_device_independent_values():
     gpu = synthetic("s", (1, 28, 28), 10, n_train=256, n_test=64, seed=2, device="cuda")
     assert gpu.device.type == "cuda" and gpu.train_y.device.type == "cuda"
     assert torch.equal(gpu.train_x.cpu(), cpu.train_x) and torch.equal(gpu.test_y.cpu(), cpu.test_y)
-    x, y = gpu.batch(3, 64)
+    x, _y = gpu.batch(3, 64)
     assert x.is_cuda and x.untyped_storage().data_ptr() == gpu.train_x.untyped_storage().data_ptr()
     back = gpu.to("cpu")
     assert back.device == torch.device("cpu") and torch.equal(back.train_x, cpu.train_x)
@@ -336,8 +332,15 @@ def test_cuda_residency_views_and_device_independent_values():
 
 def test_direct_construction_checks_split_lengths():
     with pytest.raises(WorkloadError, match="train_y has 3 labels but train_x has 4 samples"):
-        DeviceDataset("d", "user", torch.zeros(4, 2), torch.zeros(3, dtype=torch.long),
-                      torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), num_classes=2)
+        DeviceDataset(
+            "d",
+            "user",
+            torch.zeros(4, 2),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(2, 2),
+            torch.zeros(2, dtype=torch.long),
+            num_classes=2,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +377,11 @@ def test_from_tensors_accepts_good_data_without_normalising():
         (dict(train_y=(torch.arange(12) % 3).float()), {}, r"train_y is floating but the other split's targets are integers"),
         (dict(train_y=torch.zeros(12, 3, dtype=torch.long)), {}, r"test_y has shape \(4\) but train_y has shape \(12, 3\)"),
         (dict(train_y=torch.zeros(12, dtype=torch.bool)), {}, r"train_y has dtype torch.bool; expected integer class labels"),
-        (dict(train_x=torch.randint(0, 255, (12, 5), dtype=torch.uint8)), {},
-         r"train_x has dtype torch.uint8 and shape \(12, 5\); inputs must be floating .* or integer ids \(int64, int32\): for uint8 images"),
+        (
+            dict(train_x=torch.randint(0, 255, (12, 5), dtype=torch.uint8)),
+            {},
+            r"train_x has dtype torch.uint8 and shape \(12, 5\); inputs must be floating .* or integer ids \(int64, int32\): for uint8 images",
+        ),
         (dict(train_x=torch.randn(12)), {}, r"train_x has shape \(12\).*\(N, \*sample_shape\)"),
         (dict(test_x=torch.randn(4, 6)), {}, r"test_x has shape \(4, 6\) but train_x has shape \(12, 5\)"),
         (dict(test_y=torch.tensor([0, 1, 5, 0])), dict(num_classes=3), r"test_y holds label 5 but num_classes=3"),

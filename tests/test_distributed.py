@@ -69,7 +69,9 @@ def _tagged_processes(tag: str) -> list[int]:
 
 
 def test_world_size_and_timeout_are_validated_settings():
-    config = build_config(("marker", {"world_size": "2", "distributed_timeout": 30, "modes": ["amp_bf16", "BF16_compress_hook", "fsdp2_bf16"]}))
+    config = build_config(
+        ("marker", {"world_size": "2", "distributed_timeout": 30, "modes": ["amp_bf16", "BF16_compress_hook", "fsdp2_bf16"]})
+    )
     assert (config.world_size, config.distributed_timeout) == (2, 30.0)
     assert config.modes == ("amp_bf16", "bf16_compress_hook", "fsdp2_bf16")
     assert GateConfig().world_size is None
@@ -86,7 +88,9 @@ def test_distributed_only_mode_without_world_size_is_a_usage_error():
     from pytest_ampgate.session import GateOptions, GateSession
 
     session = GateSession(GateOptions(enabled=True, device="cpu"))
-    with pytest.raises(ConfigError, match=r"marker amp_regression on t.py::x: mode bf16_compress_hook runs only under torch.distributed; set world_size=N"):
+    with pytest.raises(
+        ConfigError, match=r"marker amp_regression on t.py::x: mode bf16_compress_hook runs only under torch.distributed; set world_size=N"
+    ):
         session.config_for("t.py::x", (), {"modes": ["amp_bf16", "bf16_compress_hook"]})
     assert session.config_for("t.py::x", (), {"modes": ["bf16_compress_hook"], "world_size": 2}).world_size == 2
 
@@ -142,8 +146,15 @@ def _rank(rank: int, times, loss, accuracy, peak=None, nan_at=None, replicas=Non
         return mm
 
     m = Measurements(
-        workload="w", device="cpu", config=MeasureConfig(), batch_size=8, environment={"device_type": "cpu"},
-        dataset={}, reference=mode("fp32"), modes={"amp_bf16": mode("amp_bf16")}, comparisons={},
+        workload="w",
+        device="cpu",
+        config=MeasureConfig(),
+        batch_size=8,
+        environment={"device_type": "cpu"},
+        dataset={},
+        reference=mode("fp32"),
+        modes={"amp_bf16": mode("amp_bf16")},
+        comparisons={},
     )
     return {"rank": rank, "host": "h", "device": "cpu", "measurements": m.to_dict(), "replicas": replicas or {}}
 
@@ -153,8 +164,12 @@ def test_merge_takes_the_worst_rank_and_judge_names_rank_and_parameter():
 
     replicas = {
         "fp32": {"checked": True, "parameters": 4, "diverged": [], "first_diverged": None},
-        "amp_bf16": {"checked": True, "parameters": 4, "diverged": ["2.weight"],
-                     "first_diverged": {"parameter": "2.weight", "ranks": [0, 1], "sums": [1.5, 1.75]}},
+        "amp_bf16": {
+            "checked": True,
+            "parameters": 4,
+            "diverged": ["2.weight"],
+            "first_diverged": {"parameter": "2.weight", "ranks": [0, 1], "sums": [1.5, 1.75]},
+        },
     }
     ranks = [_rank(0, [0.010, 0.030], 1.0, 0.9, peak=100, replicas=replicas), _rank(1, [0.020, 0.015], 3.0, 0.8, peak=300, nan_at=4)]
     config = MeasureConfig(rounds=2)
@@ -196,13 +211,16 @@ def test_hang_message_names_the_rank_outside_a_collective(tmp_path):
 @needs_gloo
 def test_ddp_and_fsdp2_pass_and_are_reported_like_single_device_runs(pytester):
     modes = ["amp_bf16", "bf16_compress_hook"] + (["fsdp2_bf16"] if HAS_FSDP2 else [])
-    pytester.makepyfile(test_dist=WORKLOAD + f"""
+    pytester.makepyfile(
+        test_dist=WORKLOAD
+        + f"""
 
 @pytest.mark.amp_regression(world_size=2, modes={modes!r}, {PROTOCOL}, missing_baseline="ignore")
 def test_ddp(ampgate):
     result = ampgate.run("test_dist:workload")
     assert result.mode("amp_bf16").accuracy > 0.5
-""")
+"""
+    )
     result = pytester.runpytest(*CPU, "--ampgate-json", "report.json", "--junitxml", "junit.xml", "-rA")
     result.assert_outcomes(passed=1)
     rows = [rf"test_dist.py::test_ddp\s+{mode}\s+.*\s+pass$" for mode in ["fp32", *modes]]
@@ -216,7 +234,12 @@ def test_ddp(ampgate):
     assert [r["rank"] for r in dist["ranks"]] == [0, 1]
     assert "bfloat16" in dist["modes"]["bf16_compress_hook"] and dist["replicas"]["bf16_compress_hook"]["diverged"] == []
     replica_checks = {c["mode"]: c["outcome"] for c in test["checks"] if c["metric"] == "replicas"}
-    assert replica_checks == {"fp32": "pass", "amp_bf16": "pass", "bf16_compress_hook": "pass", **({"fsdp2_bf16": "skipped"} if HAS_FSDP2 else {})}
+    assert replica_checks == {
+        "fp32": "pass",
+        "amp_bf16": "pass",
+        "bf16_compress_hook": "pass",
+        **({"fsdp2_bf16": "skipped"} if HAS_FSDP2 else {}),
+    }
     junit = (pytester.path / "junit.xml").read_text()
     # xunit2 (the default): suite properties named "<test id>::ampgate_<figure>" (issue 14)
     assert '::ampgate_world_size" value="2"' in junit and '::ampgate_backend" value="gloo"' in junit
@@ -224,23 +247,33 @@ def test_ddp(ampgate):
 
 @needs_gloo
 def test_planted_rank_faults_fail_naming_rank_step_and_parameter(pytester, monkeypatch):
-    monkeypatch.setenv(D.PLANT_ENV, json.dumps([
-        {"kind": "nan", "rank": 1, "mode": "amp_bf16", "step": 4},
-        {"kind": "perturb", "rank": 1, "mode": "bf16_compress_hook", "parameter": "2.weight"},
-    ]))
-    pytester.makepyfile(test_dist=WORKLOAD + f"""
+    monkeypatch.setenv(
+        D.PLANT_ENV,
+        json.dumps(
+            [
+                {"kind": "nan", "rank": 1, "mode": "amp_bf16", "step": 4},
+                {"kind": "perturb", "rank": 1, "mode": "bf16_compress_hook", "parameter": "2.weight"},
+            ]
+        ),
+    )
+    pytester.makepyfile(
+        test_dist=WORKLOAD
+        + f"""
 
 @pytest.mark.amp_regression(world_size=2, modes=["amp_bf16", "bf16_compress_hook"], {PROTOCOL}, missing_baseline="ignore")
 def test_ddp(ampgate):
     ampgate.run("test_dist:workload")
-""")
+"""
+    )
     result = pytester.runpytest(*CPU, "--ampgate-json", "report.json")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*AMP REGRESSION*",
-        "*amp_bf16 loss non-finite first on rank 1 at step 4; then rank 0 from step 5 (the all-reduce spreads it) FAILED*",
-        "*bf16_compress_hook ranks diverged after training: parameter '2.weight' differs between rank 0 and rank 1 (sum *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*AMP REGRESSION*",
+            "*amp_bf16 loss non-finite first on rank 1 at step 4; then rank 0 from step 5 (the all-reduce spreads it) FAILED*",
+            "*bf16_compress_hook ranks diverged after training: parameter '2.weight' differs between rank 0 and rank 1 (sum *",
+        ]
+    )
     result.stdout.fnmatch_lines(["*fp32 all 2 ranks hold identical parameters after training (4 tensors) ok*"])
     test = json.loads((pytester.path / "report.json").read_text())["tests"][0]
     firsts = [r["modes"]["amp_bf16"]["first_nonfinite_step"] for r in test["distributed"]["ranks"]]
@@ -254,9 +287,14 @@ def _launch_with_fault(monkeypatch, fault: dict, timeout_s: float) -> tuple[str,
     started = time.monotonic()
     with pytest.raises(D.DistributedError) as excinfo:
         D.measure_distributed(
-            "mnist_mlp", ["amp_bf16"], world_size=2, device="cpu", timeout_s=timeout_s,
+            "mnist_mlp",
+            ["amp_bf16"],
+            world_size=2,
+            device="cpu",
+            timeout_s=timeout_s,
             config=MeasureConfig(warmup_steps=1, rounds=2, steps_per_block=2, memory_steps=0),
-            workload_options={"batch_size": 16, "data_options": {"n_train": 128, "n_test": 64}}, plants=[fault],
+            workload_options={"batch_size": 16, "data_options": {"n_train": 128, "n_test": 64}},
+            plants=[fault],
         )
     return str(excinfo.value), time.monotonic() - started, tag
 
@@ -274,8 +312,10 @@ def test_hanging_rank_is_stopped_within_the_timeout_and_named(monkeypatch):
 @needs_gloo
 @pytest.mark.parametrize(
     ("kind", "said"),
-    [("raise", "rank 1 raised RuntimeError: planted fault: rank 1 raised at start (distributed_worker.py:"),
-     ("die", "rank 1 died: it was killed by SIGKILL")],
+    [
+        ("raise", "rank 1 raised RuntimeError: planted fault: rank 1 raised at start (distributed_worker.py:"),
+        ("die", "rank 1 died: it was killed by SIGKILL"),
+    ],
 )
 def test_rank_that_raises_or_dies_is_named(monkeypatch, kind, said):
     text, _took, tag = _launch_with_fault(monkeypatch, {"kind": kind, "rank": 1}, timeout_s=120)

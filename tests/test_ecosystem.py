@@ -19,7 +19,9 @@ from pytest_ampgate.gpu_lock import overlaps
 
 CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
 TINY = 'modes=["amp_bf16"], rounds=3, steps_per_block=3, warmup_steps=1, missing_baseline="ignore"'
-FAILING = TINY.replace("rounds=3", "rounds=6") + ", check_speed=True, min_speedup=1000.0, confirm=False"  # 6 rounds: enough for a decisive verdict
+FAILING = (
+    TINY.replace("rounds=3", "rounds=6") + ", check_speed=True, min_speedup=1000.0, confirm=False"
+)  # 6 rounds: enough for a decisive verdict
 
 WORKLOAD = """
 import os
@@ -63,10 +65,10 @@ def imported_first():
     import pkgutil
 
     import jsonschema  # noqa: F401
-    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.backends.backend_agg
     import matplotlib.figure  # noqa: F401
-    import pytest_benchmark.logger  # noqa: F401
-    import pytest_benchmark.stats  # noqa: F401
+    import pytest_benchmark.logger
+    import pytest_benchmark.stats
     import pytest_benchmark.utils  # noqa: F401
 
     import pytest_ampgate
@@ -130,7 +132,9 @@ def test_json_report_follows_its_schema_and_holds_every_test_mode_and_check(two_
         for m in modes.values():
             assert m["step_time"]["rounds"] == rounds and len(m["step_time"]["samples_s"]) == rounds
             assert m["step_time"]["min_s"] <= m["step_time"]["median_s"] <= m["step_time"]["max_s"]
-            assert m["steps"] == 1 + 1 + 1 + (1 + rounds) * 3 and m["nonfinite_steps"] == 0  # + one profiled memory step and 0 <= m["accuracy"] <= 1
+            assert (
+                m["steps"] == 1 + 1 + 1 + (1 + rounds) * 3 and m["nonfinite_steps"] == 0
+            )  # + one profiled memory step and 0 <= m["accuracy"] <= 1
         s = modes["amp_bf16"]["speedup"]
         assert s["low"] <= s["median"] <= s["high"] and len(s["samples"]) == rounds
         assert {(c["mode"], c["metric"]) for c in test["checks"]} >= {("fp32", "finite_loss"), ("amp_bf16", "accuracy")}
@@ -330,7 +334,10 @@ def test_benchmark_autosave_history_loads_in_pytest_benchmark_compare(pytester):
     assert [p.name[:5] for p in saved] == ["0001_", "0002_"]
     compare = subprocess.run(
         [sys.executable, "-m", "pytest_benchmark", "--storage", "history", "compare", "--columns", "min,median,rounds,iterations"],
-        cwd=pytester.path, capture_output=True, text=True, timeout=120,
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert compare.returncode == 0, compare.stderr
     assert compare.stdout.count("test_pass[amp_bf16]") == 2 and compare.stdout.count("test_pass[fp32]") == 2
@@ -346,13 +353,15 @@ def test_progress_says_workload_mode_and_round_at_verbose_only(pytester):
     quiet.assert_outcomes(passed=1)
     assert "[ampgate]" not in quiet.stdout.str()
     verbose = pytester.runpytest(*CPU, "-v")
-    verbose.stdout.fnmatch_lines([
-        "*[[]ampgate[]] tiny: fp32: set-up, warm-up and memory pass",
-        "*[[]ampgate[]] tiny: amp_bf16: set-up, warm-up and memory pass",
-        "*[[]ampgate[]] tiny: timed round 1/3: fp32, amp_bf16",
-        "*[[]ampgate[]] tiny: timed round 2/3: amp_bf16, fp32",
-        "*[[]ampgate[]] tiny: timed round 3/3: fp32, amp_bf16",
-    ])
+    verbose.stdout.fnmatch_lines(
+        [
+            "*[[]ampgate[]] tiny: fp32: set-up, warm-up and memory pass",
+            "*[[]ampgate[]] tiny: amp_bf16: set-up, warm-up and memory pass",
+            "*[[]ampgate[]] tiny: timed round 1/3: fp32, amp_bf16",
+            "*[[]ampgate[]] tiny: timed round 2/3: amp_bf16, fp32",
+            "*[[]ampgate[]] tiny: timed round 3/3: fp32, amp_bf16",
+        ]
+    )
 
 
 # --- xdist -----------------------------------------------------------------------------------
@@ -399,7 +408,7 @@ def test_xdist_serialises_gated_tests_and_merges_their_results(pytester):
     result.stdout.fnmatch_lines(["*[[]ampgate[]] gw? test_user.py::test_gated[[]0[]]: tiny, fp32 vs amp_bf16, 3 rounds x 3 steps*"])
     store = BaselineStore(pytester.path / "baselines")
     env_key = report["tests"][0]["env_key"]
-    assert all(store.lookup(test_id, env_key) is not None for test_id in ids + ["test_user.py::test_gone"])
+    assert all(store.lookup(test_id, env_key) is not None for test_id in [*ids, "test_user.py::test_gone"])
     assert not list((pytester.path / "locks").glob("*.lock"))  # per-run CPU lock files are cleaned up
 
     # Stale entries are found from the workers' collection (the controller collects nothing).
@@ -486,5 +495,5 @@ def test_example_workflow_runs_the_gate_and_uploads_report_and_chart():
     script = "\n".join(step.get("run", "") for step in job["steps"])
     for flag in ("pytest --ampgate", "--ampgate-json ampgate/report.json", "--ampgate-plot ampgate/chart.png", "--junitxml"):
         assert flag in script
-    upload = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")][0]
+    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["with"]["path"] == "ampgate/" and upload["if"] == "always()"

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_ecosystem import CPU, gated, imported_first, project  # noqa: F401  (imported_first: autouse)
 
 from pytest_ampgate import file_safety
 from pytest_ampgate.file_safety import Lock, LockError, check_lock_dir
 from pytest_ampgate.gpu_lock import DeviceLock, pick_device
-
-from test_ecosystem import CPU, gated, imported_first, project  # noqa: F401  (imported_first: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = importlib.util.find_spec("pytest_html") is not None
@@ -88,8 +87,9 @@ def test_native_toml_takes_floats_booleans_and_lists(pytester):
     result.assert_outcomes(passed=1)
     assert "CONFIG 1.3 False ['amp_bf16', 'fp16'] 4 False" in result.stdout.str()
     # -o strings still work, and win over the file
-    result = pytester.runpytest(*CPU, "-s", "-o", "ampgate_min_speedup=1.5", "-o", "ampgate_confirm=true",
-                                "-o", "ampgate_modes=amp_fp16,amp_bf16")
+    result = pytester.runpytest(
+        *CPU, "-s", "-o", "ampgate_min_speedup=1.5", "-o", "ampgate_confirm=true", "-o", "ampgate_modes=amp_fp16,amp_bf16"
+    )
     result.assert_outcomes(passed=1)
     assert "CONFIG 1.5 True ['amp_fp16', 'amp_bf16'] 4 False" in result.stdout.str()
 
@@ -106,12 +106,15 @@ def test_ini_file_strings_still_work(pytester):
 
 
 @pytest.mark.skipif(not NATIVE_TOML, reason="pytest 9's native [tool.pytest] table")
-@pytest.mark.parametrize("line, words", [
-    ('ampgate_min_speedup = "fast"', ["ini option ampgate_min_speedup", "min_speedup must be a number, got 'fast'"]),
-    ("ampgate_rounds = 2.5", ["ini option ampgate_rounds", "rounds must be a whole number >= 1, got 2.5"]),
-    ("ampgate_strict = 1", ["ini option ampgate_strict", "strict must be true or false, got 1"]),
-    ("ampgate_min_speedup = -1.0", ["ampgate_min_speedup", "min_speedup must be > 0"]),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('ampgate_min_speedup = "fast"', ["ini option ampgate_min_speedup", "min_speedup must be a number, got 'fast'"]),
+        ("ampgate_rounds = 2.5", ["ini option ampgate_rounds", "rounds must be a whole number >= 1, got 2.5"]),
+        ("ampgate_strict = 1", ["ini option ampgate_strict", "strict must be true or false, got 1"]),
+        ("ampgate_min_speedup = -1.0", ["ampgate_min_speedup", "min_speedup must be > 0"]),
+    ],
+)
 def test_a_native_toml_value_of_the_wrong_type_is_a_usage_error(pytester, line, words):
     pytester.makepyprojecttoml(f"[tool.pytest]\n{line}\n")
     pytester.makepyfile(test_cfg=SHOW_CONFIG)
@@ -134,17 +137,26 @@ def test_a_misspelt_key_is_a_usage_error_naming_the_nearest_key(pytester):
 def test_help_shows_each_default(pytester):
     result = pytester.runpytest("--help")
     out = " ".join(result.stdout.str().split())
-    for text in ("ampgate_min_speedup (float):", "(default: 1.2)", "ampgate_strict (bool):", "ampgate_modes (args):",
-                 "(default: amp_fp16 amp_bf16)", "--ampgate-lock-timeout=SECONDS", "Default: ini ampgate_lock_timeout, else 3600",
-                 "--ampgate-modes=MODES", "--ampgate-only"):
+    for text in (
+        "ampgate_min_speedup (float):",
+        "(default: 1.2)",
+        "ampgate_strict (bool):",
+        "ampgate_modes (args):",
+        "(default: amp_fp16 amp_bf16)",
+        "--ampgate-lock-timeout=SECONDS",
+        "Default: ini ampgate_lock_timeout, else 3600",
+        "--ampgate-modes=MODES",
+        "--ampgate-only",
+    ):
         assert text in out, text
 
 
 def test_modes_from_the_command_line_lose_to_the_marker_and_beat_the_ini(pytester):
     pytester.makeini("[pytest]\nampgate_modes = fp16\n")
-    pytester.makepyfile(test_cfg=SHOW_CONFIG + "\n\n@pytest.mark.amp_regression(modes=['bf16'])\n"
-                        "def test_marked(ampgate):\n    print('MARKED', list(ampgate.config.modes))\n",
-                        )
+    pytester.makepyfile(
+        test_cfg=SHOW_CONFIG + "\n\n@pytest.mark.amp_regression(modes=['bf16'])\n"
+        "def test_marked(ampgate):\n    print('MARKED', list(ampgate.config.modes))\n",
+    )
     pytester.makeconftest("import pytest\n")
     (pytester.path / "test_cfg.py").write_text("import pytest\n" + (pytester.path / "test_cfg.py").read_text())
     result = pytester.runpytest(*CPU, "-s", "--ampgate-modes", "amp_bf16,amp_fp16")
@@ -157,12 +169,14 @@ def test_modes_from_the_command_line_lose_to_the_marker_and_beat_the_ini(pyteste
 
 
 def test_ampgate_only_selects_marked_and_fixture_gated_tests(pytester):
-    pytester.makepyfile(test_sel=(
-        "import pytest\n\n"
-        "@pytest.mark.amp_regression\ndef test_marked(ampgate):\n    pass\n\n"
-        "def test_by_fixture(ampgate):\n    pass\n\n"
-        "def test_plain():\n    pass\n"
-    ))
+    pytester.makepyfile(
+        test_sel=(
+            "import pytest\n\n"
+            "@pytest.mark.amp_regression\ndef test_marked(ampgate):\n    pass\n\n"
+            "def test_by_fixture(ampgate):\n    pass\n\n"
+            "def test_plain():\n    pass\n"
+        )
+    )
     result = pytester.runpytest(*CPU, "--ampgate-only", "-v")
     result.assert_outcomes(passed=2, deselected=1)
     result.stdout.fnmatch_lines(["*test_marked PASSED*", "*test_by_fixture PASSED*"])
@@ -219,8 +233,9 @@ def test_a_gated_test_that_times_out_on_the_lock_errors_naming_the_holder(pytest
     result.assert_outcomes(passed=1, errors=1)
     out = result.stdout.str()
     assert "INTERNALERROR" not in out and "Traceback" not in out
-    result.stdout.fnmatch_lines(["*LockError: timed out after 0.3s waiting for the cpu-pid* device lock*"
-                                 "another job's tests/test_big.py::test_cifar*"])
+    result.stdout.fnmatch_lines(
+        ["*LockError: timed out after 0.3s waiting for the cpu-pid* device lock*another job's tests/test_big.py::test_cifar*"]
+    )
 
 
 def test_a_lock_directory_that_is_a_file_is_a_usage_error(pytester, tmp_path, monkeypatch):
@@ -257,8 +272,9 @@ def test_two_os_users_share_one_device_lock(tmp_path):
 
         def as_nobody(timeout):
             env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/tmp", "USER": "nobody", "LOGNAME": "nobody"}
-            return subprocess.run([sys.executable, "-c", child, str(timeout)], env=env,
-                                  capture_output=True, text=True, timeout=60, cwd="/tmp")
+            return subprocess.run(
+                [sys.executable, "-c", child, str(timeout)], env=env, capture_output=True, text=True, timeout=60, cwd="/tmp"
+            )
 
         try:
             waited = as_nobody(0.5)
@@ -461,8 +477,7 @@ def test_example_workflow_validates_against_the_github_workflow_schema():
     exe = shutil.which("check-jsonschema")
     if exe is None:
         pytest.skip("check-jsonschema is not installed (pip install -e '.[test]')")
-    done = subprocess.run([exe, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([exe, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -487,7 +502,6 @@ def test_example_workflow_is_safe():
 
 def test_example_project_declares_an_installable_pytest_ampgate():
     import tomllib
-
     from packaging.requirements import Requirement
 
     project_toml = tomllib.loads((ROOT / "examples" / "user_project" / "pyproject.toml").read_text())

@@ -30,9 +30,7 @@ from pytest_ampgate.env import (
 )
 from pytest_ampgate.errors import BaselineError, ConfigError
 
-HAS_NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and env._read_fp32_precision(
-    torch.backends.cuda.matmul
-) is not None
+HAS_NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and env._read_fp32_precision(torch.backends.cuda.matmul) is not None
 
 
 def _forbid_cuda(monkeypatch):
@@ -41,8 +39,16 @@ def _forbid_cuda(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("CUDA was touched for a CPU fingerprint")
 
-    for name in ("is_available", "device_count", "current_device", "get_device_properties",
-                 "get_device_name", "get_device_capability", "is_bf16_supported", "init"):
+    for name in (
+        "is_available",
+        "device_count",
+        "current_device",
+        "get_device_properties",
+        "get_device_name",
+        "get_device_capability",
+        "is_bf16_supported",
+        "init",
+    ):
         monkeypatch.setattr(torch.cuda, name, boom)
     monkeypatch.setattr(torch.backends.cudnn, "version", boom)
 
@@ -68,6 +74,7 @@ def _cuda_env(**changes) -> Environment:
 # --------------------------------------------------------------------------------------------------
 # fingerprint on the CPU
 # --------------------------------------------------------------------------------------------------
+
 
 def test_cpu_fingerprint_fields_and_no_cuda_calls(monkeypatch):
     _forbid_cuda(monkeypatch)
@@ -145,6 +152,7 @@ def test_fingerprint_cuda_without_gpu_is_a_clear_config_error(monkeypatch):
 # the environment key on CUDA
 # --------------------------------------------------------------------------------------------------
 
+
 def test_cuda_key_documented_format():
     e = _cuda_env()
     assert e.key() == "NVIDIA H100 80GB HBM3|sm90|torch2.11|cuda13"
@@ -219,6 +227,7 @@ def test_fingerprint_cuda_with_mocked_device(monkeypatch):
 # TF32 policy
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not HAS_NEW_TF32_API, reason="torch < 2.9 has no fp32_precision API")
 def test_tf32_policy_new_api_reads_what_was_set_without_warnings():
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
@@ -274,9 +283,7 @@ def test_tf32_policy_legacy_api(monkeypatch, matmul, conv):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         policy = current_tf32_policy()
-    assert policy == TF32Policy(
-        matmul="tf32" if matmul else "ieee", cudnn_conv="tf32" if conv else "ieee", api="allow_tf32"
-    )
+    assert policy == TF32Policy(matmul="tf32" if matmul else "ieee", cudnn_conv="tf32" if conv else "ieee", api="allow_tf32")
     assert policy.matmul_tf32 is matmul and policy.cudnn_conv_tf32 is conv
 
 
@@ -300,6 +307,7 @@ def test_tf32_policy_round_trip():
 # NVML noise checks
 # --------------------------------------------------------------------------------------------------
 
+
 class NVMLError(Exception):
     def __init__(self, value):
         super().__init__(value)
@@ -312,12 +320,21 @@ class NVMLError(Exception):
 class FakeNVML(types.ModuleType):
     """Just enough of pynvml: records calls, and each function can be made to raise NVMLError."""
 
-    EVENT = dict(GpuIdle=0x1, ApplicationsClocksSetting=0x2, SwPowerCap=0x4, HwSlowdown=0x8,
-                 SyncBoost=0x10, SwThermalSlowdown=0x20, HwThermalSlowdown=0x40,
-                 HwPowerBrakeSlowdown=0x80, DisplayClockSetting=0x100)
+    EVENT = dict(
+        GpuIdle=0x1,
+        ApplicationsClocksSetting=0x2,
+        SwPowerCap=0x4,
+        HwSlowdown=0x8,
+        SyncBoost=0x10,
+        SwThermalSlowdown=0x20,
+        HwThermalSlowdown=0x40,
+        HwPowerBrakeSlowdown=0x80,
+        DisplayClockSetting=0x100,
+    )
 
-    def __init__(self, *, processes=(), mask=0, fail=(), old_names=False, driver="580.65.06",
-                 uuids=("GPU-1234-abcd",), pci=("00000000:65:00.0",)):
+    def __init__(
+        self, *, processes=(), mask=0, fail=(), old_names=False, driver="580.65.06", uuids=("GPU-1234-abcd",), pci=("00000000:65:00.0",)
+    ):
         super().__init__("pynvml")
         self.NVMLError = NVMLError
         self.NVML_CLOCK_SM = 1
@@ -333,7 +350,7 @@ class FakeNVML(types.ModuleType):
         setattr(self, reasons, self._reasons)
 
     def _call(self, name, *args):
-        self.calls.append((name,) + args)
+        self.calls.append((name, *args))
         if name in self._fail:
             raise NVMLError(3 if name != "nvmlInit" else 9)
 
@@ -399,8 +416,9 @@ class FakeNVML(types.ModuleType):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """torch.cuda pretends to have one GPU; returns a function installing a FakeNVML."""
-    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, uuid="1234-abcd",
-                            pci_domain_id=0, pci_bus_id=0x65, pci_device_id=0)
+    props = SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", major=9, minor=0, uuid="1234-abcd", pci_domain_id=0, pci_bus_id=0x65, pci_device_id=0
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -438,8 +456,13 @@ def test_noise_report_without_cuda(monkeypatch):
 
 
 def test_noise_report_other_processes_and_throttle_reasons(fake_gpu):
-    mask = (FakeNVML.EVENT["HwThermalSlowdown"] | FakeNVML.EVENT["GpuIdle"] | FakeNVML.EVENT["SyncBoost"]
-            | FakeNVML.EVENT["ApplicationsClocksSetting"] | FakeNVML.EVENT["DisplayClockSetting"])
+    mask = (
+        FakeNVML.EVENT["HwThermalSlowdown"]
+        | FakeNVML.EVENT["GpuIdle"]
+        | FakeNVML.EVENT["SyncBoost"]
+        | FakeNVML.EVENT["ApplicationsClocksSetting"]
+        | FakeNVML.EVENT["DisplayClockSetting"]
+    )
     fake = fake_gpu(processes=[(123, 2 << 30), (os.getpid(), 1 << 30), (456, None)], mask=mask)
     report = _quietly(noise_report, "cuda")
     assert report.available and report.reason == ""
@@ -449,11 +472,9 @@ def test_noise_report_other_processes_and_throttle_reasons(fake_gpu):
     )
     assert os.getpid() not in [p.pid for p in report.other_processes]
     assert report.throttle_reasons == ("hw_thermal_slowdown",)
-    assert (report.sm_clock_mhz, report.max_sm_clock_mhz, report.temperature_c, report.utilization_percent) == (
-        1410, 1980, 71, 97)
+    assert (report.sm_clock_mhz, report.max_sm_clock_mhz, report.temperature_c, report.utilization_percent) == (1410, 1980, 71, 97)
     assert report.noisy and not report.own_process_unidentified and report.unreadable == ()
-    assert report.describe() == (
-        "GPU shared with 2 other processes (pids 123, 456); clocks held back by hw_thermal_slowdown")
+    assert report.describe() == ("GPU shared with 2 other processes (pids 123, 456); clocks held back by hw_thermal_slowdown")
     # the device was found by UUID, with NVML's "GPU-" prefix, and NVML was shut down again
     assert ("nvmlDeviceGetHandleByUUID", "GPU-1234-abcd") in fake.calls
     assert fake.inits == fake.shutdowns == 1
@@ -502,8 +523,7 @@ def test_pynvml_missing(fake_gpu, monkeypatch):
 
 
 def test_individual_nvml_refusals_degrade_to_none(fake_gpu):
-    fake = fake_gpu(fail={"nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetClockInfo",
-                          "nvmlDeviceGetTemperature", "reasons"})
+    fake = fake_gpu(fail={"nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetClockInfo", "nvmlDeviceGetTemperature", "reasons"})
     report = _quietly(noise_report, "cuda")
     assert report.available
     assert report.other_processes == () and report.throttle_reasons == ()

@@ -131,12 +131,15 @@ def tiny(name="tiny", model=None, loss=None, data=None, **changes):
     return w.with_options(**changes) if changes else w
 '''
 
-GATED_TEST = HELPERS + '''
+GATED_TEST = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate):
     ampgate.run(tiny())
-'''
+"""
+)
 
 
 @pytest.fixture(autouse=True)
@@ -169,10 +172,7 @@ def _assert_clean(result) -> str:
 
 def _snapshot(root: Path) -> dict:
     """Every file under ``root`` with its bytes (directories as None)."""
-    return {
-        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-        for p in sorted(root.rglob("*"))
-    }
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +237,9 @@ def test_bad_baseline_check_and_update_name_file_problem_and_fix(pytester, conte
     elif "tests[" in problem or "['modes']" in problem or "missing required" in problem:  # one entry at fault
         fixes = ["correct it, restore the file from version control, or re-record with pytest --ampgate --ampgate-update"]
     else:
-        fixes = [f"Restore it from version control (git checkout -- {shown}) or delete it and re-record with pytest --ampgate --ampgate-update"]
+        fixes = [
+            f"Restore it from version control (git checkout -- {shown}) or delete it and re-record with pytest --ampgate --ampgate-update"
+        ]
 
     check = pytester.runpytest(*CPU)
     check.assert_outcomes(failed=1)
@@ -268,7 +270,10 @@ def test_baseline_path_that_is_a_directory(pytester):
 def test_baseline_corrupted_during_the_update_run_is_refused_at_session_end(pytester):
     """The early check passed, then the file went bad before the session-end commit (another
     process, a bad merge): the commit refuses, says so in the summary, and the run fails."""
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate):
@@ -276,7 +281,9 @@ def test_gated(ampgate):
     os.makedirs("baselines", exist_ok=True)
     with open(os.path.join("baselines", "test_gated.json"), "wb") as f:
         f.write(b'{"schema": "pytest-ampgate-baselines", "tests": {')
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*UPDATE)
     result.assert_outcomes(passed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -310,12 +317,21 @@ BAD_OPTIONS = {
     "ini_speedup_word": (("-o", "ampgate_min_speedup=abc"), "ini option ampgate_min_speedup: min_speedup must be a number, got 'abc'"),
     "ini_speedup_zero": (("-o", "ampgate_min_speedup=0"), "ini option ampgate_min_speedup: min_speedup must be > 0, got 0.0"),
     "ini_speedup_nan": (("-o", "ampgate_min_speedup=nan"), "ini option ampgate_min_speedup: min_speedup must be a finite number"),
-    "ini_tolerance_above_1": (("-o", "ampgate_accuracy_tolerance=1.5"), "ini option ampgate_accuracy_tolerance: accuracy_tolerance must be <= 1, got 1.5"),
+    "ini_tolerance_above_1": (
+        ("-o", "ampgate_accuracy_tolerance=1.5"),
+        "ini option ampgate_accuracy_tolerance: accuracy_tolerance must be <= 1, got 1.5",
+    ),
     "ini_tolerance_negative": (("-o", "ampgate_speedup_tolerance=-0.1"), "speedup_tolerance must be >= 0, got -0.1"),
     "ini_rounds_zero": (("-o", "ampgate_rounds=0"), "ini option ampgate_rounds: rounds must be a whole number >= 1, got 0"),
     "ini_rounds_fraction": (("-o", "ampgate_rounds=2.5"), "rounds must be a whole number >= 1, got '2.5'"),
-    "ini_unknown_mode": (("-o", "ampgate_modes=amp_fp16 fp8"), f"ini option ampgate_modes: modes: unknown precision mode 'fp8'; {VALID_MODES}"),
-    "ini_apex_o2_twice": (("-o", "ampgate_modes=O2 fp16_master"), "ini option ampgate_modes: modes names a mode twice: ['O2', 'fp16_master']"),
+    "ini_unknown_mode": (
+        ("-o", "ampgate_modes=amp_fp16 fp8"),
+        f"ini option ampgate_modes: modes: unknown precision mode 'fp8'; {VALID_MODES}",
+    ),
+    "ini_apex_o2_twice": (
+        ("-o", "ampgate_modes=O2 fp16_master"),
+        "ini option ampgate_modes: modes names a mode twice: ['O2', 'fp16_master']",
+    ),
     "ini_mode_twice": (("-o", "ampgate_modes=amp_fp16,O1"), "names a mode twice"),
     "ini_policy": (("-o", "ampgate_missing_baseline=maybe"), "missing_baseline must be one of warn, fail, ignore, got 'maybe'"),
     "ini_flag": (("-o", "ampgate_confirm=perhaps"), "confirm must be true or false, got 'perhaps'"),
@@ -361,12 +377,17 @@ BAD_MARKERS = {
 
 @pytest.mark.parametrize("marker, message", list(BAD_MARKERS.values()), ids=list(BAD_MARKERS))
 def test_bad_marker_argument_is_a_usage_error(pytester, marker, message):
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + f'''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + f"""
 
 @pytest.mark.amp_regression({marker})
 def test_gated(ampgate):
     ampgate.run(tiny())
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     out = _assert_clean(result)
@@ -382,24 +403,34 @@ BAD_RUN_CALLS = {
 
 @pytest.mark.parametrize("call, message", list(BAD_RUN_CALLS.values()), ids=list(BAD_RUN_CALLS))
 def test_bad_run_call_fails_the_test_with_the_message_alone(pytester, call, message):
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + f'''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + f"""
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate):
     ampgate.run({call})
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(failed=1)
     assert message in _assert_clean(result)
 
 
 def test_full_trace_brings_the_traceback_back(pytester):
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate):
     ampgate.run("resnet50")
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU, "--full-trace")
     result.assert_outcomes(failed=1)
     assert INTERNAL_FRAME.search(_output(result)), "--full-trace shows where in the plugin it was raised"
@@ -455,12 +486,36 @@ def _bad_magic(raw: Path) -> None:
 
 BAD_DATA_ROOTS = {
     "missing_root": ("mnist", lambda root: root / "does" / "not" / "exist", "data root {root}/does/not/exist does not exist: create it"),
-    "root_is_a_file": ("mnist", lambda root: (root.mkdir(), root.joinpath("f").write_text("x"), root / "f")[-1], "data root {root}/f is not a directory"),
-    "mnist_truncated": ("mnist", lambda root: _mnist_root(root, _truncate), "MNIST file {root}/MNIST/raw/train-images-idx3-ubyte is truncated"),
-    "mnist_bad_magic": ("mnist", lambda root: _mnist_root(root, _bad_magic), "MNIST file {root}/MNIST/raw/train-labels-idx1-ubyte is not an idx file of the expected kind: magic number 1234, expected 2049"),
-    "mnist_incomplete": ("mnist", lambda root: _mnist_root(root, lambda raw: (raw / "t10k-labels-idx1-ubyte").unlink()), "MNIST under {root}/MNIST/raw is incomplete: t10k-labels-idx1-ubyte missing"),
-    "mnist_gzipped": ("mnist", lambda root: _mnist_root(root, lambda raw: [p.rename(p.with_name(p.name + ".gz")) for p in list(raw.iterdir())]), "MNIST under {root}/MNIST/raw holds only the compressed train-images-idx3-ubyte.gz"),
-    "cifar_corrupt": ("cifar", lambda root: _cifar_root(root), "CIFAR-10 file {root}/cifar-10-batches-py/data_batch_1 is corrupt or truncated"),
+    "root_is_a_file": (
+        "mnist",
+        lambda root: (root.mkdir(), root.joinpath("f").write_text("x"), root / "f")[-1],
+        "data root {root}/f is not a directory",
+    ),
+    "mnist_truncated": (
+        "mnist",
+        lambda root: _mnist_root(root, _truncate),
+        "MNIST file {root}/MNIST/raw/train-images-idx3-ubyte is truncated",
+    ),
+    "mnist_bad_magic": (
+        "mnist",
+        lambda root: _mnist_root(root, _bad_magic),
+        "MNIST file {root}/MNIST/raw/train-labels-idx1-ubyte is not an idx file of the expected kind: magic number 1234, expected 2049",
+    ),
+    "mnist_incomplete": (
+        "mnist",
+        lambda root: _mnist_root(root, lambda raw: (raw / "t10k-labels-idx1-ubyte").unlink()),
+        "MNIST under {root}/MNIST/raw is incomplete: t10k-labels-idx1-ubyte missing",
+    ),
+    "mnist_gzipped": (
+        "mnist",
+        lambda root: _mnist_root(root, lambda raw: [p.rename(p.with_name(p.name + ".gz")) for p in list(raw.iterdir())]),
+        "MNIST under {root}/MNIST/raw holds only the compressed train-images-idx3-ubyte.gz",
+    ),
+    "cifar_corrupt": (
+        "cifar",
+        lambda root: _cifar_root(root),
+        "CIFAR-10 file {root}/cifar-10-batches-py/data_batch_1 is corrupt or truncated",
+    ),
     "cifar_incomplete": ("cifar", lambda root: _cifar_root(root, keep=3), "CIFAR-10 under {root}/cifar-10-batches-py is incomplete"),
 }
 
@@ -470,12 +525,17 @@ def test_bad_data_root_is_a_data_error_naming_the_file(pytester, tmp_path, which
     root = tmp_path / "data"
     target = make(root)
     before = _snapshot(tmp_path / "data") if (tmp_path / "data").exists() else {}
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + f'''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + f"""
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate_{which}):
     pass
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU, "--ampgate-data-root", str(target))
     result.assert_outcomes(errors=1)
     out = _assert_clean(result)
@@ -485,12 +545,17 @@ def test_gated(ampgate_{which}):
 
 def test_bad_data_root_from_the_ini_file(pytester, tmp_path):
     pytester.makeini(f"[pytest]\nampgate_data_root = {tmp_path / 'nowhere'}\n")
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate_mnist):
     pass
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(errors=1)
     assert f"DataError: data root {tmp_path / 'nowhere'} does not exist" in _assert_clean(result)
@@ -523,23 +588,39 @@ BAD_WORKLOADS = {
         'tiny("w", loss=nn.CrossEntropyLoss(reduction="none"))',
         "workload 'w': the loss must be a scalar tensor, got (16,)",
     ),
-    "batch_larger_than_data": ("tiny(\"w\", batch_size=1000)", "workload 'w': batch_size 1000 is larger than its training set (64 samples)"),
-    "data_three_items": ('tiny("w", data=(torch.randn(8, 8), torch.zeros(8).long(), torch.randn(8, 8)))', "workload 'w': data as a tuple must be (train_x, train_y, test_x, test_y), got 3 items"),
-    "float_labels": ('tiny("w", data=(torch.randn(64, 8), torch.rand(64), torch.randn(8, 8), torch.rand(8)))',
-                     "workload 'w': the loss rejected the model's output (shape (16, 2), torch.float32) with targets (shape (16,), torch.float32)"),
-    "length_mismatch": ('tiny("w", data=(torch.randn(64, 8), torch.zeros(32).long(), torch.randn(8, 8), torch.zeros(8).long()))', "dataset 'w': "),
-    "data_callable_wrong_type": ('tiny("w", data=lambda **kw: [1, 2])', "workload 'w': its data callable returned list, expected a DeviceDataset"),
+    "batch_larger_than_data": ('tiny("w", batch_size=1000)', "workload 'w': batch_size 1000 is larger than its training set (64 samples)"),
+    "data_three_items": (
+        'tiny("w", data=(torch.randn(8, 8), torch.zeros(8).long(), torch.randn(8, 8)))',
+        "workload 'w': data as a tuple must be (train_x, train_y, test_x, test_y), got 3 items",
+    ),
+    "float_labels": (
+        'tiny("w", data=(torch.randn(64, 8), torch.rand(64), torch.randn(8, 8), torch.rand(8)))',
+        "workload 'w': the loss rejected the model's output (shape (16, 2), torch.float32) with targets (shape (16,), torch.float32)",
+    ),
+    "length_mismatch": (
+        'tiny("w", data=(torch.randn(64, 8), torch.zeros(32).long(), torch.randn(8, 8), torch.zeros(8).long()))',
+        "dataset 'w': ",
+    ),
+    "data_callable_wrong_type": (
+        'tiny("w", data=lambda **kw: [1, 2])',
+        "workload 'w': its data callable returned list, expected a DeviceDataset",
+    ),
 }
 
 
 @pytest.mark.parametrize("workload, message", list(BAD_WORKLOADS.values()), ids=list(BAD_WORKLOADS))
 def test_workload_misfit_is_the_users_error(pytester, workload, message):
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + f'''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + f"""
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_gated(ampgate):
     ampgate.run({workload})
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(failed=1)
     out = _assert_clean(result)
@@ -552,7 +633,9 @@ def test_gated(ampgate):
 #    the next test in the same session runs clean.
 # --------------------------------------------------------------------------------------------------
 
-FAULT_TEST = HELPERS + '''
+FAULT_TEST = (
+    HELPERS
+    + """
 SETTINGS = dict(modes=["amp_fp16", "amp_bf16"], **FAST)
 
 
@@ -569,13 +652,20 @@ def test_faulty(ampgate):
 def test_next(ampgate):
     result = ampgate.run(tiny("next", model=lambda: Faulty("")))
     assert all(result.mode(m).ok for m in ("fp32", "amp_fp16", "amp_bf16"))
-'''
+"""
+)
 
 FAULTS = {
-    "oom_at_setup": ('model=lambda: Faulty("oom")', "amp_bf16 failed in set-up: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB (simulated) FAILED"),
+    "oom_at_setup": (
+        'model=lambda: Faulty("oom")',
+        "amp_bf16 failed in set-up: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB (simulated) FAILED",
+    ),
     "oom_in_timed_rounds": ('model=lambda: Faulty("oom", after=2)', "amp_bf16 failed in timed round 1: out of memory: CUDA out of memory."),
     "oom_in_evaluation": ('model=lambda: Faulty("oom_eval")', "amp_bf16 failed in evaluation: out of memory: CUDA out of memory."),
-    "nan_from_the_start": ('model=lambda: Faulty("nan")', "amp_bf16 loss non-finite (nan) first at step 0 of 8 (8 non-finite steps) FAILED"),
+    "nan_from_the_start": (
+        'model=lambda: Faulty("nan")',
+        "amp_bf16 loss non-finite (nan) first at step 0 of 8 (8 non-finite steps) FAILED",
+    ),
     "inf_from_step_3": ("loss=InfLoss(after=3)", "amp_bf16 loss non-finite (inf) first at step 3 of 8 (5 non-finite steps) FAILED"),
 }
 
@@ -608,12 +698,15 @@ def test_a_faulty_mode_is_never_recorded_as_a_baseline(pytester):
 # 6. A busy or throttled GPU: a would-be timing failure is INCONCLUSIVE with the reason.
 # --------------------------------------------------------------------------------------------------
 
-SLOW_TEST = HELPERS + '''
+SLOW_TEST = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=1.2, rounds=6, steps_per_block=2, warmup_steps=1, missing_baseline="ignore")
 def test_gated(ampgate):
     ampgate.run(tiny("slow", model=lambda: Faulty("slow")))
-'''
+"""
+)
 
 
 BUSY = {
@@ -661,14 +754,19 @@ def test_device_without_bf16_skips_the_bf16_modes(pytester, monkeypatch):
     real = modes._cpu_supports
     reason = "this CPU has no bfloat16 (simulated)"
     monkeypatch.setattr(modes, "_cpu_supports", lambda dtype, autocast: reason if dtype == torch.bfloat16 else real(dtype, autocast))
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_fp16", "amp_bf16", "bf16"], **FAST)
 def test_gated(ampgate):
     result = ampgate.run(tiny())
     assert result.mode("amp_fp16").ok and result.mode("amp_fp16").accuracy is not None
     assert not result.mode("amp_bf16").supported and not result.mode("bf16").supported
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU, "-rA")
     result.assert_outcomes(passed=1)
     out = _assert_clean(result)
@@ -679,13 +777,18 @@ def test_gated(ampgate):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_without_bf16_skips_the_bf16_modes(pytester, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_fp16", "amp_bf16"], **FAST)
 def test_gated(ampgate):
     result = ampgate.run(tiny())
     assert result.mode("amp_fp16").ok and not result.mode("amp_bf16").supported
-'''})
+"""
+        }
+    )
     result = pytester.runpytest("--ampgate", "--ampgate-device", "cuda", "-p", "no:cacheprovider", "-rA")
     result.assert_outcomes(passed=1)
     assert "has no native bfloat16 support; it needs 8.0+ (Ampere or newer) [skipped]" in _assert_clean(result)
@@ -721,13 +824,16 @@ def test_real_cuda_out_of_memory_reports_memory_and_leaves_the_gpu_clean(pyteste
 def test_path_like_test_ids_stay_inside_the_baseline_directory(pytester, tmp_path):
     sub = pytester.path / "a b" / "c..d"
     sub.mkdir(parents=True)
-    (sub / "test_odd.py").write_text(HELPERS + '''
+    (sub / "test_odd.py").write_text(
+        HELPERS
+        + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 @pytest.mark.parametrize("case", ["../../../../escaped", "/etc/passwd", "..\\\\..\\\\win", "nul:"])
 def test_odd(ampgate, case):
     ampgate.run(tiny())
-''')
+"""
+    )
     outside_before = _snapshot(pytester.path.parent)
     result = pytester.runpytest(*UPDATE)
     result.assert_outcomes(passed=4)
@@ -774,7 +880,9 @@ def test_gated_test_outside_the_rootdir_is_a_usage_error(pytester):
 # 9. Interrupted and concurrent update sessions (real processes).
 # --------------------------------------------------------------------------------------------------
 
-RACE_TESTS = HELPERS + '''
+RACE_TESTS = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_zero(ampgate):
@@ -792,7 +900,8 @@ def test_two(ampgate):
         open(os.environ["AMPGATE_FAULT_MARK"], "w").close()
         time.sleep(300)
     ampgate.run(tiny())
-'''
+"""
+)
 
 FAULT_CONFTEST = '''
 """Fault points inside the baseline writer of this child session, chosen by AMPGATE_FAULT."""
@@ -916,8 +1025,16 @@ def old_baseline(tmp_path_factory) -> bytes:
     from pytest_ampgate.baselines import Baseline, ModeBaseline, utc_timestamp
 
     store = BaselineStore(tmp_path_factory.mktemp("old"))
-    store.stage(Baseline("test_race.py::test_zero", "cpu|elsewhere|torch2", {"device_name": "elsewhere"},
-                         utc_timestamp(), {}, {"fp32": ModeBaseline(accuracy=0.8)}))
+    store.stage(
+        Baseline(
+            "test_race.py::test_zero",
+            "cpu|elsewhere|torch2",
+            {"device_name": "elsewhere"},
+            utc_timestamp(),
+            {},
+            {"fp32": ModeBaseline(accuracy=0.8)},
+        )
+    )
     (path,) = store.commit()
     return path.read_bytes()
 
@@ -927,9 +1044,19 @@ INTERRUPTIONS = {
     "sigkill_mid_write": ("mid-write", signal.SIGKILL, "old", None),
     "sigkill_before_rename": ("before-replace", signal.SIGKILL, "old", None),
     "sigkill_after_rename": ("after-replace", signal.SIGKILL, "new", None),
-    "ctrl_c_mid_write": ("mid-write", signal.SIGINT, "old", "baselines NOT fully written: interrupted while writing them; "
-                         "each baseline file is either unchanged or fully updated. Run pytest --ampgate --ampgate-update again"),
-    "ctrl_c_during_a_test": ("during-test", signal.SIGINT, "new", "the run was interrupted: baselines were recorded for the tests that finished only"),
+    "ctrl_c_mid_write": (
+        "mid-write",
+        signal.SIGINT,
+        "old",
+        "baselines NOT fully written: interrupted while writing them; "
+        "each baseline file is either unchanged or fully updated. Run pytest --ampgate --ampgate-update again",
+    ),
+    "ctrl_c_during_a_test": (
+        "during-test",
+        signal.SIGINT,
+        "new",
+        "the run was interrupted: baselines were recorded for the tests that finished only",
+    ),
 }
 
 
@@ -942,8 +1069,10 @@ def interrupted(tmp_path_factory, old_baseline):
     for name, (point, *_rest) in INTERRUPTIONS.items():
         d = _session_dir(base, name, old_baseline)
         tests = "test_one or test_two" if point == "during-test" else "test_one"
-        running[name] = (d, _spawn(d, "-k", tests, AMPGATE_FAULT=point, AMPGATE_FAULT_MARK=str(d / "reached"),
-                                   PYTEST_AMPGATE_LOCK_DIR=str(d / "locks")))
+        running[name] = (
+            d,
+            _spawn(d, "-k", tests, AMPGATE_FAULT=point, AMPGATE_FAULT_MARK=str(d / "reached"), PYTEST_AMPGATE_LOCK_DIR=str(d / "locks")),
+        )
     outcomes = {}
     deadline = time.monotonic() + 300
     pending = dict(running)
@@ -993,7 +1122,7 @@ def test_interrupted_update_leaves_the_old_or_the_new_file_whole(interrupted, ol
 
 @POSIX
 def test_next_update_after_a_kill_completes_and_clears_the_debris(interrupted, pytester):
-    d, _rc, out, _reached = interrupted["sigkill_before_rename"]
+    d, _rc, _out, _reached = interrupted["sigkill_before_rename"]
     assert list((d / "baselines").glob(".test_race.json.*.tmp")), "the killed writer left its complete temp file"
     for name in ("test_race.py", "conftest.py", "pytest.ini"):
         shutil.copy(d / name, pytester.path / name)
@@ -1033,8 +1162,22 @@ def test_two_concurrent_update_sessions_keep_both_sets_of_entries(tmp_path, old_
 
 PACKAGE = Path(pytest_ampgate.__file__).parent
 UNSAFE_MODULES = {"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib", "yaml"}
-UNSAFE_CALLS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "marshal.load", "marshal.loads", "yaml.load",
-                "yaml.unsafe_load", "shelve.open", "dill.load", "dill.loads", "eval", "exec", "numpy.load", "np.load"}
+UNSAFE_CALLS = {
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "marshal.load",
+    "marshal.loads",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "shelve.open",
+    "dill.load",
+    "dill.loads",
+    "eval",
+    "exec",
+    "numpy.load",
+    "np.load",
+}
 
 
 def _unsafe_loads(source: str, where: str) -> list[str]:
@@ -1060,8 +1203,10 @@ def _unsafe_loads(source: str, where: str) -> list[str]:
 
 
 def test_the_unsafe_load_scan_finds_what_it_looks_for():
-    planted = "import pickle\nimport torch\ntorch.load('m.pt')\ntorch.load('m.pt', weights_only=False)\n" \
-              "torch.load('m.pt', weights_only=True)\npickle.loads(b'')\neval('1')\n"
+    planted = (
+        "import pickle\nimport torch\ntorch.load('m.pt')\ntorch.load('m.pt', weights_only=False)\n"
+        "torch.load('m.pt', weights_only=True)\npickle.loads(b'')\neval('1')\n"
+    )
     assert _unsafe_loads(planted, "planted.py") == [
         "planted.py:1: imports pickle",
         "planted.py:3: torch.load() without weights_only=True",
@@ -1119,7 +1264,10 @@ def test_malicious_pickles_in_a_data_root_are_never_run(pytester, tmp_path):
     legacy.mkdir(parents=True)
     for name in ("training.pt", "test.pt"):
         (legacy / name).write_bytes(_evil(sentinel))
-    pytester.makepyfile(**{GATED_FILE[:-3]: HELPERS + '''
+    pytester.makepyfile(
+        **{
+            GATED_FILE[:-3]: HELPERS
+            + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_cifar(ampgate_cifar):
@@ -1129,14 +1277,18 @@ def test_cifar(ampgate_cifar):
 @pytest.mark.amp_regression(modes=["amp_bf16"], **FAST)
 def test_mnist(ampgate_mnist):
     pass
-'''})
+"""
+        }
+    )
     result = pytester.runpytest(*CPU, "-k", "cifar", "--ampgate-data-root", str(tmp_path / "cifar"))
     result.assert_outcomes(errors=1, deselected=1)
     assert f"DataError: CIFAR-10 file {cifar / 'data_batch_1'} is corrupt or truncated" in _assert_clean(result)
     result = pytester.runpytest(*CPU, "-k", "mnist", "--ampgate-data-root", str(tmp_path / "mnist"), "-W", "ignore::UserWarning")
     result.assert_outcomes(errors=1, deselected=1)
     out = _assert_clean(result)
-    assert f"DataError: MNIST's legacy cache {legacy} holds more than plain tensors, so torch.load(weights_only=True) refused it" in out, out
+    assert f"DataError: MNIST's legacy cache {legacy} holds more than plain tensors, so torch.load(weights_only=True) refused it" in out, (
+        out
+    )
     assert "weights_only=False" not in out, "never advise the unsafe retry"
     assert not sentinel.exists(), "a data file's pickle ran code"
 

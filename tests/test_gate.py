@@ -44,8 +44,9 @@ def estimate(median, low, high, noisy=False, note=""):
 
 
 def mode(name, *, losses=(2.0, 1.5, 1.0), accuracy=0.9, peak=None, scaler=None, coverage=None, **kw):
-    m = ModeMeasurement(name, step_times_s=[0.01] * 4, peak_memory_bytes=peak, accuracy=accuracy, scaler=scaler,
-                        precision_coverage=coverage, **kw)
+    m = ModeMeasurement(
+        name, step_times_s=[0.01] * 4, peak_memory_bytes=peak, accuracy=accuracy, scaler=scaler, precision_coverage=coverage, **kw
+    )
     m.record_losses(list(losses))
     return m
 
@@ -55,19 +56,30 @@ def measured(*modes, speedup=None, memory=None, noise=None, device="cuda:0", ref
     reference = reference or mode("fp32", peak=100 * 2**20)
     modes = modes or (mode("amp_fp16", peak=60 * 2**20),)
     speedup, memory = speedup or {}, memory or {}
-    comparisons = {
-        m.mode: Comparison(m.mode, "fp32", speedup=speedup.get(m.mode), memory_ratio=memory.get(m.mode)) for m in modes
-    }
+    comparisons = {m.mode: Comparison(m.mode, "fp32", speedup=speedup.get(m.mode), memory_ratio=memory.get(m.mode)) for m in modes}
     return Measurements(
-        workload="toy", device=device, config=MeasureConfig(rounds=10), batch_size=64, environment=H100,
-        dataset={"source": "synthetic"}, reference=reference, modes={m.mode: m for m in modes},
-        comparisons=comparisons, noise=noise or {},
+        workload="toy",
+        device=device,
+        config=MeasureConfig(rounds=10),
+        batch_size=64,
+        environment=H100,
+        dataset={"source": "synthetic"},
+        reference=reference,
+        modes={m.mode: m for m in modes},
+        comparisons=comparisons,
+        noise=noise or {},
     )
 
 
 def baseline(**modes):
-    return Baseline("t.py::test_x", "NVIDIA H100|sm90|torch2.11|cuda13", H100, "2026-01-01T00:00:00+00:00", {},
-                    {name: ModeBaseline(**values) for name, values in modes.items()})
+    return Baseline(
+        "t.py::test_x",
+        "NVIDIA H100|sm90|torch2.11|cuda13",
+        H100,
+        "2026-01-01T00:00:00+00:00",
+        {},
+        {name: ModeBaseline(**values) for name, values in modes.items()},
+    )
 
 
 def only_check(verdict, mode_name, metric):
@@ -117,10 +129,15 @@ def test_noisy_gpu_turns_a_speedup_fail_into_inconclusive():
     slow = {"amp_fp16": estimate(1.05, 1.0, 1.1)}
     cfg = config(min_speedup=1.3)
 
-    assert only_check(evaluate(measured(speedup=slow, noise={"before": quiet.to_dict(), "after": quiet.to_dict()}), cfg),
-                      "amp_fp16", "speedup").outcome == FAIL
-    check = only_check(evaluate(measured(speedup=slow, noise={"before": busy.to_dict(), "after": quiet.to_dict()}), cfg),
-                       "amp_fp16", "speedup")
+    assert (
+        only_check(
+            evaluate(measured(speedup=slow, noise={"before": quiet.to_dict(), "after": quiet.to_dict()}), cfg), "amp_fp16", "speedup"
+        ).outcome
+        == FAIL
+    )
+    check = only_check(
+        evaluate(measured(speedup=slow, noise={"before": busy.to_dict(), "after": quiet.to_dict()}), cfg), "amp_fp16", "speedup"
+    )
     assert check.outcome == INCONCLUSIVE
     assert "but the GPU was busy: before timing: GPU shared with 1 other process (pids 4242)" in check.why
     check = only_check(evaluate(measured(speedup=slow, noise={"after": hot.to_dict()}), cfg), "amp_fp16", "speedup")
@@ -240,10 +257,15 @@ def test_real_cpu_aa_measurement_does_not_fail():
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 32, generator=g), torch.randint(0, 4, (256,), generator=g)
-    workload = Workload("aa", lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)), (x, y, x[:64], y[:64]),
-                        nn.CrossEntropyLoss(), lambda p: torch.optim.SGD(p, lr=0.1), batch_size=32)
-    cfg = config(modes=["fp32"], min_speedup=1.0, check_speed=True, rounds=8, steps_per_block=5, warmup_steps=1,
-                 missing_baseline="ignore")
+    workload = Workload(
+        "aa",
+        lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)),
+        (x, y, x[:64], y[:64]),
+        nn.CrossEntropyLoss(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=32,
+    )
+    cfg = config(modes=["fp32"], min_speedup=1.0, check_speed=True, rounds=8, steps_per_block=5, warmup_steps=1, missing_baseline="ignore")
     m, verdict = decide(lambda: measure(workload, cfg.modes, device="cpu", config=cfg.measure_config()), cfg)
     check = only_check(verdict, "fp32", "speedup")
     assert check.outcome in (PASS, INCONCLUSIVE), verdict.explain()
@@ -305,7 +327,7 @@ def test_grad_scaler_skipped_fraction():
 
 
 def test_collapsed_loss_scale_fails():
-    m = measured(mode("amp_fp16", scaler=ScalerStats(65536.0, 2.0 ** -10, 2.0 ** -12, 100, 3)))
+    m = measured(mode("amp_fp16", scaler=ScalerStats(65536.0, 2.0**-10, 2.0**-12, 100, 3)))
     check = only_check(evaluate(m, config(min_loss_scale=1.0)), "amp_fp16", "loss_scale")
     assert check.outcome == FAIL and "< collapse limit 1" in check.why and "start 65536" in check.why
     assert only_check(evaluate(m, config(min_loss_scale=0.0)), "amp_fp16", "loss_scale").outcome == PASS
@@ -358,10 +380,12 @@ def test_baseline_without_this_mode_counts_as_missing():
 
 
 def _coverage(low_flops, fp32_flops):
-    return PrecisionCoverage.from_records([
-        OpRecord("0", "aten.mm", "float16", "forward", low_flops, 1),
-        OpRecord("2", "aten.mm", "float32", "forward", fp32_flops, 1),
-    ])
+    return PrecisionCoverage.from_records(
+        [
+            OpRecord("0", "aten.mm", "float16", "forward", low_flops, 1),
+            OpRecord("2", "aten.mm", "float32", "forward", fp32_flops, 1),
+        ]
+    )
 
 
 def test_precision_coverage_share():
@@ -389,8 +413,11 @@ def test_fp32_has_no_coverage_check():
 
 
 def test_unsupported_mode_is_skipped_not_failed():
-    m = measured(ModeMeasurement("amp_bf16", supported=False, unsupported_reason="bfloat16 needs sm80+"),
-                 mode("amp_fp16"), speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)})
+    m = measured(
+        ModeMeasurement("amp_bf16", supported=False, unsupported_reason="bfloat16 needs sm80+"),
+        mode("amp_fp16"),
+        speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)},
+    )
     v = evaluate(m, config(modes=["amp_bf16", "amp_fp16"]))
     assert [c.metric for c in v.checks if c.mode == "amp_bf16"] == ["supported"]
     assert only_check(v, "amp_bf16", "supported").outcome == SKIPPED
@@ -423,10 +450,12 @@ def test_explain_reads_like_the_design_example():
     v = evaluate(m, config(min_speedup=1.3, max_memory_ratio=0.8, confirm=False), base)
     lines = v.explain("tests/test_amp.py::test_cifar_cnn").splitlines()
     assert lines[0] == "tests/test_amp.py::test_cifar_cnn - AMP REGRESSION"
-    assert lines[1] == ("  amp_fp16 speedup 1.08x [95% CI 1.05-1.11] < floor 1.64x (margin 1.30x; "
-                        "baseline 1.82x on NVIDIA H100, torch 2.11, tol 10%) FAILED")
+    assert lines[1] == (
+        "  amp_fp16 speedup 1.08x [95% CI 1.05-1.11] < floor 1.64x (margin 1.30x; "
+        "baseline 1.82x on NVIDIA H100, torch 2.11, tol 10%) FAILED"
+    )
     assert all(line.startswith("  ") for line in lines[1:])
-    assert [l for l in lines if "peak memory" in l][0].endswith(" ok")
+    assert next(ln for ln in lines if "peak memory" in ln).endswith(" ok")
     assert lines[-1] == "  " + UPDATE_HINT
     # Failures first, then the rest; one line per check.
     assert len(lines) == len(v.checks) + 2
@@ -454,10 +483,12 @@ def test_explain_of_a_missing_baseline_does_not_blame_the_gpu():
 
 
 def test_gate_result_round_trips_through_json():
-    m = measured(mode("amp_fp16", scaler=ScalerStats(65536.0, 32768.0, 16384.0, 100, 2), coverage=_coverage(90, 10),
-                      losses=(1.0, math.nan, 0.5)),
-                 speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)}, memory={"amp_fp16": 0.6},
-                 noise={"before": NoiseReport(available=True).to_dict()})
+    m = measured(
+        mode("amp_fp16", scaler=ScalerStats(65536.0, 32768.0, 16384.0, 100, 2), coverage=_coverage(90, 10), losses=(1.0, math.nan, 0.5)),
+        speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)},
+        memory={"amp_fp16": 0.6},
+        noise={"before": NoiseReport(available=True).to_dict()},
+    )
     v = evaluate(m, config(), baseline(amp_fp16={"accuracy": 0.9}))
     result = GateResult("t.py::test_x", "env|key", m, v, baseline_accuracy={"amp_fp16": 0.9}, update={"modes": {}}, strict=True)
     text = json.dumps(result.to_dict(), allow_nan=False)
@@ -473,8 +504,12 @@ def test_gate_result_round_trips_through_json():
 
 
 def test_baseline_from_keeps_what_ran_with_its_spread():
-    m = measured(ModeMeasurement("amp_bf16", supported=False, unsupported_reason="no"), mode("amp_fp16", peak=60 * 2**20),
-                 speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)}, memory={"amp_fp16": 0.6})
+    m = measured(
+        ModeMeasurement("amp_bf16", supported=False, unsupported_reason="no"),
+        mode("amp_fp16", peak=60 * 2**20),
+        speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)},
+        memory={"amp_fp16": 0.6},
+    )
     b = baseline_from(m, "t.py::test_x", "env", {"config": {}})
     assert set(b.modes) == {"fp32", "amp_fp16"}
     amp = b.modes["amp_fp16"]

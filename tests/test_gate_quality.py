@@ -18,7 +18,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gate_quality") / "quality.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--quiet", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -32,7 +34,14 @@ def test_quick_cpu_run_prints_the_table(quick_run):
         assert column in header
     rows = [line for line in stdout.splitlines() if line.startswith("mnist_mlp")]
     scenarios = " | ".join(rows)
-    for name in ("A/A fp32 vs fp32", "unchanged vs baseline", "slowdown", "forced fp32 layer 1", "fp16 loss overflow", "loss scale collapse"):
+    for name in (
+        "A/A fp32 vs fp32",
+        "unchanged vs baseline",
+        "slowdown",
+        "forced fp32 layer 1",
+        "fp16 loss overflow",
+        "loss scale collapse",
+    ):
         assert name in scenarios, stdout
     assert "1x tol" in scenarios and "2x tol" in scenarios
     assert "targets (issue 5):" in stdout

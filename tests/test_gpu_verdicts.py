@@ -20,7 +20,7 @@ from torch import nn
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate import plants
 from pytest_ampgate.config import build_config
-from pytest_ampgate.env import NoiseReport, GpuProcess, WindowNoise, open_noise_window, own_run_pids
+from pytest_ampgate.env import GpuProcess, NoiseReport, WindowNoise, open_noise_window, own_run_pids
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, decide, evaluate
 from pytest_ampgate.measurement import BlockTiming, CudaTimer, MeasureConfig, launch_bound, measure
 from pytest_ampgate.stats import abba_order, balance_counts
@@ -117,7 +117,8 @@ def adamw_mlp():
     return tiny_workload(
         model=lambda: nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2)),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        features=64, batch=8,
+        features=64,
+        batch=8,
     )
 
 
@@ -195,7 +196,7 @@ def windowed(samples=(), own=(), violation_step_ns=0, device="cuda:0"):
 
 def failing_measurement(window=None):
     """amp_fp16 far below its floor on a GPU-bound step; NVML's snapshots list an idle xdist sibling."""
-    from tests.test_gate import estimate, measured  # noqa: E402  (the hand-built measurements of test_gate)
+    from tests.test_gate import estimate, measured
 
     sibling = NoiseReport(available=True, other_processes=(GpuProcess(pid=4242, used_memory_bytes=500 << 20),))
     noise = {"before": sibling.to_dict(), "after": sibling.to_dict()}
@@ -214,14 +215,18 @@ def test_idle_processes_and_the_runs_own_workers_are_not_noise():
 def test_a_process_that_used_the_gpu_during_the_window_makes_a_fail_inconclusive():
     window = windowed(samples=[sample(5151, sm=40, mem=10)])
     assert window.noisy and window.busy_processes[0].pid == 5151
-    speed = next(c for c in evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"]}))).checks if c.metric == "speedup")
+    speed = next(
+        c for c in evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"]}))).checks if c.metric == "speedup"
+    )
     assert speed.outcome == INCONCLUSIVE and "pid 5151 proc5151 (SM 40%" in speed.why
 
 
 def test_throttling_is_read_from_counters_across_the_window():
     window = windowed(violation_step_ns=10_000_000)  # 10 ms of power capping accrued while timing
     assert window.throttle and "power limit" in window.describe()
-    speed = next(c for c in evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"]}))).checks if c.metric == "speedup")
+    speed = next(
+        c for c in evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"]}))).checks if c.metric == "speedup"
+    )
     assert speed.outcome == INCONCLUSIVE and "power limit" in speed.why
     assert WindowNoise.from_dict(window.to_dict()) == window
 
@@ -331,7 +336,9 @@ class RaisesIn(nn.Module):
         return self.layer(x)
 
 
-@pytest.mark.parametrize("after, eval_only, phase", [(0, False, "set-up"), (2, False, "warm-up"), (3, False, "timed round 1"), (0, True, "evaluation")])
+@pytest.mark.parametrize(
+    "after, eval_only, phase", [(0, False, "set-up"), (2, False, "warm-up"), (3, False, "timed round 1"), (0, True, "evaluation")]
+)
 def test_a_value_error_in_one_mode_fails_that_mode_and_names_the_phase(after, eval_only, phase):
     exc = ValueError("Attempting to unscale FP16 gradients.")
     config = MeasureConfig(warmup_steps=2, rounds=2, steps_per_block=1, memory_steps=0, precision_coverage=True)
@@ -358,8 +365,14 @@ class ReadsLegacyFlags(nn.Module):
         self.layer, self.record = nn.Linear(8, 2), seen.append  # a builtin method: every mode's deep copy shares it
 
     def forward(self, x):
-        self.record((plants.running_mode(x, self), torch.backends.cuda.matmul.allow_tf32,
-                          torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+        self.record(
+            (
+                plants.running_mode(x, self),
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision(),
+            )
+        )
         return self.layer(x)
 
 
@@ -439,10 +452,29 @@ def test_the_dataset_is_built_once_per_process_and_device():
         calls.append(str(device))
         return tiny_workload().dataset(device)
 
-    workload = Workload("tiny_cached", lambda: nn.Sequential(nn.Linear(8, 2)), data, nn.CrossEntropyLoss(),
-                        lambda p: torch.optim.SGD(p, lr=0.1), batch_size=16)
-    config = build_config(("test", {"modes": ["amp_bf16"], "check_speed": True, "min_speedup": 100.0, "rounds": 2,
-                                    "steps_per_block": 1, "warmup_steps": 0, "memory_steps": 0, "missing_baseline": "ignore"}))
+    workload = Workload(
+        "tiny_cached",
+        lambda: nn.Sequential(nn.Linear(8, 2)),
+        data,
+        nn.CrossEntropyLoss(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        batch_size=16,
+    )
+    config = build_config(
+        (
+            "test",
+            {
+                "modes": ["amp_bf16"],
+                "check_speed": True,
+                "min_speedup": 100.0,
+                "rounds": 2,
+                "steps_per_block": 1,
+                "warmup_steps": 0,
+                "memory_steps": 0,
+                "missing_baseline": "ignore",
+            },
+        )
+    )
     decide(lambda: measure(workload, ["amp_bf16"], device="cpu", config=config.measure_config()), config)  # measures, then confirms
     measure(workload, ["amp_bf16"], device="cpu", config=TINY)
     assert calls == ["cpu"]
@@ -519,8 +551,9 @@ def test_json_report_of_a_cpu_run_carries_peak_memory_its_ratio_and_what_it_cove
 
     from pytest_ampgate.json_report import SCHEMA
 
-    result = gated_project.runpytest("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider",
-                                     "--ampgate-json", "r.json", "-k", "test_gated")
+    result = gated_project.runpytest(
+        "--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider", "--ampgate-json", "r.json", "-k", "test_gated"
+    )
     result.assert_outcomes(passed=1)
     report = json.loads((gated_project.path / "r.json").read_text())
     jsonschema.validate(report, SCHEMA)

@@ -109,7 +109,7 @@ def test_abba_schedule_is_followed(monkeypatch):
     measure(_tiny_workload(), ["amp_bf16"], device="cpu", config=TINY)
     lead_in = ["fp32"]  # untimed: gives the reference the back-to-back start the last mode gets at each turn
     balance = ["amp_bf16"]  # untimed: the other modes' matching block, so all train for the same steps
-    assert calls == lead_in + ["fp32", "amp_bf16", "amp_bf16", "fp32", "fp32", "amp_bf16", "amp_bf16", "fp32"] + balance
+    assert calls == [*lead_in, "fp32", "amp_bf16", "amp_bf16", "fp32", "fp32", "amp_bf16", "amp_bf16", "fp32", *balance]
 
 
 def test_a_a_control_uses_two_independent_runners():

@@ -55,10 +55,9 @@ def test_switches_restored_after_an_exception_and_from_a_non_default_state():
     original = getattr(holder, attr)
     setattr(holder, attr, tf32)
     try:
-        with pytest.raises(RuntimeError, match="boom"):
-            with modes.numerics_policy("fp32"):
-                assert getattr(holder, attr) == strict
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), modes.numerics_policy("fp32"):
+            assert getattr(holder, attr) == strict
+            raise RuntimeError("boom")
         assert getattr(holder, attr) == tf32
     finally:
         setattr(holder, attr, original)

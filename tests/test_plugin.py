@@ -102,8 +102,16 @@ def test_help_lists_every_option_and_ini_setting(pytester):
     assert result.ret == 0
     out = result.stdout.str()
     assert "AMP regression gate (pytest-ampgate):" in out
-    for flag in ("--ampgate ", "--ampgate-update", "--ampgate-prune", "--ampgate-device=", "--ampgate-baseline-dir=",
-                 "--ampgate-data-root=", "--ampgate-download", "--ampgate-strict"):
+    for flag in (
+        "--ampgate ",
+        "--ampgate-update",
+        "--ampgate-prune",
+        "--ampgate-device=",
+        "--ampgate-baseline-dir=",
+        "--ampgate-data-root=",
+        "--ampgate-download",
+        "--ampgate-strict",
+    ):
         assert flag in out, flag
     for ini in ["device", "baseline_dir", "data_root", *SETTINGS]:
         assert re.search(rf"^  ampgate_{ini} \((string|float|int|bool|args)\):", out, re.M), ini  # typed (issue 14)
@@ -111,7 +119,7 @@ def test_help_lists_every_option_and_ini_setting(pytester):
 
 def test_markers_lists_amp_regression_with_its_settings(pytester):
     result = pytester.runpytest("--markers")
-    line = [l for l in result.stdout.lines if l.startswith("@pytest.mark.amp_regression")]
+    line = [ln for ln in result.stdout.lines if ln.startswith("@pytest.mark.amp_regression")]
     assert len(line) == 1
     assert line[0].startswith("@pytest.mark.amp_regression(**settings): an AMP regression gate, run with --ampgate.")
     assert all(name in line[0] for name in SETTINGS)
@@ -144,8 +152,8 @@ def test_skipped_without_the_flag_for_marker_and_fixtures(pytester):
     )
     result = pytester.runpytest("-rs", "-W", "error")
     result.assert_outcomes(passed=1, skipped=2)
-    reasons = [l for l in result.stdout.lines if l.startswith("SKIPPED")]
-    assert len(reasons) == 2 and all(l.endswith(": AMP regression test: run it with pytest --ampgate") for l in reasons)
+    reasons = [ln for ln in result.stdout.lines if ln.startswith("SKIPPED")]
+    assert len(reasons) == 2 and all(ln.endswith(": AMP regression test: run it with pytest --ampgate") for ln in reasons)
     assert result.ret == 0
 
 
@@ -154,10 +162,12 @@ def test_skipped_without_cuda_naming_the_cpu_alternative(pytester):
     pytester.makepyfile(user_tests(gated("test_blobs")))
     result = pytester.runpytest("--ampgate", "-rs", "-W", "error", "-p", "no:cacheprovider")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines([
-        "SKIPPED [[]1[]] *: no CUDA device available for the AMP gate (--ampgate-device cuda); "
-        "run the numerical checks on the CPU with --ampgate --ampgate-device cpu"
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "SKIPPED [[]1[]] *: no CUDA device available for the AMP gate (--ampgate-device cuda); "
+            "run the numerical checks on the CPU with --ampgate --ampgate-device cpu"
+        ]
+    )
     assert result.ret == 0 and not (pytester.path / "baselines").exists()
 
 
@@ -172,10 +182,12 @@ def test_missing_update_pass_regression_update_pass(pytester, monkeypatch):
     # 1. No baseline: the gate warns (INCONCLUSIVE) and says how to record one; the test passes.
     result = pytester.runpytest(*CPU, "-W", "error")
     result.assert_outcomes(passed=1, warnings=0)
-    result.stdout.fnmatch_lines([
-        "INCONCLUSIVE test_user.py::test_blobs: amp_bf16 accuracy *: no baseline for cpu|* (none recorded for this test); "
-        "record one with: pytest --ampgate --ampgate-update",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "INCONCLUSIVE test_user.py::test_blobs: amp_bf16 accuracy *: no baseline for cpu|* (none recorded for this test); "
+            "record one with: pytest --ampgate --ampgate-update",
+        ]
+    )
     assert not path.exists()
 
     # 2. Record it.
@@ -199,9 +211,11 @@ def test_missing_update_pass_regression_update_pass(pytester, monkeypatch):
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
-    result.stdout.fnmatch_lines([
-        "FAILED test_user.py::test_blobs - AMP REGRESSION",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_user.py::test_blobs - AMP REGRESSION",
+        ]
+    )
     match = re.search(r"  amp_bf16 accuracy (\d\.\d{3}) vs baseline (\d\.\d{3}) \(tol 0\.02\) dropped below (\d\.\d{3}) FAILED", out)
     assert match, out
     measured, baseline, floor = map(float, match.groups())
@@ -224,7 +238,8 @@ def test_missing_update_pass_regression_update_pass(pytester, monkeypatch):
 
 def test_update_does_not_record_a_failing_test(pytester):
     """A model whose loss is never finite fails even under --ampgate-update, and is not recorded."""
-    pytester.makepyfile(test_nan="""
+    pytester.makepyfile(
+        test_nan="""
         import pytest
         import torch
         from torch import nn
@@ -243,7 +258,8 @@ def test_update_does_not_record_a_failing_test(pytester):
             y = torch.randint(0, 2, (64,))
             ampgate.run(Workload("blowup", Blowup, (x, y, x, y), nn.CrossEntropyLoss(),
                                  lambda p: torch.optim.SGD(p, lr=0.1), batch_size=16))
-        """)
+        """
+    )
     result = pytester.runpytest(*CPU, "--ampgate-update")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
@@ -272,7 +288,7 @@ def test_bad_marker_arguments_are_a_usage_error(pytester, args, words):
     pytester.makepyfile(test_bad=f"import pytest\n\n@pytest.mark.amp_regression({args})\ndef test_x(ampgate):\n    pass\n")
     result = pytester.runpytest(*CPU)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    errors = [l for l in result.stderr.lines if l.startswith("ERROR: ")]
+    errors = [ln for ln in result.stderr.lines if ln.startswith("ERROR: ")]
     assert len(errors) == 1 and errors[0].startswith(f"ERROR: marker amp_regression on test_bad.py::test_x: {words}"), errors
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
     assert not (pytester.path / "baselines").exists()
@@ -305,12 +321,16 @@ def test_bad_device_option_is_a_usage_error(pytester):
 
 
 def test_marker_margins_override_ini_defaults(pytester, monkeypatch):
-    pytester.makeini("[pytest]\nampgate_accuracy_tolerance = 0.9\nampgate_modes = amp_bf16\nampgate_rounds = 2\n"
-                     "ampgate_steps_per_block = 4\nampgate_warmup_steps = 1\n")
-    pytester.makepyfile(test_user=user_tests(
-        "@pytest.mark.amp_regression\ndef test_ini(ampgate):\n    ampgate.run(workload())\n",
-        "@pytest.mark.amp_regression(accuracy_tolerance=0.01)\ndef test_marker(ampgate):\n    ampgate.run(workload())\n",
-    ))
+    pytester.makeini(
+        "[pytest]\nampgate_accuracy_tolerance = 0.9\nampgate_modes = amp_bf16\nampgate_rounds = 2\n"
+        "ampgate_steps_per_block = 4\nampgate_warmup_steps = 1\n"
+    )
+    pytester.makepyfile(
+        test_user=user_tests(
+            "@pytest.mark.amp_regression\ndef test_ini(ampgate):\n    ampgate.run(workload())\n",
+            "@pytest.mark.amp_regression(accuracy_tolerance=0.01)\ndef test_marker(ampgate):\n    ampgate.run(workload())\n",
+        )
+    )
     monkeypatch.delenv("AMPGATE_TEST_LR", raising=False)
     pytester.runpytest(*CPU, "--ampgate-update").assert_outcomes(passed=2)
     entries = stored(pytester)["tests"]
@@ -342,19 +362,23 @@ def _entry(accuracy, device_name):
 def _block(text, key):
     """The lines of one entry as written in the file: from its key line to its closing brace."""
     lines = text.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.strip().startswith(json.dumps(key) + ":"))
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith(json.dumps(key) + ":"))
     indent = len(lines[start]) - len(lines[start].lstrip())
     end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(" " * indent + "}"))
-    return "\n".join(lines[start:end + 1]).rstrip(",")
+    return "\n".join(lines[start : end + 1]).rstrip(",")
 
 
 def test_update_rewrites_only_what_ran_atomically(pytester, monkeypatch):
     pytester.makepyfile(test_user=user_tests(gated("test_blobs"), gated("test_other")))
     h100 = "NVIDIA H100 80GB HBM3|sm90|torch2.11|cuda13"
-    doc = {"schema": "pytest-ampgate-baselines", "schema_version": 1, "tests": {
-        "test_user.py::test_blobs": {h100: _entry(0.5, "NVIDIA H100 80GB HBM3")},
-        "test_user.py::test_other": {"cpu|Some CPU|torch2.11": _entry(0.25, "Some CPU")},
-    }}
+    doc = {
+        "schema": "pytest-ampgate-baselines",
+        "schema_version": 1,
+        "tests": {
+            "test_user.py::test_blobs": {h100: _entry(0.5, "NVIDIA H100 80GB HBM3")},
+            "test_user.py::test_other": {"cpu|Some CPU|torch2.11": _entry(0.25, "Some CPU")},
+        },
+    }
     path = pytester.path / "baselines" / "test_user.json"
     path.parent.mkdir()
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -399,10 +423,18 @@ def test_stale_entries_are_reported_then_pruned_on_request(pytester):
     doc["tests"]["test_user.py::test_gone"] = {"cpu|Some CPU|torch2.11": _entry(0.5, "Some CPU")}
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     elsewhere = pytester.path / "baselines" / "test_elsewhere.json"
-    elsewhere.write_text(json.dumps({"schema": "pytest-ampgate-baselines", "schema_version": 1, "tests": {
-        "test_elsewhere.py::test_y": {"cpu|Some CPU|torch2.11": _entry(0.5, "Some CPU")}}}))
-    hint = ("stale baseline entries (their tests no longer exist): test_user.py::test_gone; "
-            "delete them with --ampgate-update --ampgate-prune")
+    elsewhere.write_text(
+        json.dumps(
+            {
+                "schema": "pytest-ampgate-baselines",
+                "schema_version": 1,
+                "tests": {"test_elsewhere.py::test_y": {"cpu|Some CPU|torch2.11": _entry(0.5, "Some CPU")}},
+            }
+        )
+    )
+    hint = (
+        "stale baseline entries (their tests no longer exist): test_user.py::test_gone; delete them with --ampgate-update --ampgate-prune"
+    )
 
     # Reported, not deleted; a module that was not collected is not judged.
     result = pytester.runpytest(*CPU, "test_user.py")
@@ -417,7 +449,7 @@ def test_stale_entries_are_reported_then_pruned_on_request(pytester):
     # Nor when one test is picked by node id, even with --ampgate-prune.
     result = pytester.runpytest(*CPU, "test_user.py::test_blobs", "--ampgate-update", "--ampgate-prune")
     result.assert_outcomes(passed=1)
-    assert not any(l.startswith(("stale baseline entries", "pruned ")) for l in result.stdout.lines)
+    assert not any(ln.startswith(("stale baseline entries", "pruned ")) for ln in result.stdout.lines)
     assert {"test_user.py::test_gone", "test_user.py::test_other"} <= set(json.loads(path.read_text())["tests"])
 
     # --ampgate-prune without --ampgate-update deletes nothing.
@@ -439,26 +471,39 @@ def test_stale_entries_are_reported_then_pruned_on_request(pytester):
 
 
 def test_builtin_mnist_end_to_end_on_cpu(pytester):
-    pytester.makepyfile(test_mnist="""
+    pytester.makepyfile(
+        test_mnist="""
         import pytest
 
         @pytest.mark.amp_regression(modes=["amp_bf16"], rounds=2, steps_per_block=5, warmup_steps=1)
         def test_mnist(ampgate_mnist):
             assert ampgate_mnist.mode("fp32").accuracy is not None
             assert len(ampgate_mnist.mode("amp_bf16").losses) == 1 + 1 + 1 + (1 + 2) * 5  # + memory step, lead-in/balance block
-        """)
+        """
+    )
     result = pytester.runpytest(*CPU, "-W", "error")
     result.assert_outcomes(passed=1, warnings=0)
     assert result.ret == 0
     lines = result.stdout.lines
-    header = next(i for i, l in enumerate(lines) if l.startswith("test "))
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("test "))
     assert re.split(r"\s{2,}", lines[header].strip()) == [
-        "test", "mode", "step time", "speedup [CI]", "peak mem (ratio)", "final loss", "accuracy (baseline)", "verdict"]
+        "test",
+        "mode",
+        "step time",
+        "speedup [CI]",
+        "peak mem (ratio)",
+        "final loss",
+        "accuracy (baseline)",
+        "verdict",
+    ]
     assert set(lines[header + 1].replace(" ", "")) == {"-"}
-    rows = [re.split(r"\s{2,}", l.strip()) for l in lines[header + 2:header + 4]]
+    rows = [re.split(r"\s{2,}", ln.strip()) for ln in lines[header + 2 : header + 4]]
     assert [r[:2] for r in rows] == [["test_mnist.py::test_mnist", "fp32"], ["test_mnist.py::test_mnist", "amp_bf16"]]
     assert rows[0][3] == "reference" and re.fullmatch(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", rows[1][3])
-    assert all(re.fullmatch(r"[\d.]+ (ms|us)", r[2]) and re.fullmatch(r"[\d.]+ MiB \([\d.]+x\)", r[4]) and re.fullmatch(r"0\.\d{3}", r[6]) for r in rows), rows
+    assert all(
+        re.fullmatch(r"[\d.]+ (ms|us)", r[2]) and re.fullmatch(r"[\d.]+ MiB \([\d.]+x\)", r[4]) and re.fullmatch(r"0\.\d{3}", r[6])
+        for r in rows
+    ), rows
     assert [r[7] for r in rows] == ["INCONCLUSIVE", "INCONCLUSIVE"]  # no baseline yet: a warning, not a failure
     assert lines[header + 4].startswith("environment: cpu|")
 
@@ -469,20 +514,32 @@ def test_builtin_mnist_end_to_end_on_cpu(pytester):
     pytester.runpytest(*CPU, "--ampgate-update").assert_outcomes(passed=1)
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(passed=1)
-    result.stdout.re_match_lines([
-        r"test_mnist\.py::test_mnist +fp32 +.* +reference +[\d.]+ MiB \(1\.00x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
-        r"test_mnist\.py::test_mnist +amp_bf16 +.* +[\d.]+ MiB \([\d.]+x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
-    ])
+    result.stdout.re_match_lines(
+        [
+            r"test_mnist\.py::test_mnist +fp32 +.* +reference +[\d.]+ MiB \(1\.00x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
+            r"test_mnist\.py::test_mnist +amp_bf16 +.* +[\d.]+ MiB \([\d.]+x\) +[\d.]+ +(0\.\d{3}) \(\1\) +pass$",
+        ]
+    )
 
 
 def test_missing_baseline_policy_from_the_marker(pytester):
-    pytester.makepyfile(test_user=user_tests(
-        gated("test_warn"), gated("test_fail", TINY + ", missing_baseline='fail'"), gated("test_ignore", TINY + ", missing_baseline='ignore'")))
+    pytester.makepyfile(
+        test_user=user_tests(
+            gated("test_warn"),
+            gated("test_fail", TINY + ", missing_baseline='fail'"),
+            gated("test_ignore", TINY + ", missing_baseline='ignore'"),
+        )
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_user.py::test_fail - AMP REGRESSION"])
     out = result.stdout.str()
     assert "INCONCLUSIVE test_user.py::test_warn:" in out
     assert "INCONCLUSIVE test_user.py::test_ignore" not in out and "INCONCLUSIVE test_user.py::test_fail" not in out
-    result.stdout.re_match_lines([r"test_user\.py::test_warn +amp_bf16 .* INCONCLUSIVE$", r"test_user\.py::test_fail +amp_bf16 .* FAIL$",
-                                  r"test_user\.py::test_ignore +amp_bf16 .* pass$"])
+    result.stdout.re_match_lines(
+        [
+            r"test_user\.py::test_warn +amp_bf16 .* INCONCLUSIVE$",
+            r"test_user\.py::test_fail +amp_bf16 .* FAIL$",
+            r"test_user\.py::test_ignore +amp_bf16 .* pass$",
+        ]
+    )

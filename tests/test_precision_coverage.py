@@ -110,7 +110,7 @@ def test_fp32_mlp_has_no_low_precision_and_matches_flop_counter():
     assert list(cov.by_dtype()) == ["float32"]
 
     # Cross-check the arithmetic against torch's own counter on an identical step.
-    model2, step2 = _mlp_step(autocast_dtype=None)
+    _model2, step2 = _mlp_step(autocast_dtype=None)
     with FlopCounterMode(display=False) as counter:
         step2()
     assert cov.total_flops == counter.get_total_flops()
@@ -293,9 +293,8 @@ def test_recorder_cleans_up_when_step_raises():
         raise ValueError("boom")
 
     rec = PrecisionRecorder(model)
-    with pytest.raises(ValueError, match="boom"):
-        with rec:
-            failing()
+    with pytest.raises(ValueError, match="boom"), rec:
+        failing()
     assert torch._C._len_torch_dispatch_stack() == 0
     partial = rec.result()
     assert partial.total_flops > 0  # what ran before the error is kept
@@ -309,7 +308,6 @@ def test_recorder_cleans_up_when_step_raises():
 
 def test_recorder_is_not_reentrant():
     rec = PrecisionRecorder()
-    with rec:
-        with pytest.raises(RuntimeError, match="re-entrant"):
-            rec.__enter__()
+    with rec, pytest.raises(RuntimeError, match="re-entrant"):
+        rec.__enter__()
     assert torch._C._len_torch_dispatch_stack() == 0

@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_ampgate.baselines import SCHEMA, SCHEMA_VERSION
-
 # Shared with the fault catalogue: its early imports (run on import), its autouse fixture (one
 # intra-op thread, a private device-lock directory), its output helper and internal-frame pattern.
 from test_faults import INTERNAL_FRAME, _output, _quiet_and_isolated  # noqa: F401
+
+from pytest_ampgate.baselines import SCHEMA, SCHEMA_VERSION
 
 CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
 UPDATE = (*CPU, "--ampgate-update")
@@ -107,11 +107,7 @@ def _assert_clean(result) -> str:
 
 def _hashes(root: Path) -> dict:
     """sha256 of every file under ``root`` (the baseline directory), by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _env_key() -> str:
@@ -144,7 +140,9 @@ def _write_baseline(pytester, module: str, tests: dict) -> Path:
 # 1. Recording only what passed; xfail honoured.
 # --------------------------------------------------------------------------------------------------
 
-OUTCOMES_TEST = HELPERS + '''
+OUTCOMES_TEST = (
+    HELPERS
+    + """
 
 @pytest.fixture
 def breaks_on_teardown():
@@ -190,7 +188,8 @@ def test_strict_xpass(ampgate):
 @pytest.mark.amp_regression(**FAST)
 def test_xpass(ampgate):
     ampgate.run(tiny())
-'''
+"""
+)
 
 NOT_PASSED = {
     "test_own_assert_fails": "the test failed",
@@ -242,7 +241,9 @@ def test_known_gate_failure_under_xfail_is_xfailed_in_check_mode(pytester):
 # 2. Narrower selections never make a living test's baseline stale.
 # --------------------------------------------------------------------------------------------------
 
-SELECTION_TEST = HELPERS + '''
+SELECTION_TEST = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_a(ampgate):
@@ -253,7 +254,8 @@ def test_a(ampgate):
 def test_b(ampgate):
     ampgate.run(tiny())
     assert os.environ.get("B_PASSES"), "test_b fails until B_PASSES is set"
-'''
+"""
+)
 
 
 def _selection_files(pytester) -> Path:
@@ -290,10 +292,10 @@ def test_narrower_selection_never_prunes(pytester, monkeypatch, args):
     # else sees them, one (as --lf does) filters what a module's collection returns.
     pytester.makepyfile(
         dropper="import pytest\n\n@pytest.hookimpl(tryfirst=True)\ndef pytest_collection_modifyitems(items):\n"
-                "    items[:] = [i for i in items if i.name != 'test_a']\n",
+        "    items[:] = [i for i in items if i.name != 'test_a']\n",
         uncollector="import pytest\n\n@pytest.hookimpl(wrapper=True)\ndef pytest_make_collect_report(collector):\n"
-                    "    report = yield\n    if report.result:\n"
-                    "        report.result[:] = [x for x in report.result if x.name != 'test_a']\n    return report\n",
+        "    report = yield\n    if report.result:\n"
+        "        report.result[:] = [x for x in report.result if x.name != 'test_a']\n    return report\n",
     )
     pytester.syspathinsert()
     before = _hashes(pytester.path / "baselines")
@@ -323,7 +325,7 @@ def test_a_full_run_still_finds_and_prunes_the_entry_of_a_test_that_is_gone(pyte
 # 3. A gate that measured nothing.
 # --------------------------------------------------------------------------------------------------
 
-NOTHING_TEST = '''
+NOTHING_TEST = """
 import pytest
 
 
@@ -334,7 +336,7 @@ def test_marker_only():
 
 def test_fixture_unused(ampgate):
     assert ampgate is not None
-'''
+"""
 
 
 def test_gated_test_that_never_runs_is_named_and_fails_under_strict(pytester):
@@ -344,7 +346,9 @@ def test_gated_test_that_never_runs_is_named_and_fails_under_strict(pytester):
     out = _assert_clean(result)
     assert re.search(
         r"gated but measured nothing \(never called ampgate.run\(\)\): test_nothing.py::test_marker_only, "
-        r"test_nothing.py::test_fixture_unused", out), out
+        r"test_nothing.py::test_fixture_unused",
+        out,
+    ), out
     strict = pytester.runpytest(*CPU, "--ampgate-strict")
     strict.assert_outcomes(failed=2)
     out = _assert_clean(strict)
@@ -362,7 +366,9 @@ LEAKS = {
     "default_dtype": ("torch.set_default_dtype(torch.float64)", "torch.set_default_dtype(float64) left set"),
 }
 
-LEAK_TEST = HELPERS + '''
+LEAK_TEST = (
+    HELPERS
+    + """
 
 def test_1_leaks():
     {leak}
@@ -379,7 +385,8 @@ def test_3_cleans_up():
     torch.set_autocast_enabled("cpu", False)
     torch.set_grad_enabled(True)
     torch.set_default_dtype(torch.float32)
-'''
+"""
+)
 
 
 def test_leaked_global_state_is_reset_for_measuring_and_named(pytester):
@@ -406,14 +413,17 @@ def test_leaked_global_state_is_reset_for_measuring_and_named(pytester):
 
 
 def test_run_wrapped_in_autocast_by_the_test_body_measures_fp32_as_fp32(pytester):
-    pytester.makepyfile(test_body=HELPERS + '''
+    pytester.makepyfile(
+        test_body=HELPERS
+        + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_gated(ampgate):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = ampgate.run(tiny())
     assert result.mode("fp32").precision_coverage.share == 0.0
-''')
+"""
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(passed=1)
     assert "torch.autocast('cpu', bfloat16) left enabled" in _assert_clean(result)
@@ -430,12 +440,18 @@ WORKLOAD_FAULTS = {
 
 
 def test_reference_failure_is_headlined_as_the_workloads_fault(pytester):
-    pytester.makepyfile(test_wl=HELPERS + "".join(f'''
+    pytester.makepyfile(
+        test_wl=HELPERS
+        + "".join(
+            f"""
 
 @pytest.mark.amp_regression(**FAST)
 def test_{name}(ampgate):
     ampgate.run({workload})
-''' for name, (workload, _detail) in WORKLOAD_FAULTS.items()))
+"""
+            for name, (workload, _detail) in WORKLOAD_FAULTS.items()
+        )
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(failed=len(WORKLOAD_FAULTS))
     out = _assert_clean(result)
@@ -458,26 +474,30 @@ BAD_OBJECTS = {
     "optimizer_none": ("tiny(optimizer=lambda p: None)", "optimizer_factory returned NoneType, not a torch.optim.Optimizer"),
     "optimizer_list": ("tiny(optimizer=lambda p: [torch.optim.SGD(p, lr=0.1)])", "optimizer_factory returned list"),
     "lbfgs": ("tiny(optimizer=lambda p: torch.optim.LBFGS(p))", "LBFGS.step() needs a closure"),
-    "other_parameters": ("tiny(optimizer=lambda p: torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))",
-                         "over other parameters than the ones it was given"),
+    "other_parameters": (
+        "tiny(optimizer=lambda p: torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))",
+        "over other parameters than the ones it was given",
+    ),
     "meta_data": ("tiny(data=tuple(t.to('meta') for t in data()))", "train_x, train_y, test_x, test_y are on the meta device"),
 }
 
 
 def test_bad_user_objects_are_workload_errors_before_training(pytester):
     cases = "".join(
-        f'''
+        f"""
 
 @pytest.mark.amp_regression(**FAST)
 def test_{name}(ampgate):
     ampgate.run({code})
-''' for name, (code, _msg) in BAD_OBJECTS.items())
-    cases += '''
+"""
+        for name, (code, _msg) in BAD_OBJECTS.items()
+    )
+    cases += """
 
 @pytest.mark.amp_regression(**FAST)
 def test_dataset_tuple(ampgate):
     ampgate.run(tiny(), dataset=data())
-'''
+"""
     pytester.makepyfile(test_objects=HELPERS + cases)
     env = _env_key()
     _write_baseline(pytester, "test_objects", {f"test_objects.py::test_{n}": {env: _entry(0.4)} for n in [*BAD_OBJECTS, "dataset_tuple"]})
@@ -497,7 +517,9 @@ def test_dataset_tuple(ampgate):
 # 7. Output paths.
 # --------------------------------------------------------------------------------------------------
 
-PASSING_TEST = HELPERS + '''
+PASSING_TEST = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_gated(ampgate):
@@ -505,7 +527,8 @@ def test_gated(ampgate):
     marker = os.environ.get("TURN_INTO_DIRECTORY")
     if marker:
         os.makedirs(marker)
-'''
+"""
+)
 
 
 def _bad_output(tmp: Path, name: str):
@@ -515,8 +538,7 @@ def _bad_output(tmp: Path, name: str):
         "json_is_directory": (("--ampgate-json", str(tmp / "adir")), {}, "--ampgate-json"),
         "markdown_under_a_file": (("--ampgate-markdown", str(tmp / "afile" / "summary.md")), {}, "is a file, not a directory"),
         "plot_is_directory": (("--ampgate-plot", str(tmp / "adir")), {}, "is a directory; give the path of a file"),
-        "step_summary_missing_directory": ((), {"GITHUB_STEP_SUMMARY": str(tmp / "missing" / "summary.md")},
-                                           "$GITHUB_STEP_SUMMARY="),
+        "step_summary_missing_directory": ((), {"GITHUB_STEP_SUMMARY": str(tmp / "missing" / "summary.md")}, "$GITHUB_STEP_SUMMARY="),
     }[name]
 
 
@@ -553,12 +575,15 @@ def test_output_that_fails_at_the_end_is_one_line_and_the_others_are_written(pyt
 # 8. Baseline files that are not plain JSON documents.
 # --------------------------------------------------------------------------------------------------
 
-GATED_TEST = HELPERS + '''
+GATED_TEST = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_gated(ampgate):
     ampgate.run(tiny())
-'''
+"""
+)
 GATED_ID = "test_gated.py::test_gated"
 
 
@@ -571,17 +596,32 @@ def _bad_files():
     where = f"tests['{GATED_ID}']['{env}']['modes']['amp_bf16']"
     return {
         "400_digit_number": (doc(speedup=10**399), f"{where}['speedup'] is a 400-digit number, too large"),
-        "400_digit_bytes": (doc(peak_memory_bytes=10**399), f"{where}['peak_memory_bytes'] is a 400-digit number, but it is a number of bytes"),
-        "deep_nesting": (b'{"schema": "pytest-ampgate-baselines", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                         "nests JSON arrays or objects more than 64 levels deep"),
-        "deep_but_parseable": (json.dumps({"schema": SCHEMA, "schema_version": 1, "tests": {}, "x": json.loads("[" * 500 + "]" * 500)}).encode(),
-                               "nests JSON arrays or objects more than 64 levels deep"),
-        "negative_accuracy": (_baseline_doc({GATED_ID: {env: _entry(-0.3)}}),
-                              f"tests['{GATED_ID}']['{env}']['modes']['fp32']['accuracy'] is -0.3, but it is a share of correct predictions and must be >= 0 and <= 1"),
-        "accuracy_above_one": (_baseline_doc({GATED_ID: {env: _entry(32.6)}}), "['accuracy'] is 32.6, but it is a share of correct predictions"),
+        "400_digit_bytes": (
+            doc(peak_memory_bytes=10**399),
+            f"{where}['peak_memory_bytes'] is a 400-digit number, but it is a number of bytes",
+        ),
+        "deep_nesting": (
+            b'{"schema": "pytest-ampgate-baselines", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "nests JSON arrays or objects more than 64 levels deep",
+        ),
+        "deep_but_parseable": (
+            json.dumps({"schema": SCHEMA, "schema_version": 1, "tests": {}, "x": json.loads("[" * 500 + "]" * 500)}).encode(),
+            "nests JSON arrays or objects more than 64 levels deep",
+        ),
+        "negative_accuracy": (
+            _baseline_doc({GATED_ID: {env: _entry(-0.3)}}),
+            f"tests['{GATED_ID}']['{env}']['modes']['fp32']['accuracy'] is -0.3, but it is a share of correct predictions and must be >= 0 and <= 1",
+        ),
+        "accuracy_above_one": (
+            _baseline_doc({GATED_ID: {env: _entry(32.6)}}),
+            "['accuracy'] is 32.6, but it is a share of correct predictions",
+        ),
         "negative_speedup": (doc(speedup=-1.5), f"{where}['speedup'] is -1.5, but it is a ratio of step times and must be > 0"),
         "zero_memory_ratio": (doc(memory_ratio=0), f"{where}['memory_ratio'] is 0.0, but it is a ratio of peak memories and must be > 0"),
-        "speedup_outside_interval": (doc(speedup=1.5, speedup_low=1.6, speedup_high=1.8), "the speedup 1.5 lies outside its own interval [1.6, 1.8]"),
+        "speedup_outside_interval": (
+            doc(speedup=1.5, speedup_low=1.6, speedup_high=1.8),
+            "the speedup 1.5 lies outside its own interval [1.6, 1.8]",
+        ),
     }
 
 
@@ -589,10 +629,12 @@ def test_bad_baseline_files_are_refused_with_file_key_and_fix(pytester):
     """One module (and one baseline file) per bad input, all in one session: check, then update."""
     cases = _bad_files()
     (pytester.path / "baselines").mkdir()
-    for i, (name, (content, _message)) in enumerate(cases.items()):
+    for i, (_name, (content, _message)) in enumerate(cases.items()):
         module = f"test_bad{i}"
         pytester.makepyfile(**{module: GATED_TEST})
-        (pytester.path / "baselines" / f"{module}.json").write_bytes(content.replace(b"test_gated.py::test_gated", f"{module}.py::test_gated".encode()))
+        (pytester.path / "baselines" / f"{module}.json").write_bytes(
+            content.replace(b"test_gated.py::test_gated", f"{module}.py::test_gated".encode())
+        )
     before = _hashes(pytester.path / "baselines")
     for args in (CPU, UPDATE):
         result = pytester.runpytest(*args)
@@ -641,7 +683,8 @@ def test_fifo_in_place_of_a_baseline_file_is_refused_without_hanging(pytester):
 
 
 def test_class_and_method_markers_merge_closest_wins(pytester):
-    pytester.makepyfile(test_markers='''
+    pytester.makepyfile(
+        test_markers="""
 import pytest
 
 pytestmark = pytest.mark.amp_regression(accuracy_tolerance=0.3, rounds=7)
@@ -661,24 +704,30 @@ class TestBoth:
 @pytest.mark.amp_regression(modes=["amp_bf16"], min_speedup=1.9)
 def test_twice(ampgate):
     assert ampgate.config.modes == ("amp_bf16",) and ampgate.config.min_speedup == 1.9
-''')
+"""
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(passed=2)
     _assert_clean(result)
 
 
 def test_too_few_rounds_never_give_a_decisive_speed_verdict(pytester):
-    pytester.makepyfile(test_rounds=HELPERS + '''
+    pytester.makepyfile(
+        test_rounds=HELPERS
+        + """
 
 @pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=1.2, rounds=1, steps_per_block=2,
                             warmup_steps=1, missing_baseline="ignore")
 def test_gated(ampgate):
     ampgate.run(tiny("slow", model=lambda: Faulty("slow")))
-''')
+"""
+    )
     result = pytester.runpytest(*CPU, "-rP")
     result.assert_outcomes(passed=1)
     out = _assert_clean(result)
-    assert "AMP GATE INCONCLUSIVE" in out and "only 1 round, so the interval covers 0%, not 95%: no verdict; raise rounds to at least 6" in out, out
+    assert (
+        "AMP GATE INCONCLUSIVE" in out and "only 1 round, so the interval covers 0%, not 95%: no verdict; raise rounds to at least 6" in out
+    ), out
     strict = pytester.runpytest(*CPU, "--ampgate-strict")
     strict.assert_outcomes(failed=1)
 
@@ -687,7 +736,9 @@ def test_every_requested_mode_unsupported_is_skipped_not_passed(pytester, monkey
     from pytest_ampgate import modes
 
     real = modes._cpu_supports
-    monkeypatch.setattr(modes, "_cpu_supports", lambda dtype, autocast: "no bfloat16 here (simulated)" if dtype == torch.bfloat16 else real(dtype, autocast))
+    monkeypatch.setattr(
+        modes, "_cpu_supports", lambda dtype, autocast: "no bfloat16 here (simulated)" if dtype == torch.bfloat16 else real(dtype, autocast)
+    )
     pytester.makepyfile(test_gated=GATED_TEST)
     result = pytester.runpytest(*UPDATE, "-rs")
     result.assert_outcomes(skipped=1)
@@ -702,8 +753,9 @@ def test_relative_paths_follow_one_rule_command_line_from_cwd_ini_from_rootdir(p
     pytester.makepyfile(test_gated=GATED_TEST)
     sub = pytester.mkdir("sub")
     monkeypatch.chdir(sub)
-    result = pytester.runpytest(*UPDATE, "--rootdir", str(pytester.path), "--ampgate-baseline-dir", "cli_baselines",
-                                str(pytester.path / "test_gated.py"))
+    result = pytester.runpytest(
+        *UPDATE, "--rootdir", str(pytester.path), "--ampgate-baseline-dir", "cli_baselines", str(pytester.path / "test_gated.py")
+    )
     result.assert_outcomes(passed=1)
     assert (sub / "cli_baselines" / "test_gated.json").is_file(), "a command-line path is relative to where pytest was started"
     assert not (pytester.path / "cli_baselines").exists()
@@ -717,7 +769,9 @@ def test_relative_paths_follow_one_rule_command_line_from_cwd_ini_from_rootdir(p
 # 10. SIGTERM.
 # --------------------------------------------------------------------------------------------------
 
-SIGTERM_TESTS = HELPERS + '''
+SIGTERM_TESTS = (
+    HELPERS
+    + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_one(ampgate):
@@ -734,7 +788,8 @@ def test_three(ampgate):
     open(os.environ["REACHED"], "w").close()
     time.sleep(300)
     ampgate.run(tiny())
-'''
+"""
+)
 
 
 def _sigterm_when_reached(tmp_path, env, *args):
@@ -742,7 +797,11 @@ def _sigterm_when_reached(tmp_path, env, *args):
     the finished process and its output (a run SIGTERM did not stop is killed and says so)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *UPDATE, "-p", "no:xdist", "-p", "no:benchmark", "-p", "no:hypothesispytest", "-q", *args],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 240
     while not (tmp_path / "reached").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -787,8 +846,13 @@ def test_sigterm_while_baselines_are_written_leaves_the_old_file_whole(tmp_path)
     old = _baseline_doc({"test_race.py::test_zero": {"cpu|elsewhere|torch2": _entry(0.8)}})
     (tmp_path / "baselines" / "test_race.json").write_bytes(old)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_ADDOPTS", "PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env.update(OMP_NUM_THREADS="1", AMPGATE_FAULT="mid-write", AMPGATE_FAULT_MARK=str(tmp_path / "reached"),
-               PYTHONPATH=os.pathsep.join(sys.path), PYTEST_AMPGATE_LOCK_DIR=str(tmp_path / "locks"))
+    env.update(
+        OMP_NUM_THREADS="1",
+        AMPGATE_FAULT="mid-write",
+        AMPGATE_FAULT_MARK=str(tmp_path / "reached"),
+        PYTHONPATH=os.pathsep.join(sys.path),
+        PYTEST_AMPGATE_LOCK_DIR=str(tmp_path / "locks"),
+    )
     proc, out = _sigterm_when_reached(tmp_path, env, "-k", "test_one")
     assert (tmp_path / "reached").exists(), out
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out

@@ -25,10 +25,12 @@ from test_reliability import (  # noqa: F401  (same set-up)
     _assert_clean,
     _hashes,
     _output,
-    _quiet_and_isolated,  # noqa: F401  (autouse fixture)
+    _quiet_and_isolated,
 )
 
-LEAK_TESTS = HELPERS + '''
+LEAK_TESTS = (
+    HELPERS
+    + """
 
 KEEP = []
 FAST6 = {**FAST, "rounds": 6}
@@ -78,7 +80,8 @@ def test_after_anomaly_detection(ampgate):
     ampgate.run(tiny())
     assert torch.is_anomaly_enabled(), "the caller's state is restored"
     torch.autograd.set_detect_anomaly(False)
-'''
+"""
+)
 
 
 def test_leaked_autocast_and_inference_mode_do_not_change_what_is_measured_or_recorded(pytester):
@@ -91,8 +94,12 @@ def test_leaked_autocast_and_inference_mode_do_not_change_what_is_measured_or_re
     assert "LEAKED STATE test_leaks.py::test_after_anomaly_detection" in out and "set_detect_anomaly(True)" in out, out
     stored = json.loads((pytester.path / "baselines" / "test_leaks.json").read_text())["tests"]
     clean = next(iter(stored["test_leaks.py::test_clean"].values()))["modes"]
-    for name in ("test_wrapped_in_bf16_autocast", "test_after_open_autocast", "test_data_made_under_leaked_inference_mode",
-                 "test_after_anomaly_detection"):
+    for name in (
+        "test_wrapped_in_bf16_autocast",
+        "test_after_open_autocast",
+        "test_data_made_under_leaked_inference_mode",
+        "test_after_anomaly_detection",
+    ):
         modes = next(iter(stored[f"test_leaks.py::{name}"].values()))["modes"]
         for mode in ("fp32", "amp_bf16"):  # same model, data and seed: the same training, whatever was leaked
             assert modes[mode]["accuracy"] == clean[mode]["accuracy"], (name, mode, modes, clean)
@@ -101,12 +108,15 @@ def test_leaked_autocast_and_inference_mode_do_not_change_what_is_measured_or_re
 
 
 def test_a_model_instance_as_model_factory_is_named(pytester):
-    pytester.makepyfile(test_inst=HELPERS + '''
+    pytester.makepyfile(
+        test_inst=HELPERS
+        + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_instance(ampgate):
     ampgate.run(tiny(model=nn.Linear(8, 2)))
-''')
+"""
+    )
     result = pytester.runpytest(*CPU)
     result.assert_outcomes(failed=1)
     out = _assert_clean(result)
@@ -116,13 +126,16 @@ def test_instance(ampgate):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX path limits and symlinks")
 def test_paths_the_os_refuses_are_usage_errors_before_measuring(pytester, monkeypatch):
-    pytester.makepyfile(test_paths=HELPERS + '''
+    pytester.makepyfile(
+        test_paths=HELPERS
+        + """
 
 @pytest.mark.amp_regression(**FAST)
 def test_gated(ampgate):
     open("measured", "w").close()
     ampgate.run(tiny())
-''')
+"""
+    )
     os.symlink("loop_b", pytester.path / "loop_a")
     os.symlink("loop_a", pytester.path / "loop_b")
     (pytester.path / "a_file").write_text("x")
