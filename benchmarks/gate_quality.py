@@ -46,8 +46,9 @@ import torch
 from pytest_ampgate import plants
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.env import fingerprint
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide
+from pytest_ampgate.gate import baseline_from, decide
 from pytest_ampgate.measurement import MeasureConfig, measure
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
 from pytest_ampgate.workloads import get_workload
 
 SIZES = (0.5, 1.0, 1.5, 2.0)

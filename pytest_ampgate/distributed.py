@@ -284,7 +284,8 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from .config import MeasureConfig
-    from .measurement import ModeMeasurement, _compare
+    from .measurement import _compare
+    from .results import ModeMeasurement
 
     started = time.perf_counter()
     config = config or MeasureConfig()
@@ -587,8 +588,9 @@ def merge(ranks: list[dict], config, spec: dict):
     """One Measurements from every rank's: what decides a distributed run is its worst rank."""
     import math
 
-    from .measurement import Measurements, ModeMeasurement, _compare
+    from .measurement import _compare
     from .modes import MODES
+    from .results import Measurements, ModeMeasurement
 
     per_rank = [Measurements.from_dict(r["measurements"]) for r in ranks]
     base = per_rank[0]
@@ -670,7 +672,7 @@ def merge(ranks: list[dict], config, spec: dict):
 
 def judge(measurements, verdict):
     """The gate's verdict with the distributed checks: the rank that went non-finite first, replica drift."""
-    from .gate import FAIL, PASS, SKIPPED, Check, Verdict
+    from .verdict import FAIL, PASS, SKIPPED, Check, Verdict
 
     info = measurements.distributed
     ranks = info.get("ranks", [])

@@ -87,8 +87,8 @@ def _memory(mm) -> dict | None:
 
 def _launch(mm) -> dict | None:
     """Host enqueue time beside device time per step, and the launch-bound diagnosis where it was probed."""
-    from .measurement import launch_bound
     from .stats import median
+    from .timing import launch_bound
 
     if not mm.host_times_s:
         return None
@@ -102,7 +102,7 @@ def _launch(mm) -> dict | None:
 
 
 def _mode_record(result, mm, comparison) -> dict:
-    from .measurement import json_float
+    from .records import json_float
     from .report import mode_status, reference_memory_ratio
 
     m = result.measurements
@@ -166,7 +166,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "modes": [_mode_record(result, mm, comparison) for mm, comparison in m.each_mode()],
         "checks": [c.to_dict() for c in result.verdict.checks],
         "verdict": {"outcome": result.verdict.outcome, "confirmed": result.verdict.confirmed, "strict": result.strict},
-        "noise": m.noise,
+        "noise": m.noise.to_dict(),
         "baseline_update": None if result.update is None else {"recorded": True},
         "distributed": m.distributed or None,
     }

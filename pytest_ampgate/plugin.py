@@ -1013,8 +1013,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     collector = config.pluginmanager.get_plugin("ampgate-results")
     if not gate.results and not state.get("summary") and not (collector and (collector.unmeasured or collector.not_recorded)):
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
-    from .gate import FAIL, INCONCLUSIVE
     from .report import format_table, table_columns, table_rows
+    from .verdict import FAIL, INCONCLUSIVE
 
     terminalreporter.write_sep("=", "ampgate summary")
     if gate.results:

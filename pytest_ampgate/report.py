@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
-from .gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, GateResult, Verdict
-from .measurement import ModeMeasurement
+from .gate import GateResult
+from .results import ModeMeasurement
+from .verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED, Verdict
 
 COLUMNS = ("test", "mode", "step time", "speedup [CI]", "peak mem (ratio)", "final loss", "accuracy (baseline)", "verdict")
 WORST_FIRST = (FAIL, INCONCLUSIVE, PASS, SKIPPED)

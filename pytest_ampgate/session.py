@@ -141,7 +141,8 @@ class TestGate:
         The verdict is applied to the test automatically when it finishes; the returned
         :class:`GateResult` is there for asserts of your own.
         """
-        from .gate import GateResult, baseline_from, decide, evaluate, stored_metric
+        from .checks import stored_metric
+        from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
         from .workloads import BUILTIN, check_dataset, get_workload, metric_of
 
