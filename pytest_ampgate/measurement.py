@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from . import env as env_mod
-from .config import MeasureConfig
+from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
@@ -52,7 +52,6 @@ from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize
 from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
-DEFAULT_MODES = ("amp_fp16", "amp_bf16")
 
 
 @dataclass
