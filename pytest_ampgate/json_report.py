@@ -25,7 +25,7 @@ OUTCOMES = ("pass", "fail", "inconclusive", "skipped")
 
 
 def _num(value: Any) -> float | int | None:
-    """Strict JSON has no NaN or infinity: those become null (a loss keeps them as strings: measurement.json_float)."""
+    """Strict JSON has no NaN or infinity: those become null (a loss keeps them as strings: records.json_float)."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and math.isfinite(value):

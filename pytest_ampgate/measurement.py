@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import env as env_mod
-from .config import MeasureConfig
+from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
@@ -47,8 +47,6 @@ from .results import Comparison, Measurements, ModeMeasurement, NoiseReadings
 from .stats import abba_order, estimate_ratio, round_ratios
 from .timing import BlockTiming, default_timer, device_context, no_cyclic_gc, read_losses, synchronize, timed_block
 from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
-
-DEFAULT_MODES = ("amp_fp16", "amp_bf16")
 
 
 def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:
