@@ -11,7 +11,7 @@ themselves live in :mod:`pytest_ampgate.checks`, outcomes and messages in :mod:`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .baselines import Baseline, ModeBaseline, utc_timestamp
@@ -157,8 +157,12 @@ class GateResult:
     update: dict | None = None
     """The baseline entry to store (``Baseline.to_entry()``), set only under --ampgate-update."""
     strict: bool = False
-    config: dict = field(default_factory=dict)
-    """The test's GateConfig as a dict (margins, limits): reports and charts draw floors from it."""
+    config: GateConfig | None = None
+    """The test's settings (margins, limits): reports and charts draw floors from it."""
+
+    def __post_init__(self):
+        if isinstance(self.config, Mapping):  # as read from JSON
+            self.config = from_dict(GateConfig, self.config) if self.config else None
 
     @property
     def failed(self) -> bool:

@@ -159,7 +159,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "batch_size": m.batch_size,
         "reference_mode": m.reference.mode,
         "protocol": m.config.to_dict(),
-        "config": dict(getattr(result, "config", None) or {}),
+        "config": result.config.to_dict() if result.config else {},
         "dataset": m.dataset,
         "wall_time_s": m.wall_time_s,
         "run": dict(run) if run else None,

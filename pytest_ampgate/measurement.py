@@ -30,7 +30,7 @@ from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
-from .memory import cuda_requested, memory_pass
+from .memory import cuda_requested, memory_pass, oom_message, warm_libraries
 from .modes import (
     ModeRunner,
     PrecisionMode,
@@ -129,18 +129,6 @@ def _evaluate_metric(slot: _Slot, workload: Workload, dataset: DeviceDataset) ->
     slot.m.set_metric(metric.name, metric.check_value(value, workload.name), metric.higher_is_better)
 
 
-def _oom_message(device: torch.device, exc: BaseException) -> str:
-    text = f"out of memory: {str(exc).splitlines()[0]}"
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        text += (
-            f" (allocated {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB, "
-            f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB, "
-            f"free {free / 2**20:.0f} of {total / 2**20:.0f} MiB)"
-        )
-    return text
-
-
 class _Slot:
     """One mode in the run: its measurement, and its runner while it is alive."""
 
@@ -162,7 +150,7 @@ class _Slot:
 
     def fail(self, device: torch.device, exc: BaseException, phase: str = "") -> None:
         oom = isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
-        self.m.error = _oom_message(device, exc) if oom else f"{type(exc).__name__}: {exc}"
+        self.m.error = oom_message(device, exc) if oom else f"{type(exc).__name__}: {exc}"
         self.m.failed_phase = phase
         self.runner = None
         if device.type == "cuda":
@@ -197,21 +185,6 @@ def _dataset_for(workload: Workload, device: torch.device, data_root, download: 
     while len(_DATASETS) > _DATASET_CACHE_SIZE:
         _DATASETS.popitem(last=False)
     return dataset
-
-
-def _warm_libraries(device: torch.device) -> None:
-    """One small matmul per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
-
-    Their first call in a process allocates the workspace through the caching allocator; warmed
-    here, it is charged to no mode, whichever test or mode runs first.
-    """
-    if device.type != "cuda":
-        return
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
-    for dtype in dtypes:
-        a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
-        (a @ a).sum().backward()
-    synchronize(device)
 
 
 @measured_from_known_state
@@ -280,7 +253,7 @@ def measure(
             noise.before = env_mod.noise_report(device)
             # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
             with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
-                _warm_libraries(device)
+                warm_libraries(device)
                 _run(
                     workload,
                     slots,

@@ -187,3 +187,31 @@ def memory_pass(
         "covers": MEMORY_COVERS,
     }
     return figures, losses
+
+
+def warm_libraries(device: torch.device) -> None:
+    """One small matmul per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
+
+    Their first call in a process allocates the workspace through the caching allocator; warmed
+    here, it is charged to no mode, whichever test or mode runs first.
+    """
+    if device.type != "cuda":
+        return
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
+    for dtype in dtypes:
+        a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+        (a @ a).sum().backward()
+    synchronize(device)
+
+
+def oom_message(device: torch.device, exc: BaseException) -> str:
+    """An out-of-memory error with the device's memory state beside it."""
+    text = f"out of memory: {str(exc).splitlines()[0]}"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        text += (
+            f" (allocated {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB, "
+            f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB, "
+            f"free {free / 2**20:.0f} of {total / 2**20:.0f} MiB)"
+        )
+    return text

@@ -72,13 +72,13 @@ def chart_rows(results) -> list[ChartRow]:
                     speedup=est.median if est else None,
                     low=est.low if est else None,
                     high=est.high if est else None,
-                    floor=speed.threshold if floor_gated else r.config.get("min_speedup"),
+                    floor=speed.threshold if floor_gated else getattr(r.config, "min_speedup", None),
                     floor_gated=floor_gated,
                     speed_outcome=speed.outcome if speed is not None else "skipped",
                     memory_ratio=comparison.memory_ratio,
                     memory_limit=memory.threshold
                     if memory is not None and memory.threshold is not None
-                    else r.config.get("max_memory_ratio"),
+                    else getattr(r.config, "max_memory_ratio", None),
                     memory_gated=memory is not None and memory.threshold is not None,
                     memory_outcome=memory.outcome if memory is not None else "skipped",
                     memory_note=m.modes[name].memory_note or m.reference.memory_note or comparison.note or "not measured",

@@ -252,7 +252,7 @@ class TestGate:
             if baseline
             else {},
             strict=config.strict,
-            config=config.to_dict(),
+            config=config,
         )
         if options.update and not result.failed:
             settings = {
