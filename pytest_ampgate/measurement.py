@@ -49,7 +49,8 @@ from .modes import (
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
+from .workload_checks import build_model
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
 DEFAULT_MODES = ("amp_fp16", "amp_bf16")
