@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from . import env as env_mod
-from .config import MeasureConfig
+from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
@@ -53,7 +53,6 @@ from .workload_checks import build_model
 from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
-DEFAULT_MODES = ("amp_fp16", "amp_bf16")
 
 
 @dataclass
@@ -323,7 +322,7 @@ class CudaTimer:
         without the gaps where it waited for the host.  If the sleep ended before the host finished
         (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
-        from .plants import gpu_cycles_per_second
+        from .delays import gpu_cycles_per_second
 
         with device_context(self.device):
             index = torch.cuda.current_device()
