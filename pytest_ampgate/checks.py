@@ -44,6 +44,10 @@ class Judging:
         return self.baseline.modes.get(mode) if self.baseline else None
 
 
+MISSING_BASELINE_OUTCOME = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}
+"""What a metric without a stored baseline counts as, per the ``missing_baseline`` setting."""
+
+
 def _fmt_bytes(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -231,7 +235,7 @@ def _metric(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, 
         return Check(mm.mode, name, FAIL, f"{mm.mode} {name} is {value} (non-finite)", measured=None)
     base = stored_metric(baseline.modes.get(mm.mode) if baseline else None, name)
     if base is None:
-        outcome = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}[config.missing_baseline]
+        outcome = MISSING_BASELINE_OUTCOME[config.missing_baseline]
         return Check(mm.mode, name, outcome, f"{mm.mode} {name} {_fmt_metric(value)}: {missing}", measured=value)
     higher = mm.higher_is_better
     limit = base - tol if higher else base + tol
@@ -304,7 +308,7 @@ def _accuracy(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None
         return Check(mm.mode, Metric.ACCURACY, SKIPPED, f"{mm.mode} accuracy not measured")
     base = baseline.modes.get(mm.mode) if baseline else None
     if base is None or base.accuracy is None:
-        outcome = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}[config.missing_baseline]
+        outcome = MISSING_BASELINE_OUTCOME[config.missing_baseline]
         return Check(mm.mode, Metric.ACCURACY, outcome, f"{mm.mode} accuracy {mm.accuracy:.3f}: {missing}", measured=mm.accuracy)
     low = base.accuracy - config.accuracy_tolerance
     text = f"{mm.mode} accuracy {mm.accuracy:.3f} vs baseline {base.accuracy:.3f} (tol {config.accuracy_tolerance:g})"

@@ -46,7 +46,8 @@ from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_fo
 from .results import Comparison, Measurements, ModeMeasurement, NoiseReadings
 from .stats import abba_order, estimate_ratio, round_ratios
 from .timing import BlockTiming, default_timer, device_context, no_cyclic_gc, read_losses, synchronize, timed_block
-from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
+from .workload_checks import build_model
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 
 def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:

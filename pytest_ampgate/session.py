@@ -144,7 +144,8 @@ class TestGate:
         from .checks import stored_metric
         from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
-        from .workloads import BUILTIN, check_dataset, get_workload, metric_of
+        from .workload_checks import check_dataset
+        from .workloads import BUILTIN, get_workload, metric_of
 
         if self.results:
             raise ConfigError(
