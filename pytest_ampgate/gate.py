@@ -156,17 +156,18 @@ def _noise_reason(measurements: Measurements) -> str:
     but wait for the device lock), and clocks held back during it.  The snapshots before and after
     timing count only where no window was read (older results).
     """
-    from .env import NoiseReport, WindowNoise
+    from .gpu_noise import NoiseReport, WindowNoise
+    from .records import from_dict
 
     window = measurements.noise.get("window")
     if window:
-        report = WindowNoise.from_dict(window)
+        report = from_dict(WindowNoise, window)
         if report.available:
             return f"during timing: {report.describe()}" if report.noisy else ""
     reasons = []
     for when in ("before", "after"):
         if measurements.noise.get(when):
-            report = NoiseReport.from_dict(measurements.noise[when])
+            report = from_dict(NoiseReport, measurements.noise[when])
             if report.noisy:
                 reasons.append(f"{when} timing: {report.describe()}")
     return "; ".join(reasons)

@@ -53,7 +53,7 @@ def running_mode(x: torch.Tensor | None = None, module: nn.Module | None = None)
 
     AMP modes are told apart by autocast's state on the input's device; pure ``fp16``/``bf16`` by
     the input's (or, for integer inputs, the first parameter's) dtype; ``tf32`` by the TF32 switch
-    that :func:`~pytest_ampgate.modes.numerics_policy` sets for the step.
+    that :func:`~pytest_ampgate.precision_policy.numerics_policy` sets for the step.
     """
     device_type = x.device.type if x is not None else "cpu"
     if torch.is_autocast_enabled(device_type):
@@ -72,10 +72,9 @@ def running_mode(x: torch.Tensor | None = None, module: nn.Module | None = None)
 
 
 def _tf32_on() -> bool:
-    from .modes import _tf32_switches
+    from .precision_policy import current_tf32_policy
 
-    holder, attr, _strict, tf32 = _tf32_switches()[0]
-    return getattr(holder, attr) == tf32
+    return current_tf32_policy().matmul_tf32
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -352,7 +351,9 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
     medians gives the spin's real cost, and two secant steps from the first guess
     ``fraction`` x the step size the spin.  Modes the CPU cannot run get no spin.
     """
-    from .modes import numerics_policy, prepare, unsupported_reason
+    from .mode_runner import prepare
+    from .modes import unsupported_reason
+    from .precision_policy import numerics_policy
     from .profiles import cpu_threads
 
     dataset = workload.dataset("cpu")

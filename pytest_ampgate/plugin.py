@@ -893,7 +893,7 @@ class CIOutputs:
         gate, state = self.gate, config.stash[STATE_KEY]
         lines = state.setdefault("summary", [])
         if state.get("run_locks"):
-            from .gpu_lock import remove_run_lock
+            from .file_safety import remove_run_lock
 
             for path in state["run_locks"]:  # every worker is done with them
                 remove_run_lock(path)
