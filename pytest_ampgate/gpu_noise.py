@@ -23,9 +23,19 @@ import torch
 
 from . import nvml
 from .errors import ConfigError
-from .modes import DeviceLike, cuda_index, device_missing_reason, parse_device
+from .modes import DeviceLike, parse_device
 
-__all__ = ["BusyProcess", "GpuProcess", "NoiseReport", "NoiseWindow", "WindowNoise", "noise_report", "open_noise_window", "own_run_pids"]
+__all__ = [
+    "BusyProcess",
+    "GpuProcess",
+    "NoiseReadings",
+    "NoiseReport",
+    "NoiseWindow",
+    "WindowNoise",
+    "noise_report",
+    "open_noise_window",
+    "own_run_pids",
+]
 
 # Clock-event reasons that make a step slower than the code alone would: (name, new constant,
 # old constant, the bit NVML documents). Benign reasons (gpu_idle, applications_clocks_setting,
@@ -38,9 +48,6 @@ _DISTORTING_REASONS = (
     ("hw_power_brake_slowdown", "nvmlClocksEventReasonHwPowerBrakeSlowdown", "nvmlClocksThrottleReasonHwPowerBrakeSlowdown", 0x80),
 )
 
-CPU_REASON = "timing on the CPU; NVML applies to NVIDIA GPUs only"
-NO_CUDA_REASON = "no CUDA device"
-
 
 def _opt_int(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
@@ -49,39 +56,6 @@ def _opt_int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _nvml_for(device: DeviceLike) -> tuple[Any, Any, str]:
-    """(pynvml, handle, "") with NVML initialised for the GPU ``device`` names, or (None, None, why
-    it cannot be read); the caller shuts NVML down.  Never raises: NVML is advisory."""
-    try:
-        dev = parse_device(device)
-    except ConfigError as exc:
-        return None, None, str(exc)
-    if dev.type != "cuda":
-        return None, None, CPU_REASON
-    try:
-        if device_missing_reason(dev):
-            return None, None, NO_CUDA_REASON if dev.index is None else f"{NO_CUDA_REASON} {dev.index}"
-        index = cuda_index(dev)
-        props = torch.cuda.get_device_properties(index)
-    except Exception as exc:
-        return None, None, f"CUDA device query failed: {exc}"
-    pynvml = nvml.import_pynvml()
-    if pynvml is None:
-        return None, None, "pynvml not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:
-        return None, None, f"NVML init failed: {nvml.error_text(exc)}"
-    try:
-        handle, why = nvml.handle_for(pynvml, props, index)
-    except Exception as exc:
-        handle, why = None, f"NVML query failed: {nvml.error_text(exc)}"
-    if handle is None:
-        nvml.shutdown(pynvml)
-        return None, None, why
-    return pynvml, handle, ""
 
 
 # --- a snapshot: before and after a measurement --------------------------------------------------
@@ -159,7 +133,7 @@ def noise_report(device: DeviceLike = "cuda") -> NoiseReport:
         own_context = bool(torch.cuda.is_initialized())
     except Exception:
         own_context = False
-    pynvml, handle, why = _nvml_for(device)
+    pynvml, handle, why = nvml.open_device(device)
     if handle is None:
         return NoiseReport(available=False, reason=why)
     try:
@@ -415,5 +389,33 @@ def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pi
             return NoiseWindow(reason=str(exc))
         except Exception as exc:
             return NoiseWindow(reason=f"NVML has no handle for this GPU: {nvml.error_text(exc)}")
-    pynvml, handle, why = _nvml_for(device)
+    pynvml, handle, why = nvml.open_device(device)
     return NoiseWindow(pynvml, handle, own_pids=own_pids) if handle is not None else NoiseWindow(reason=why)
+
+
+# --- one measurement's readings, and what they say about its timings -------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseReadings:
+    """One measurement's noise readings: NVML snapshots before and after it, and its timed window.
+
+    Written under these three names, so results recorded before this record existed still read.
+    """
+
+    before: NoiseReport | None = None
+    after: NoiseReport | None = None
+    window: WindowNoise | None = None
+
+    def untrusted_reason(self) -> str:
+        """Why timing on this GPU could not be trusted (other processes, throttling), or ''.
+
+        Where NVML could watch the timed rounds themselves, only what happened in that window counts:
+        processes that used the GPU then (never this run's own xdist workers, which hold a CUDA context
+        but wait for the device lock), and clocks held back during it.  The snapshots before and after
+        timing count only where no window was read (older results).
+        """
+        if self.window is not None and self.window.available:
+            return f"during timing: {self.window.describe()}" if self.window.noisy else ""
+        snapshots = (("before", self.before), ("after", self.after))
+        return "; ".join(f"{when} timing: {report.describe()}" for when, report in snapshots if report is not None and report.noisy)

@@ -3,7 +3,8 @@
 NVML is advisory for the gate: a missing pynvml, a driver that refuses a query (common on consumer
 GPUs, in containers, under MIG) or a bug in the bindings must degrade to "not available", never to
 an exception or a warning.  Every NVML call of the package goes through these few helpers, so
-that rule holds in one place for the fingerprint's driver version and for the noise readings.
+that rule holds in one place for the fingerprint's driver version and for the noise readings, and
+the GPU a torch device names is found in NVML one way (:func:`open_device`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from __future__ import annotations
 import os
 import warnings
 from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .modes import DeviceLike, cuda_index, device_missing_reason, parse_device
+
+CPU_REASON = "timing on the CPU; NVML applies to NVIDIA GPUs only"
+NO_CUDA_REASON = "no CUDA device"
 
 
 def import_pynvml() -> Any:
@@ -49,6 +58,39 @@ def error_text(exc: BaseException) -> str:
     except Exception:
         text = ""
     return text or type(exc).__name__
+
+
+def open_device(device: DeviceLike) -> tuple[Any, Any, str]:
+    """(pynvml, handle, "") with NVML initialised for the GPU ``device`` names, or (None, None, why
+    it cannot be read); the caller shuts NVML down.  Never raises: NVML is advisory."""
+    try:
+        dev = parse_device(device)
+    except ConfigError as exc:
+        return None, None, str(exc)
+    if dev.type != "cuda":
+        return None, None, CPU_REASON
+    try:
+        if device_missing_reason(dev):
+            return None, None, NO_CUDA_REASON if dev.index is None else f"{NO_CUDA_REASON} {dev.index}"
+        index = cuda_index(dev)
+        props = torch.cuda.get_device_properties(index)
+    except Exception as exc:
+        return None, None, f"CUDA device query failed: {exc}"
+    pynvml = import_pynvml()
+    if pynvml is None:
+        return None, None, "pynvml not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return None, None, f"NVML init failed: {error_text(exc)}"
+    try:
+        handle, why = handle_for(pynvml, props, index)
+    except Exception as exc:
+        handle, why = None, f"NVML query failed: {error_text(exc)}"
+    if handle is None:
+        shutdown(pynvml)
+        return None, None, why
+    return pynvml, handle, ""
 
 
 def handle_for(pynvml: Any, props: Any, index: int) -> tuple[Any, str]:
