@@ -32,7 +32,7 @@ import torch
 
 from . import env as env_mod
 from . import gpu_noise, records
-from .config import MeasureConfig
+from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
@@ -42,10 +42,10 @@ from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .precision_policy import cudnn_benchmark, numerics_policy
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
+from .workload_checks import build_model
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
-DEFAULT_MODES = ("amp_fp16", "amp_bf16")
 
 
 @dataclass
@@ -315,7 +315,7 @@ class CudaTimer:
         without the gaps where it waited for the host.  If the sleep ended before the host finished
         (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
-        from .plants import gpu_cycles_per_second
+        from .delays import gpu_cycles_per_second
 
         with device_context(self.device):
             index = torch.cuda.current_device()
