@@ -7,7 +7,7 @@ as the reference) and prints one row per mode: step time (median with IQR), spee
 with its interval, peak memory and its ratio, final loss and held-out accuracy.
 
 Then, per mode, the overhead check: the engine's own ``time_block`` over a
-:class:`~pytest_ampgate.modes.ModeRunner` against the loop a user writes by hand for that mode
+:class:`~pytest_ampgate.mode_runner.ModeRunner` against the loop a user writes by hand for that mode
 (same initial weights, same batch slices, same autocast/GradScaler/parameter dtype, same TF32
 policy), interleaved ABBA so drift cancels, warm-up untimed.  The ratio engine/bare is the median
 of per-round ratios with the same distribution-free interval the gate uses.  After timing, both
@@ -42,7 +42,10 @@ import torch
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.errors import ModeError
 from pytest_ampgate.measurement import MeasureConfig, measure
-from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode
+from pytest_ampgate.mode_runner import prepare
+from pytest_ampgate.modes import MODES, PrecisionMode, resolve_mode
+from pytest_ampgate.precision_policy import cudnn_benchmark, numerics_policy
+from pytest_ampgate.records import to_dict
 from pytest_ampgate.report import format_table
 from pytest_ampgate.results import Measurements
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
@@ -600,7 +603,7 @@ def main(argv=None) -> int:
         payload = {
             "command": ["benchmarks/engine_benchmark.py", *(sys.argv[1:] if argv is None else argv)],
             "device": str(device),
-            "environment": fingerprint(device).to_dict(),
+            "environment": to_dict(fingerprint(device)),
             "config": config.to_dict(),
             "cases": [c.to_dict() for c in cases],
             "wall_time_s": wall,

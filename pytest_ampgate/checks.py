@@ -2,7 +2,7 @@
 
 :data:`MODE_CHECKS` run for every mode that ran (the reference too); :data:`COMPARED_CHECKS` for
 every compared mode whose run and whose reference's run both completed.  A new check is a
-function here, a :class:`~pytest_ampgate.verdict.Metric` name, and an entry in one of the lists.
+function here, a :class:`~pytest_ampgate.verdict.CheckName` name, and an entry in one of the lists.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .config import GateConfig
 from .results import Measurements, ModeMeasurement
 from .stats import MIN_ROUNDS_FOR_CONFIDENCE
 from .timing import launch_diagnosis
-from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, Metric
+from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, CheckName
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def speedup_check(j: Judging, name: str) -> list[Check]:
     device_type = j.measurements.device.split(":")[0]
     if not j.config.timing_applies(device_type):
         why = f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"
-        return [Check(name, Metric.SPEEDUP, SKIPPED, why)]
+        return [Check(name, CheckName.SPEEDUP, SKIPPED, why)]
     return [_speedup(name, j.measurements, j.config, j.stored(name), j.env_label)]
 
 
@@ -70,7 +70,7 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
         source += f"; baseline {base.speedup:.2f}x on {env_label}, tol {config.speedup_tolerance:.0%}"
         floor = max(floor, allowed)
     if est is None:
-        return Check(name, Metric.SPEEDUP, SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
+        return Check(name, CheckName.SPEEDUP, SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
     text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
     args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
     diagnosis = launch_diagnosis(m.reference, m.modes[name], m.device, floor) if est.low < floor else ""
@@ -80,22 +80,22 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
             "a wider model, CUDA graphs or torch.compile"
         )
         if config.check_speed is not True:
-            return Check(name, Metric.SPEEDUP, SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
+            return Check(name, CheckName.SPEEDUP, SKIPPED, f"{statement} (check_speed=True gates it anyway)", **args)
         text += f" ({diagnosis})"
     too_few = _too_few_rounds(est, config)
     if too_few:
-        return Check(name, Metric.SPEEDUP, INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
+        return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
     if est.low >= floor:
-        return Check(name, Metric.SPEEDUP, PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
+        return Check(name, CheckName.SPEEDUP, PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)
     if est.high < floor:
-        noise = m.noise.reason()
+        noise = m.noise.untrusted_reason()
         if noise:
             return Check(
-                name, Metric.SPEEDUP, INCONCLUSIVE, f"{text} < floor {floor:.2f}x ({source}), but the GPU was busy: {noise}", **args
+                name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} < floor {floor:.2f}x ({source}), but the GPU was busy: {noise}", **args
             )
-        return Check(name, Metric.SPEEDUP, FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
+        return Check(name, CheckName.SPEEDUP, FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
     noisy = f"; {est.note}" if est.noisy else ""
-    return Check(name, Metric.SPEEDUP, INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
+    return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
 
 
 def _too_few_rounds(est, config: GateConfig) -> str:
@@ -119,7 +119,7 @@ def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline |
     ratio = m.comparisons[name].memory_ratio
     if ratio is None:
         note = m.modes[name].memory_note or m.reference.memory_note or "not measured"
-        return Check(name, Metric.MEMORY, SKIPPED, f"{name} peak memory: {note}")
+        return Check(name, CheckName.MEMORY, SKIPPED, f"{name} peak memory: {note}")
     limit, source = config.max_memory_ratio, f"limit {config.max_memory_ratio:.2f}x"
     if base is not None and base.memory_ratio is not None:
         source += f"; baseline {base.memory_ratio:.2f}x on {env_label}, tol +{config.memory_tolerance:.2f}"
@@ -132,7 +132,7 @@ def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline |
     outcome = PASS if ratio <= limit else FAIL
     return Check(
         name,
-        Metric.MEMORY,
+        CheckName.MEMORY,
         outcome,
         f"{text} {'<=' if outcome == PASS else '>'} {limit:.2f}x ({source})",
         measured=ratio,
@@ -145,11 +145,11 @@ def finite_loss_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     """Loss finite at every step, or the first bad step named."""
     steps = len(mm.losses)
     if mm.first_nonfinite_step is None:
-        return [Check(mm.mode, Metric.FINITE_LOSS, PASS, f"{mm.mode} loss finite at all {steps} steps", measured=0, threshold=0)]
+        return [Check(mm.mode, CheckName.FINITE_LOSS, PASS, f"{mm.mode} loss finite at all {steps} steps", measured=0, threshold=0)]
     bad = mm.losses[mm.first_nonfinite_step]
     check = Check(
         mm.mode,
-        Metric.FINITE_LOSS,
+        CheckName.FINITE_LOSS,
         FAIL,
         f"{mm.mode} loss non-finite ({bad}) first at step {mm.first_nonfinite_step} of {steps} ({mm.nonfinite_steps} non-finite steps)",
         measured=mm.nonfinite_steps,
@@ -179,7 +179,7 @@ def scaler_checks(j: Judging, mm: ModeMeasurement) -> list[Check]:
         checks.append(
             Check(
                 mm.mode,
-                Metric.SKIPPED_STEPS,
+                CheckName.SKIPPED_STEPS,
                 PASS if ok else FAIL,
                 f"{mm.mode} {_scaler_name(mm)} skipped {s.skipped_steps} of {s.steps} steps ({fraction:.1%}) "
                 f"{'<=' if ok else '>'} {config.max_skipped_fraction:.1%}",
@@ -191,7 +191,7 @@ def scaler_checks(j: Judging, mm: ModeMeasurement) -> list[Check]:
     checks.append(
         Check(
             mm.mode,
-            Metric.LOSS_SCALE,
+            CheckName.LOSS_SCALE,
             PASS if ok else FAIL,
             f"{mm.mode} loss scale {s.final_scale:g} (start {s.initial_scale:g}, lowest {s.min_scale:g}) "
             f"{'>=' if ok else '< collapse limit'} {config.min_loss_scale:g}",
@@ -206,7 +206,7 @@ def stored_metric(base: ModeBaseline | None, name: str) -> float | None:
     """A mode's stored metric: ``accuracy`` in its own field, any other metric under its name."""
     if base is None:
         return None
-    if name == Metric.ACCURACY:
+    if name == CheckName.ACCURACY:
         return base.accuracy
     value = base.extra.get(name)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
@@ -222,10 +222,10 @@ def metric_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
 
 
 def _metric(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, missing: str, tolerance: float | None) -> Check:
-    if mm.metric_name == Metric.ACCURACY and mm.metric is None and mm.accuracy is not None:
+    if mm.metric_name == CheckName.ACCURACY and mm.metric is None and mm.accuracy is not None:
         mm.metric = mm.accuracy
     name = mm.metric_name
-    if name == Metric.ACCURACY and tolerance is None:
+    if name == CheckName.ACCURACY and tolerance is None:
         return _accuracy(mm, config, baseline, missing)
     tol = config.accuracy_tolerance if tolerance is None else tolerance
     value = mm.metric
@@ -285,7 +285,7 @@ def same_run_checks(j: Judging, name: str) -> list[Check]:
         if not ok:
             text += f": {'below' if higher else 'above'} {_fmt_metric(limit)}"
         checks.append(
-            Check(name, Metric.SAME_RUN, PASS if ok else FAIL, text, measured=value if math.isfinite(value) else None, threshold=limit)
+            Check(name, CheckName.SAME_RUN, PASS if ok else FAIL, text, measured=value if math.isfinite(value) else None, threshold=limit)
         )
     steps = m.config.steps_per_block
     loss, ref_loss = tail_loss(mm, steps), tail_loss(ref, steps)
@@ -299,26 +299,32 @@ def same_run_checks(j: Judging, name: str) -> list[Check]:
         )
         if not ok:
             text += f": above {limit:.4g}"
-        checks.append(Check(name, Metric.SAME_RUN_LOSS, PASS if ok else FAIL, text, measured=loss, threshold=limit))
+        checks.append(Check(name, CheckName.SAME_RUN_LOSS, PASS if ok else FAIL, text, measured=loss, threshold=limit))
     return checks
 
 
 def _accuracy(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, missing: str) -> Check:
     if mm.accuracy is None or (isinstance(mm.accuracy, float) and math.isnan(mm.accuracy)):
-        return Check(mm.mode, Metric.ACCURACY, SKIPPED, f"{mm.mode} accuracy not measured")
+        return Check(mm.mode, CheckName.ACCURACY, SKIPPED, f"{mm.mode} accuracy not measured")
     base = baseline.modes.get(mm.mode) if baseline else None
     if base is None or base.accuracy is None:
         outcome = MISSING_BASELINE_OUTCOME[config.missing_baseline]
-        return Check(mm.mode, Metric.ACCURACY, outcome, f"{mm.mode} accuracy {mm.accuracy:.3f}: {missing}", measured=mm.accuracy)
+        return Check(mm.mode, CheckName.ACCURACY, outcome, f"{mm.mode} accuracy {mm.accuracy:.3f}: {missing}", measured=mm.accuracy)
     low = base.accuracy - config.accuracy_tolerance
     text = f"{mm.mode} accuracy {mm.accuracy:.3f} vs baseline {base.accuracy:.3f} (tol {config.accuracy_tolerance:g})"
     if mm.accuracy < low:
         return Check(
-            mm.mode, Metric.ACCURACY, FAIL, f"{text} dropped below {low:.3f}", measured=mm.accuracy, threshold=low, baseline=base.accuracy
+            mm.mode,
+            CheckName.ACCURACY,
+            FAIL,
+            f"{text} dropped below {low:.3f}",
+            measured=mm.accuracy,
+            threshold=low,
+            baseline=base.accuracy,
         )
     if mm.accuracy > base.accuracy + config.accuracy_tolerance:
         text += "; above the baseline by more than the tolerance, refresh it with --ampgate-update"
-    return Check(mm.mode, Metric.ACCURACY, PASS, text, measured=mm.accuracy, threshold=low, baseline=base.accuracy)
+    return Check(mm.mode, CheckName.ACCURACY, PASS, text, measured=mm.accuracy, threshold=low, baseline=base.accuracy)
 
 
 def coverage_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
@@ -330,12 +336,14 @@ def coverage_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     if cov is None or resolve_mode(mm.mode).low_precision_dtype is None:
         return []
     if cov.total_flops == 0:
-        return [Check(mm.mode, Metric.PRECISION_COVERAGE, SKIPPED, f"{mm.mode}: no matmul/convolution FLOPs recorded")]
+        return [Check(mm.mode, CheckName.PRECISION_COVERAGE, SKIPPED, f"{mm.mode}: no matmul/convolution FLOPs recorded")]
     ok = cov.share >= config.min_low_precision_share
     text = f"{mm.mode} ran {cov.share:.1%} of matmul/conv FLOPs in low precision {'>=' if ok else '<'} {config.min_low_precision_share:.0%}"
     text += fp32_layers_text(cov)
     return [
-        Check(mm.mode, Metric.PRECISION_COVERAGE, PASS if ok else FAIL, text, measured=cov.share, threshold=config.min_low_precision_share)
+        Check(
+            mm.mode, CheckName.PRECISION_COVERAGE, PASS if ok else FAIL, text, measured=cov.share, threshold=config.min_low_precision_share
+        )
     ]
 
 

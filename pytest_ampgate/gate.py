@@ -20,7 +20,7 @@ from .config import GateConfig
 from .known_state import LEAKED_KEY, describe
 from .records import from_dict, to_dict
 from .results import Measurements, ModeMeasurement
-from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, SKIPPED, TIMING_METRICS, Check, Metric, Verdict
+from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, SKIPPED, TIMING_METRICS, Check, CheckName, Verdict
 
 
 def evaluate(
@@ -42,10 +42,10 @@ def evaluate(
     checks: list[Check] = []
     for mm, _comparison in measurements.each_mode():
         if not mm.supported:
-            checks.append(Check(mm.mode, Metric.SUPPORTED, SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
+            checks.append(Check(mm.mode, CheckName.SUPPORTED, SKIPPED, f"{mm.mode} not run: {mm.unsupported_reason}"))
         elif mm.error:
             where = f"in {mm.failed_phase}" if mm.failed_phase else "while running"
-            checks.append(Check(mm.mode, Metric.RAN, FAIL, f"{mm.mode} failed {where}: {mm.error}{error_hint(mm.error)}"))
+            checks.append(Check(mm.mode, CheckName.RAN, FAIL, f"{mm.mode} failed {where}: {mm.error}{error_hint(mm.error)}"))
         else:
             for check in MODE_CHECKS:
                 checks += check(judging, mm)
@@ -55,7 +55,7 @@ def evaluate(
                 checks += check(judging, name)
     leaked = measurements.environment.get(LEAKED_KEY)
     if leaked:
-        checks.append(Check(ANY_MODE, Metric.KNOWN_STATE, PASS, describe(leaked)))
+        checks.append(Check(ANY_MODE, CheckName.KNOWN_STATE, PASS, describe(leaked)))
     return Verdict(checks, reference=measurements.reference.mode)
 
 

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .records import to_dict
+
 SCHEMA_ID = "pytest-ampgate/report"
 SCHEMA_VERSION = 1
 
@@ -141,13 +143,15 @@ def _mode_record(result, mm, comparison) -> dict:
         "steps": len(mm.losses),
         "first_nonfinite_step": mm.first_nonfinite_step,
         "nonfinite_steps": mm.nonfinite_steps,
-        "scaler": mm.scaler.to_dict() if mm.scaler else None,
+        "scaler": to_dict(mm.scaler) if mm.scaler else None,
         "low_precision_share": _num(cov.share) if cov is not None and cov.total_flops else None,
     }
 
 
 def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
     """One gated test: its settings, every mode, every check, the verdict, and where/when it ran."""
+    from .results import noise_dict
+
     m = result.measurements
     return {
         "test_id": result.test_id,
@@ -166,7 +170,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "modes": [_mode_record(result, mm, comparison) for mm, comparison in m.each_mode()],
         "checks": [c.to_dict() for c in result.verdict.checks],
         "verdict": {"outcome": result.verdict.outcome, "confirmed": result.verdict.confirmed, "strict": result.strict},
-        "noise": m.noise.to_dict(),
+        "noise": noise_dict(m.noise),
         "baseline_update": None if result.update is None else {"recorded": True},
         "distributed": m.distributed or None,
     }

@@ -26,24 +26,19 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import env as env_mod
+from . import gpu_noise, records
 from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
+from .gpu_noise import NoiseReadings
 from .known_state import measured_from_known_state
 from .memory import cuda_requested, memory_pass, oom_message, warm_libraries
-from .modes import (
-    ModeRunner,
-    PrecisionMode,
-    cudnn_benchmark,
-    device_missing_reason,
-    numerics_policy,
-    prepare,
-    resolve_mode,
-    unsupported_reason,
-)
+from .mode_runner import ModeRunner, prepare
+from .modes import PrecisionMode, device_missing_reason, parse_device, resolve_mode, unsupported_reason
 from .precision_coverage import measure_precision_coverage
+from .precision_policy import cudnn_benchmark, numerics_policy
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
-from .results import Comparison, Measurements, ModeMeasurement, NoiseReadings
+from .results import Comparison, Measurements, ModeMeasurement
 from .stats import abba_order, estimate_ratio, round_ratios
 from .timing import BlockTiming, default_timer, device_context, no_cyclic_gc, read_losses, synchronize, timed_block
 from .workload_checks import build_model
@@ -211,7 +206,7 @@ def measure(
     ``failed_phase`` set, and the others are still measured.  ``timer`` replaces the device's
     timing source (CUDA events, ``perf_counter``): tests pass a fake one.
 
-    ``runner_factory`` replaces :func:`modes.prepare` (same arguments): the distributed ranks use it
+    ``runner_factory`` replaces :func:`mode_runner.prepare` (same arguments): the distributed ranks use it
     to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
 
     Without ``config``, the protocol suits the device: GPU defaults on CUDA, the CPU profile
@@ -237,7 +232,7 @@ def measure(
             slot.m.supported, slot.m.unsupported_reason = False, reason
 
     say(_cost_line(workload, slots, device, config))
-    environment = env_mod.fingerprint(device).to_dict() if slots[0].m.supported else {"device_type": device.type}
+    environment = records.to_dict(env_mod.fingerprint(device)) if slots[0].m.supported else {"device_type": device.type}
     dataset_info: dict = {}
     noise = NoiseReadings()
     if any(s.m.supported for s in slots):
@@ -251,11 +246,11 @@ def measure(
                 torch.manual_seed(config.seed)
                 initial_model = build_model(workload)
             _check_fits(workload, initial_model, dataset)
-            noise.before = env_mod.noise_report(device)
+            before = gpu_noise.noise_report(device)
             # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
             with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
                 warm_libraries(device)
-                _run(
+                window = _run(
                     workload,
                     slots,
                     initial_model,
@@ -264,10 +259,9 @@ def measure(
                     config,
                     say,
                     timer or default_timer(device),
-                    noise,
                     runner_factory or prepare,
                 )
-            noise.after = env_mod.noise_report(device)
+            noise = NoiseReadings(before, gpu_noise.noise_report(device), window)
 
     reference = slots[0].m
     comparisons = {s.mode.name: _compare(reference, s.m, config) for s in slots[1:]}
@@ -289,9 +283,9 @@ def measure(
 def _available_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device, or a ConfigError naming it when this machine does not have it."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"measure(device={device!r}): not a device ({exc}); use 'cuda', 'cuda:N' or 'cpu'") from None
+        dev = parse_device(device)
+    except ConfigError as exc:
+        raise ConfigError(f"measure(device={device!r}): {exc}") from None
     missing = device_missing_reason(dev)
     if missing:
         advice = "; measure on the CPU with device='cpu'" if dev.type == "cuda" else ""
@@ -328,8 +322,9 @@ def _cost_line(workload: Workload, slots, device: torch.device, config: MeasureC
 
 
 def _run(
-    workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, noise: NoiseReadings, runner_factory=prepare
-) -> None:
+    workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, runner_factory=prepare
+) -> gpu_noise.WindowNoise:
+    """Set-up, lead-in, the interleaved timed rounds, balance blocks and evaluation; what NVML saw during the rounds."""
     batch = workload.batch_size
     steps = config.steps_per_block
     for slot in slots:
@@ -347,7 +342,7 @@ def _run(
         # first timed block comes straight after another mode's warm-up.  The other modes take
         # their matching block after the rounds, so every mode trains for the same steps.
         slots[lead].block(dataset, batch, steps, device, "lead-in block", timer)
-    window = env_mod.open_noise_window(device)
+    noise_window = gpu_noise.open_noise_window(device)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
@@ -359,7 +354,7 @@ def _run(
                 slot.runner.note_scale()
                 slot.m.step_times_s.append(timing.seconds / steps)
                 slot.m.host_times_s.append(timing.host_s / steps)
-    noise.window = window.close()
+    window = noise_window.close()
 
     for index, slot in enumerate(slots):
         if slot.runner is not None and order and index != lead:
@@ -378,6 +373,7 @@ def _run(
         slot.runner = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return window
 
 
 def _start(

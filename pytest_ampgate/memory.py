@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 
 from .data import DeviceDataset
-from .modes import ModeRunner, numerics_policy
+from .mode_runner import ModeRunner
+from .modes import cuda_bf16_supported, cuda_index
+from .precision_policy import numerics_policy
 from .timing import synchronize
 
 MEMORY_COVERS = (
@@ -197,7 +199,7 @@ def warm_libraries(device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda_bf16_supported(cuda_index(device)) else [])
     for dtype in dtypes:
         a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
         (a @ a).sum().backward()

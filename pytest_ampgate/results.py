@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .config import MeasureConfig
-from .env import NoiseReport, WindowNoise
-from .modes import ScalerStats
+from .gpu_noise import NoiseReadings
+from .mode_runner import ScalerStats
 from .precision_coverage import PrecisionCoverage
 from .records import from_dict, to_dict
 from .stats import Estimate, summarize_times
@@ -113,31 +113,9 @@ class Comparison:
     note: str = ""
 
 
-@dataclass
-class NoiseReadings:
-    """NVML's readings of the GPU around the timed rounds: snapshots before and after, and the window itself."""
-
-    before: NoiseReport | None = None
-    after: NoiseReport | None = None
-    window: WindowNoise | None = None
-    """Processes that used the GPU and throttling during the timed rounds."""
-
-    def reason(self) -> str:
-        """Why timing on this GPU could not be trusted (other processes, throttling), or ''.
-
-        Where NVML could watch the timed rounds themselves, only what happened in that window counts:
-        processes that used the GPU then (never this run's own xdist workers, which hold a CUDA context
-        but wait for the device lock), and clocks held back during it.  The snapshots before and after
-        timing count only where no window was read (older results).
-        """
-        if self.window is not None and self.window.available:
-            return f"during timing: {self.window.describe()}" if self.window.noisy else ""
-        reasons = [f"{when} timing: {r.describe()}" for when, r in (("before", self.before), ("after", self.after)) if r and r.noisy]
-        return "; ".join(reasons)
-
-    def to_dict(self) -> dict:
-        """Only the readings that were taken (none on a CPU run)."""
-        return {k: v for k, v in to_dict(self).items() if v is not None}
+def noise_dict(noise: NoiseReadings) -> dict:
+    """The noise readings as JSON data, only those that were taken (none on a CPU run)."""
+    return {k: v for k, v in to_dict(noise).items() if v is not None}
 
 
 @dataclass
@@ -165,7 +143,7 @@ class Measurements:
 
     def to_dict(self) -> dict:
         d = to_dict(self)
-        d["noise"] = self.noise.to_dict()
+        d["noise"] = noise_dict(self.noise)
         d["reference"] = self.reference.to_dict()
         d["modes"] = {k: v.to_dict() for k, v in self.modes.items()}
         if not self.distributed:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from .data import DeviceDataset
-from .modes import ModeRunner, numerics_policy
+from .mode_runner import ModeRunner
+from .precision_policy import numerics_policy
 from .results import ModeMeasurement
 from .stats import median
 

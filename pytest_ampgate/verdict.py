@@ -45,7 +45,7 @@ SEVERITY = (FAIL, INCONCLUSIVE, PASS, SKIPPED)
 HEADLINES = {FAIL: "AMP REGRESSION", INCONCLUSIVE: "AMP GATE INCONCLUSIVE", PASS: "AMP GATE PASSED", SKIPPED: "AMP GATE SKIPPED"}
 
 
-class Metric(_StrEnum):
+class CheckName(_StrEnum):
     """The gate's checks, in the order :func:`pytest_ampgate.gate.evaluate` runs them for a mode.
 
     A workload's own held-out metric is checked under its own name (``accuracy`` by default), so
@@ -66,18 +66,18 @@ class Metric(_StrEnum):
     KNOWN_STATE = "known_state"
 
 
-WORKLOAD_METRICS = (Metric.RAN, Metric.FINITE_LOSS)
+WORKLOAD_METRICS = (CheckName.RAN, CheckName.FINITE_LOSS)
 """Checks that, failing in the full-precision reference, mean the workload itself is broken."""
-TIMING_METRICS = (Metric.SPEEDUP,)
+TIMING_METRICS = (CheckName.SPEEDUP,)
 """Checks that meet timing noise: confirmed by a fresh measurement before a failure stands."""
 MARGIN_SETTING = {
-    Metric.SPEEDUP: "min_speedup",
-    Metric.MEMORY: "max_memory_ratio",
-    Metric.SKIPPED_STEPS: "max_skipped_fraction",
-    Metric.LOSS_SCALE: "min_loss_scale",
-    Metric.PRECISION_COVERAGE: "min_low_precision_share",
-    Metric.SAME_RUN: "same_run_tolerance",
-    Metric.SAME_RUN_LOSS: "same_run_loss_tolerance",
+    CheckName.SPEEDUP: "min_speedup",
+    CheckName.MEMORY: "max_memory_ratio",
+    CheckName.SKIPPED_STEPS: "max_skipped_fraction",
+    CheckName.LOSS_SCALE: "min_loss_scale",
+    CheckName.PRECISION_COVERAGE: "min_low_precision_share",
+    CheckName.SAME_RUN: "same_run_tolerance",
+    CheckName.SAME_RUN_LOSS: "same_run_loss_tolerance",
 }
 """The marker setting behind each check that a fixed margin (not a stored baseline) can fail."""
 ANY_MODE = "*"
@@ -149,7 +149,7 @@ class Verdict:
     def no_mode_ran(self) -> bool:
         """Every compared mode was unsupported here: nothing about AMP was gated, so nothing passed."""
         compared = {c.mode for c in self.checks if c.mode not in (self.reference, ANY_MODE)}
-        return bool(compared) and all(c.metric == Metric.SUPPORTED for c in self.checks if c.mode in compared)
+        return bool(compared) and all(c.metric == CheckName.SUPPORTED for c in self.checks if c.mode in compared)
 
     def headline(self) -> str:
         if self.outcome == FAIL and self.workload_at_fault:
