@@ -43,7 +43,7 @@ from pytest_ampgate.env import NoiseReport, fingerprint
 from pytest_ampgate.errors import ModeError
 from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block
 from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode
-from pytest_ampgate.report import format_table
+from pytest_ampgate.outputs.table import format_table
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
 from pytest_ampgate.workloads import BUILTIN, Workload, get_workload
 

@@ -347,7 +347,7 @@ def _path_setting(config, name: str) -> Path | None:
 
 def _check_outputs(config, enabled: bool) -> None:
     """What the session end would fail to write is a usage error now, before anything is measured."""
-    from .outputs import OUTPUT_OPTIONS, check_output_path, check_step_summary
+    from .outputs.paths import OUTPUT_OPTIONS, check_output_path, check_step_summary
 
     try:
         for name, option in OUTPUT_OPTIONS.items():
@@ -357,7 +357,7 @@ def _check_outputs(config, enabled: bool) -> None:
         if enabled and os.environ.get("GITHUB_STEP_SUMMARY"):
             check_step_summary(os.environ["GITHUB_STEP_SUMMARY"])
         if enabled:
-            from .outputs import check_baseline_dir
+            from .outputs.paths import check_baseline_dir
 
             options = config.stash[SESSION_KEY].options
             check_baseline_dir(Path(options.baseline_dir), options.update)
@@ -420,7 +420,7 @@ def pytest_configure(config):
         if gate.options.enabled:
             _stop_on_sigterm(config)
         if config.getoption("ampgate_plot"):
-            from .plot import PlotUnavailable, require_matplotlib
+            from .outputs.chart import PlotUnavailable, require_matplotlib
 
             try:
                 require_matplotlib()
@@ -428,11 +428,11 @@ def pytest_configure(config):
                 raise pytest.UsageError(str(exc)) from None
         config.pluginmanager.register(CIOutputs(gate), "ampgate-outputs")
         if gate.options.enabled and config.pluginmanager.hasplugin("benchmark"):
-            from .benchmark_compat import BenchmarkBridge
+            from .outputs.benchmark import BenchmarkBridge
 
             config.pluginmanager.register(BenchmarkBridge(config, gate), "ampgate-benchmark")
         if gate.options.enabled and _html_report_requested(config):
-            from .html_report import HtmlColumns
+            from .outputs.html import HtmlColumns
 
             config.pluginmanager.register(HtmlColumns(), "ampgate-html")
     config.stash[STATE_KEY] = {"gated_ids": set(), "partial_modules": set(), "modules": set()}
@@ -708,12 +708,12 @@ def pytest_runtest_makereport(item, call):
         report.__dict__[NOT_RECORDED_ATTR] = f"the test {_outcome_word(report)}"
     report.__dict__[REPORT_ATTR] = records
     if _junit_family(item.config) in ("xunit1", "legacy"):
-        from .report import junit_properties
+        from .outputs.junit import junit_properties
 
         for r in results:  # per-test <properties>: valid in these families (xunit2: see ResultCollector)
             item.user_properties.extend(junit_properties(r))
     if _html_report_requested(item.config):
-        from .html_report import extras
+        from .outputs.html import extras
 
         report.extras = list(getattr(report, "extras", [])) + extras(results)
     # No test id in the text: pytest names the test already ("FAILED <id> - AMP REGRESSION").
@@ -762,11 +762,10 @@ def _junit_suite_properties(config, results) -> None:
     xml = config.stash.get(xml_key, None)
     if xml is None:
         return
-    from .report import junit_properties
+    from .outputs.junit import suite_properties
 
-    for r in results:
-        for name, value in junit_properties(r):
-            xml.add_global_property(f"{r.test_id}::{name}", value)
+    for name, value in suite_properties(results):
+        xml.add_global_property(name, value)
 
 
 class ResultCollector:
@@ -1014,7 +1013,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not gate.results and not state.get("summary") and not (collector and (collector.unmeasured or collector.not_recorded)):
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
     from .gate import FAIL, INCONCLUSIVE
-    from .report import format_table, table_columns, table_rows
+    from .outputs.table import format_table, table_columns, table_rows
 
     terminalreporter.write_sep("=", "ampgate summary")
     if gate.results:
