@@ -80,7 +80,7 @@ def write_ci_outputs(
         def chart():
             from . import chart
 
-            if any(r.measurements.comparisons for r in gate.results):
+            if chart.drawable(gate.results):
                 done.append(chart.write(gate.results, plot_path))
                 return f"ampgate chart: {done[-1]}"
             return "ampgate chart NOT written: no gated test compared a mode with fp32 in this run"

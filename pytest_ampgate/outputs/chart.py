@@ -60,6 +60,11 @@ class ChartRow:
     metric_outcome: str = "skipped"
 
 
+def drawable(results) -> bool:
+    """Some result compares a mode with the reference: there is something to chart."""
+    return any(r.measurements.comparisons for r in results)
+
+
 def chart_rows(results) -> list[ChartRow]:
     """What the chart draws, from gated results (floors and limits from the checks, else the config)."""
     from .figures import figures_of, finite, settings_of  # the engine (torch) only once there is something to draw
@@ -149,6 +154,8 @@ def png(results, title: str | None = None) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+
+    from .figures import on_cpu
 
     rows = chart_rows(results)
     if not rows:
@@ -250,7 +257,7 @@ def png(results, title: str | None = None) -> bytes:
     handles.append(Line2D([], [], color="#444444", marker="D", markerfacecolor="none", linestyle="", label="stored baseline"))
     envs = sorted({r.env_key for r in results})
     heading = title or "pytest-ampgate: " + "; ".join(envs)
-    if any(r.measurements.device.startswith("cpu") for r in results):
+    if on_cpu(results):
         heading += "\nCPU run: timing and memory are not gated on the CPU, and CPU speedups say nothing about GPUs"
     fig.suptitle(heading, fontsize=11, x=0.01, ha="left")
     buffer = io.BytesIO()

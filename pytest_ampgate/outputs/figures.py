@@ -105,6 +105,11 @@ def mode_outcome(verdict: Verdict, mode: str) -> str:
     return next((o for o in WORST_FIRST if o in outcomes), SKIPPED)
 
 
+def on_cpu(results: list[GateResult]) -> bool:
+    """Some result was measured on the CPU, where timing and memory are reported but not gated."""
+    return any(r.measurements.device.startswith("cpu") for r in results)
+
+
 def settings_of(result: GateResult) -> dict:
     """The test's gate settings (margins, limits) by name, whether the result holds them as a dict or a record."""
     config = result.config or {}

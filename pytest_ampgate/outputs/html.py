@@ -43,9 +43,9 @@ def verdict_html(outcome: str) -> str:
 
 def chart_png(results) -> str | None:
     """The chart of these results as base64 PNG, or None without matplotlib or without a compared mode."""
-    from .chart import PlotUnavailable, png
+    from .chart import PlotUnavailable, drawable, png
 
-    if not any(r.measurements.comparisons for r in results):
+    if not drawable(results):
         return None
     try:
         return base64.b64encode(png(results)).decode("ascii")

@@ -51,21 +51,6 @@ def _step_time(mm, steps_per_round: int) -> dict | None:
     }
 
 
-def _speedup(est) -> dict | None:
-    if est is None:
-        return None
-    return {
-        "median": est.median,
-        "low": est.low,
-        "high": est.high,
-        "confidence": est.confidence,
-        "rounds": est.rounds,
-        "noisy": est.noisy,
-        "note": est.note,
-        "samples": list(est.samples),
-    }
-
-
 def _memory(mm) -> dict | None:
     """What the peak-memory figure covers and its parts (parameters, buffers, optimizer state, gradients, activations)."""
     if not mm.memory:
@@ -99,7 +84,7 @@ def _mode_record(f: ModeFigures, steps_per_round: int) -> dict:
         "error": mm.error,
         "outcome": f.outcome,
         "step_time": _step_time(mm, steps_per_round),
-        "speedup": _speedup(f.speedup),
+        "speedup": to_dict(f.speedup),
         "peak_memory_bytes": f.peak_memory_bytes,
         "memory_ratio": finite(f.memory_ratio),
         "memory_note": mm.memory_note,

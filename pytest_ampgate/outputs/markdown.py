@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..gate import FAIL, INCONCLUSIVE
-from .figures import WORST_FIRST
+from .figures import WORST_FIRST, on_cpu
 from .paths import save
 from .table import table_columns, table_rows
 
@@ -35,7 +35,7 @@ def markdown_summary(results: list[GateResult], skip_reason: str | None = None) 
         return "\n".join(lines) + "\n"
     envs = sorted({r.env_key for r in results})
     lines.append("Environment: " + ", ".join(f"`{e}`" for e in envs))
-    if any(r.measurements.device.startswith("cpu") for r in results):
+    if on_cpu(results):
         lines.append("")
         lines.append("CPU run: numerics and accuracy are gated; timing and memory are gated on CUDA only.")
     columns = table_columns(results)
