@@ -1,7 +1,7 @@
 """pytest-ampgate: a regression gate for mixed-precision (AMP) training performance in PyTorch.
 
 The engine (modes, workloads, data, measure, stats, gate, baselines) is a plain library that can
-be called from a script; ``pytest_ampgate.plugin`` is the only module that knows about pytest.
+be called from a script; ``pytest_ampgate.plugin`` is the only subpackage that knows about pytest.
 
 Names are imported lazily: pytest loads the plugin in every run of every project that has it
 installed, and importing torch there would slow down runs that never ask for ``--ampgate``.
@@ -18,7 +18,7 @@ _EXPORTS = {
     "DataError": "errors",
     "ModeError": "errors",
     "WorkloadError": "errors",
-    "DEFAULT_MODES": "measurement",
+    "DEFAULT_MODES": "config",
     "Comparison": "measurement",
     "MeasureConfig": "measurement",
     "Measurements": "measurement",

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+from .records import from_dict, to_dict
 
 MISSING_BASELINE_POLICIES = ("warn", "fail", "ignore")
+
+DEFAULT_MODES = ("amp_fp16", "amp_bf16")
+"""The modes compared with fp32 unless a test, the ini file or the command line says otherwise.
+Here, not in modes.py, because the plugin reads it (for --help) without importing torch."""
 
 
 def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
@@ -130,12 +135,11 @@ class MeasureConfig:
         return coverage + self.warmup_steps + self.memory_steps + lead_in + self.rounds * self.steps_per_block
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> MeasureConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_dict(cls, d)
 
 
 PROTOCOL = ("warmup_steps", "rounds", "steps_per_block", "memory_steps", "confidence", "noise_threshold")
@@ -146,7 +150,7 @@ PROTOCOL = ("warmup_steps", "rounds", "steps_per_block", "memory_steps", "confid
 class GateConfig:
     """What one gated test demands.  See SETTINGS for each field's meaning."""
 
-    modes: tuple[str, ...] = ("amp_fp16", "amp_bf16")
+    modes: tuple[str, ...] = DEFAULT_MODES
     min_speedup: float = 1.2
     speedup_tolerance: float = 0.10
     max_memory_ratio: float = 1.25
@@ -176,9 +180,7 @@ class GateConfig:
     distributed_timeout: float = 300.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["modes"] = list(self.modes)
-        return d
+        return to_dict(self)
 
     def measure_config(self, **overrides):
         """The engine's MeasureConfig for this gate's protocol settings."""

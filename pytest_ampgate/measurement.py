@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from . import env as env_mod
-from .config import MeasureConfig
+from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
@@ -49,10 +49,10 @@ from .modes import (
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
+from .workload_checks import build_model
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
-DEFAULT_MODES = ("amp_fp16", "amp_bf16")
 
 
 @dataclass
@@ -322,7 +322,7 @@ class CudaTimer:
         without the gaps where it waited for the host.  If the sleep ended before the host finished
         (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
-        from .plants import gpu_cycles_per_second
+        from .delays import gpu_cycles_per_second
 
         with device_context(self.device):
             index = torch.cuda.current_device()

@@ -1,6 +1,6 @@
 """One pytest session's gate: options, the baseline store, and running one gated test end to end.
 
-This is the glue between the engine and the plugin: ``plugin.py`` turns pytest's options into a
+This is the glue between the engine and the plugin: the ``plugin`` subpackage turns pytest's options into a
 :class:`GateOptions`, asks :class:`GateSession` for skip reasons and configs, and hands fixtures a
 :class:`TestGate` whose ``run`` measures, judges and (under ``--ampgate-update``) prepares a
 baseline.  Nothing here imports pytest, so the same flow can be driven from a script.
@@ -143,7 +143,8 @@ class TestGate:
         """
         from .gate import GateResult, baseline_from, decide, evaluate, stored_metric
         from .measurement import measure
-        from .workloads import BUILTIN, check_dataset, get_workload, metric_of
+        from .workload_checks import check_dataset
+        from .workloads import BUILTIN, get_workload, metric_of
 
         if self.results:
             raise ConfigError(

@@ -644,7 +644,7 @@ def test_coverage_failure_lists_every_fp32_layer_or_the_rest_summed():
 
 
 def test_cpu_profile_cifar_stand_in_is_less_noisy_and_says_so():
-    from pytest_ampgate.data import load_cifar10
+    from pytest_ampgate.builtin_data import load_cifar10
     from pytest_ampgate.profiles import CPU_WORKLOAD_SIZES
 
     noise = CPU_WORKLOAD_SIZES["cifar_cnn"]["data_options"]["synthetic_noise"]

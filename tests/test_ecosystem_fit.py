@@ -442,11 +442,11 @@ def test_cuda_auto_spreads_workers_over_the_gpus(monkeypatch):
     assert pick_device("cuda:auto", 3, 0) == "cuda" and pick_device("cuda:1", 5, 4) == "cuda:1"
     import torch
 
-    from pytest_ampgate import plugin
+    from pytest_ampgate.plugin import options
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the hardware boundary, faked
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw4")
-    assert plugin._auto_device(None, "cuda:auto") == "cuda:1"
+    assert options.auto_device(None, "cuda:auto") == "cuda:1"
     # one lock per GPU: the keys of different GPUs differ
     from pytest_ampgate.gpu_lock import device_key
 

@@ -1,0 +1,401 @@
+"""The plugin object: every hook that needs the session's state, and that state as named fields.
+
+One :class:`AmpGatePlugin` is registered per pytest session (as pytest-memray's ``Manager`` and
+pytest-codspeed's plugin are).  The gate's verdict is applied in ``pytest_runtest_makereport``, so
+the test that regressed is the one that fails, even when its body asserts nothing.  Results ride
+on the test report as plain dicts, which is how they reach the controller under pytest-xdist;
+baselines are written once, at session end, by the process that saw every report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..errors import AmpGateError, BaselineError, ConfigError
+from . import reporting
+from .collection import XDIST_GROUP, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
+from .options import PluginSettings
+
+REPORT_ATTR = "ampgate"
+"""The test report's attribute with the gated results (dicts): what xdist workers send."""
+RUN_ATTR = "ampgate_run"
+UNMEASURED_ATTR = "ampgate_unmeasured"
+NOT_RECORDED_ATTR = "ampgate_not_recorded"
+
+
+@dataclass
+class ItemState:
+    """One gated test's part of the session: its settings, its gate, its device-lock holding."""
+
+    config: Any = None
+    """The test's GateConfig (defaults, ini, marker), worked out at collection."""
+    gate: Any = None
+    """The TestGate its fixture handed out, once it did."""
+    lock: Any = None
+    hold: Any = None
+    unmeasured: bool = False
+    skipped: bool = False
+
+
+ITEM_KEY = pytest.StashKey[ItemState]()
+
+
+@dataclass
+class SessionState:
+    """What the plugin learns in one session: typed, in the process that sees every report."""
+
+    collection: CollectionState = field(default_factory=CollectionState)
+    runs: dict[str, dict] = field(default_factory=dict)
+    """Device-lock holdings by test id: worker, pid, when acquired and released."""
+    unmeasured: list[str] = field(default_factory=list)
+    """Gated tests that passed without ever calling ampgate.run()."""
+    not_recorded: dict[str, str] = field(default_factory=dict)
+    """Under --ampgate-update: test id -> why its measured baseline was not recorded."""
+    recordable: dict[str, list] = field(default_factory=dict)
+    """Node id -> results whose baselines wait for the test's teardown to pass."""
+    device_skips: int = 0
+    """Gated tests skipped because the device could not run them (in-process, or reported by xdist workers)."""
+    workers: set[str] = field(default_factory=set)
+    run_locks: set[str] = field(default_factory=set)
+    """Per-run lock files (the CPU's), removed at session end once every worker is done."""
+    baselines_written: list[Path] = field(default_factory=list)
+    """Baseline files written with the entries of the tests that ran (the JSON report lists them)."""
+    baselines_pruned: list[Path] = field(default_factory=list)
+    """Baseline files rewritten or deleted to drop stale entries (--ampgate-prune)."""
+    summary: list[str] = field(default_factory=list)
+    """Lines for the end of the terminal summary."""
+    prune_line: tuple[str, bool] | None = None
+    """What pruning stale entries did (text, whether it failed), said where the stale entries are."""
+    stale: list[tuple[Path, str]] | None = None
+    """Stale ``(file, test id)`` entries, looked up once when first needed."""
+
+
+class AmpGatePlugin:
+    """pytest's hooks for one session, over a :class:`~pytest_ampgate.session.GateSession`."""
+
+    def __init__(self, config, settings: PluginSettings, gate):
+        self.config = config
+        self.settings = settings
+        self.gate = gate
+        self.state = SessionState()
+        self.worker = hasattr(config, "workerinput")
+
+    # --- collection ------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)  # before xdist's worker turns the xdist_group mark into a node id suffix
+    def pytest_collection_modifyitems(self, session, config, items):
+        gate, collection = self.gate, self.state.collection
+        gated = [item for item in items if is_gated(item)]
+        if config.getoption("ampgate_only"):
+            plain = [item for item in items if not is_gated(item)]
+            if plain:
+                config.hook.pytest_deselected(items=plain)
+                items[:] = gated
+        if gate.options.enabled and config.pluginmanager.hasplugin("xdist") and self.settings.raw_device.strip().lower() != "cuda:auto":
+            # One group per device: xdist's loadgroup runs them all on one worker, so no worker queues
+            # plain tests behind a device lock (see pytest_configure).  cuda:auto spreads them instead.
+            group = pytest.mark.xdist_group(f"{XDIST_GROUP}-{gate.options.device.replace(':', '')}")
+            for item in gated:
+                item.add_marker(group)
+        for item in gated:
+            try:
+                item.stash[ITEM_KEY] = ItemState(config=gate.config_for(test_id(item), *marker_settings(item)))
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+            if item.nodeid.startswith("::") and gate.options.enabled:  # baselines are keyed by node id
+                raise pytest.UsageError(
+                    f"{item.path} lies outside the rootdir {config.rootpath}, so pytest gives its gated test "
+                    f"the node id {item.nodeid!r} with no file in it, and its baselines would mix with those "
+                    "of same-named tests in other files; run pytest with a --rootdir that contains it"
+                )
+            collection.add_gated(item.nodeid)
+        collection.partial_modules |= named_in_part(config, collection.modules)
+        if gated:
+            reason = gate.skip_reason()
+            if reason:
+                for item in gated:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_make_collect_report(self, collector):
+        """What each collector found before any plugin filtered it (this wrapper is the innermost):
+        the reference that tells a module collected in full from one narrowed by --lf, -k, node ids
+        or a plugin that drops items without calling pytest_deselected."""
+        report = yield
+        if report.passed:
+            self.state.collection.collected(collector.nodeid, report.result or (), lambda node: isinstance(node, pytest.Item))
+        return report
+
+    def pytest_collection_finish(self, session):
+        selected = {test_id(item) for item in session.items}  # without xdist's "@group" suffix, like raw_items
+        self.state.collection.finish(selected, last_failed=bool(self.config.getoption("lf", False)))
+
+    def pytest_deselected(self, items):
+        for item in items:
+            self.state.collection.partial_modules.add(module_of(item.nodeid))
+
+    # --- xdist -----------------------------------------------------------------------------
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        """xdist controller: tell each worker that gated tests are grouped (see pytest_configure)."""
+        if getattr(node.config.option, "dist", None) == "loadgroup":
+            node.workerinput["ampgate_loadgroup"] = True
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        """xdist: the controller collects nothing itself, so stale-baseline detection uses the workers' collection."""
+        collected = getattr(node, "workeroutput", {}).get("ampgate_collected")
+        if collected:
+            self.state.workers.add(getattr(getattr(node, "gateway", None), "id", "?"))
+            self.state.collection.merge_worker_output(collected)
+            self.state.run_locks.update(collected.get("run_locks", ()))
+
+    # --- running a gated test --------------------------------------------------------------
+
+    def _needs_device_lock(self, item) -> bool:
+        gate = self.gate
+        return gate.options.enabled and is_gated(item) and not item.get_closest_marker("skip") and not gate.skip_reason()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        """Gated tests hold their device exclusively (see gpu_lock): xdist workers and other sessions wait.
+
+        Taken before the test's fixtures set up and dropped after they tear down (pytest_runtest_teardown),
+        so the whole test runs inside it.  A lock that cannot be had (timed out, naming its holder; a lock
+        directory that went bad) is this test's set-up error, not an INTERNALERROR.
+        """
+        if not self._needs_device_lock(item):
+            return
+        from ..gpu_lock import DeviceLock, device_key
+
+        workerinput = getattr(item.config, "workerinput", None)
+        run_id = workerinput.get("testrunuid") if workerinput else f"pid{os.getpid()}"
+        lock = DeviceLock(device_key(self.gate.options.device, run_id), timeout=self.settings.lock_timeout)
+        state = item_state(item)
+        state.hold = lock.acquire(test_id(item), self.gate.progress)
+        state.lock = lock
+        if self.gate.options.device_type != "cuda":  # a per-run lock file: removed at session end
+            self.state.run_locks.add(str(lock.path))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item, nextitem):
+        try:
+            return (yield)
+        finally:
+            state = item.stash.get(ITEM_KEY, None)
+            if state is not None and state.lock is not None:
+                lock, state.lock = state.lock, None
+                lock.release(state.hold)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        """Turn the verdict into the call's outcome once the test body has returned."""
+        result = yield  # the test's own exception, if any, wins and propagates
+        if not self.gate.options.enabled or not is_gated(item):
+            return result
+        state = item_state(item)
+        results = state.gate.results if state.gate is not None else []
+        if not results:
+            if state.config.strict if state.config is not None else self.gate.options.strict:
+                raise reporting.GateFailed(reporting.NOTHING_MEASURED + " (--ampgate-strict)")
+            state.unmeasured = True
+            return result
+        if any(r.failed for r in results):
+            raise reporting.GateFailed(reporting.explain(results))
+        if all(r.verdict.no_mode_ran for r in results):
+            state.skipped = True
+            pytest.skip(reporting.explain(results, sep="\n"))
+        return result
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        report = outcome.get_result()  # outermost wrapper: the outcome after xfail and the like were applied
+        excinfo = call.excinfo
+        if excinfo is not None and isinstance(excinfo.value, AmpGateError):
+            report.longrepr = reporting.bad_input_repr(item, excinfo)
+        if excinfo is not None and isinstance(excinfo.value, reporting.GateFailed) and report.failed:
+            report.longrepr = str(excinfo.value)  # the verdict alone: replaced below by the full text when there are results
+        state = item.stash.get(ITEM_KEY, None)
+        if state is None:
+            return
+        if call.when == "call" and state.skipped and report.skipped and isinstance(report.longrepr, tuple):
+            path, line, _name = item.reportinfo()  # the skip is the test's, as for a skip marker: point at it
+            report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
+        if call.when == "call" and state.unmeasured:
+            report.__dict__[UNMEASURED_ATTR] = True
+        if call.when == "teardown" and state.hold is not None:  # the device lock was dropped just now
+            report.__dict__[RUN_ATTR] = {**state.hold.to_dict(), "worker": os.environ.get("PYTEST_XDIST_WORKER")}
+        if call.when != "call" or state.gate is None or not state.gate.results:
+            return
+        results = state.gate.results
+        records = [r.to_dict() for r in results]
+        # Only a test whose whole call passed is recorded: not one whose own asserts failed after run(),
+        # that skipped itself, or that is marked xfail (its teardown is checked in pytest_runtest_logreport).
+        passed = report.passed and not hasattr(report, "wasxfail")
+        if not passed and any(d.get("update") for d in records):
+            for d in records:
+                d["update"] = None
+            report.__dict__[NOT_RECORDED_ATTR] = f"the test {reporting.outcome_word(report)}"
+        report.__dict__[REPORT_ATTR] = records
+        reporting.attach(item, report, results, excinfo, update=self.gate.options.update, passed=passed)
+
+    def pytest_runtest_logreport(self, report):
+        """Every gated result, from this process or sent by an xdist worker."""
+        state, gate = self.state, self.gate
+        if report.skipped and report.when == "setup" and gate.options.enabled:
+            reason = gate.skip_reason()
+            text = report.longrepr[2] if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3 else ""
+            if reason and reason in str(text):
+                state.device_skips += 1
+        if report.__dict__.get(UNMEASURED_ATTR):
+            state.unmeasured.append(test_id(report.nodeid))
+        if report.__dict__.get(NOT_RECORDED_ATTR):
+            state.not_recorded[test_id(report.nodeid)] = report.__dict__[NOT_RECORDED_ATTR]
+        if report.when == "teardown" and report.nodeid in state.recordable:
+            results = state.recordable.pop(report.nodeid)
+            if report.failed:  # the whole test did not pass: its call's update is dropped
+                for r in results:
+                    r.update = None
+                state.not_recorded[test_id(report.nodeid)] = "its teardown failed"
+        records = report.__dict__.get(REPORT_ATTR)
+        if records:
+            from ..gate import GateResult
+
+            results = [GateResult.from_dict(d) for d in records]
+            gate.results.extend(results)
+            reporting.junit_suite_properties(self.config, results)
+            if any(r.update is not None for r in results):
+                state.recordable[report.nodeid] = results
+            if gate.progress and getattr(report, "node", None) is not None:  # sent by an xdist worker
+                worker = getattr(report.node, "gateway", report.node).id
+                for r in results:
+                    gate.progress(f"{worker} {reporting.progress_line(r)}")
+        run = report.__dict__.get(RUN_ATTR)
+        if run:
+            state.runs[test_id(report.nodeid)] = run
+
+    # --- session end -----------------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        """Baselines first, then the CI outputs, in the process that saw every result."""
+        state = self.state
+        if self.worker:  # an xdist worker: the controller writes
+            collected = {**state.collection.to_worker_output(), "run_locks": sorted(state.run_locks)}
+            self.config.workeroutput["ampgate_collected"] = collected
+            return
+        self._report_device_skips(session)
+        if self.gate.options.update:
+            self._write_baselines(session, exitstatus)
+        if state.run_locks:
+            from ..gpu_lock import remove_run_lock
+
+            for path in state.run_locks:  # every worker is done with them
+                remove_run_lock(path)
+        self._write_ci_outputs(session)
+
+    def _report_device_skips(self, session) -> None:
+        """A gate that gated nothing must say so: one summary line, and under strict or update a failed run.
+
+        Without the device every gated test is skipped (the graceful default); a CI job asked to gate
+        (``--ampgate-strict``) or to record baselines (``--ampgate-update``) on a runner whose GPU is
+        missing would otherwise go green having checked nothing.
+        """
+        line, fails = reporting.device_skips_line(self.state.device_skips, self.gate)
+        if line:
+            self.state.summary.append(line)
+        if fails and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _write_baselines(self, session, exitstatus) -> None:
+        """Commit what ran and passed; then, on request, prune what the complete collection no longer has."""
+        from ..session import stage_updates
+
+        state, store = self.state, self.gate.store
+        try:
+            written = store.commit() if stage_updates(store, self.gate.results) else []
+            state.baselines_written += written
+            state.summary += [f"baseline written: {p}" for p in written]
+            if written and exitstatus == pytest.ExitCode.INTERRUPTED:
+                state.summary.append("the run was interrupted: baselines were recorded for the tests that finished only")
+        except BaselineError as exc:
+            state.summary.append(f"baselines NOT fully written: {exc}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        except KeyboardInterrupt:  # Ctrl-C mid-commit: every file is whole (old or new), so say so, not a traceback
+            state.summary.append(
+                "baselines NOT fully written: interrupted while writing them; each baseline file is either "
+                "unchanged or fully updated. Run pytest --ampgate --ampgate-update again"
+            )
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
+        stale = self.stale()
+        if stale and self.gate.options.prune:
+            try:
+                state.baselines_pruned += store.prune(stale)
+            except BaselineError as exc:  # a file gone bad since it was read, or a lock held too long
+                state.prune_line = (f"stale baseline entries NOT pruned: {exc}", True)
+            else:
+                state.prune_line = (f"pruned {len(stale)} stale baseline entr{'y' if len(stale) == 1 else 'ies'}", False)
+
+    def stale(self) -> list[tuple[Path, str]]:
+        """Stored entries of tests that no longer exist, in the modules collected in full."""
+        if self.state.stale is None:
+            modules = self.state.collection.complete_modules()
+            try:
+                self.state.stale = self.gate.store.stale_entries(self.state.collection.gated_ids, modules) if modules else []
+            except BaselineError:
+                self.state.stale = []
+        return self.state.stale
+
+    def _write_ci_outputs(self, session) -> None:
+        from ..outputs import write_ci_outputs
+
+        config, gate, state, settings = self.config, self.gate, self.state, self.settings
+        bridge = config.pluginmanager.get_plugin("ampgate-benchmark")
+        if bridge is not None:
+            state.summary += bridge.finish()
+        run_info = {
+            "args": [str(a) for a in config.invocation_params.args],
+            "rootdir": config.rootpath,
+            "device": gate.options.device,
+            "update": gate.options.update,
+            "strict": gate.options.strict,
+            "baseline_dir": gate.options.baseline_dir,
+            "exit_status": int(session.exitstatus),
+            "workers": len(state.workers) if state.workers else None,
+            "baselines_written": list(state.baselines_written),
+        }
+        state.summary += write_ci_outputs(
+            gate,
+            json_path=settings.json,
+            markdown_path=settings.markdown,
+            plot_path=settings.plot,
+            step_summary=os.environ.get("GITHUB_STEP_SUMMARY") if gate.options.enabled else None,
+            runs=state.runs,
+            run_info=run_info,
+            stale=lambda: [test for _path, test in self.stale()],
+        )
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if not self.worker:
+            reporting.terminal_summary(terminalreporter.write_sep, terminalreporter.write_line, self)
+
+    def pytest_report_header(self, config):
+        options = self.gate.options
+        if not options.enabled:
+            return None
+        mode = "update" if options.update else "check"
+        return f"ampgate: {mode} baselines in {options.baseline_dir}, device {options.device}"
+
+
+def item_state(item) -> ItemState:
+    """The test's state, made on first use (a test gated only through ``request.getfixturevalue``)."""
+    if ITEM_KEY not in item.stash:
+        item.stash[ITEM_KEY] = ItemState()
+    return item.stash[ITEM_KEY]

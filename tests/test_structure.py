@@ -1,0 +1,57 @@
+"""The layering that keeps the engine a plain library: only the plugin subpackage knows pytest,
+and loading the plugin costs no torch import."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest_ampgate
+
+PACKAGE = Path(pytest_ampgate.__file__).parent
+PLUGIN = PACKAGE / "plugin"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def _is_pytest(module: str) -> bool:
+    top = module.split(".", 1)[0]
+    return top in ("pytest", "_pytest")
+
+
+def test_only_the_plugin_subpackage_imports_pytest():
+    engine = [p for p in PACKAGE.rglob("*.py") if PLUGIN not in p.parents]
+    assert engine, "the package's modules were not found"
+    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in _imported_modules(p) if _is_pytest(m)) for p in engine}
+    assert {name: mods for name, mods in offenders.items() if mods} == {}
+
+
+def test_the_plugin_subpackage_is_where_pytest_is_imported():
+    """The check above looks in the right place: the plugin itself does import pytest."""
+    assert any(_is_pytest(m) for p in PLUGIN.glob("*.py") for m in _imported_modules(p))
+
+
+def test_importing_the_plugin_imports_no_torch():
+    probe = (
+        "import sys\n"
+        "import pytest_ampgate.plugin\n"
+        "heavy = [m for m in ('torch', 'numpy', 'torchvision', 'matplotlib', 'cpuinfo') if m in sys.modules]\n"
+        "print('HEAVY:', ','.join(heavy) or '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY: -" in out, out
+
+
+def test_the_entry_point_module_holds_the_hooks_and_fixtures():
+    import pytest_ampgate.plugin as plugin
+
+    for name in ("pytest_addoption", "pytest_configure", "ampgate", "ampgate_mnist", "ampgate_cifar"):
+        assert hasattr(plugin, name), name
