@@ -18,7 +18,8 @@ from torch import nn
 from pytest_ampgate import ConfigError, MeasureConfig, Workload, WorkloadError, measure
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.gate import FAIL, PASS, evaluate, fp32_layers_text
-from pytest_ampgate.modes import MODES, prepare, resolve_mode
+from pytest_ampgate.mode_runner import prepare
+from pytest_ampgate.modes import MODES, resolve_mode
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
 from pytest_ampgate.workloads import Metric
 
