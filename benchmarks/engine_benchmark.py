@@ -44,9 +44,9 @@ from pytest_ampgate.errors import ModeError
 from pytest_ampgate.measurement import MeasureConfig, measure
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.modes import MODES, PrecisionMode, resolve_mode
+from pytest_ampgate.outputs.table import format_table
 from pytest_ampgate.precision_policy import cudnn_benchmark, numerics_policy
 from pytest_ampgate.records import to_dict
-from pytest_ampgate.report import format_table
 from pytest_ampgate.results import Measurements
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
 from pytest_ampgate.timing import launch_bound, time_block

@@ -34,7 +34,7 @@ from .gpu_noise import NoiseReadings
 from .known_state import measured_from_known_state
 from .memory import cuda_requested, memory_pass, oom_message, warm_libraries
 from .mode_runner import ModeRunner, prepare
-from .modes import PrecisionMode, device_missing_reason, parse_device, resolve_mode, unsupported_reason
+from .modes import PrecisionMode, require_device, resolve_mode, unsupported_reason
 from .precision_coverage import measure_precision_coverage
 from .precision_policy import cudnn_benchmark, numerics_policy
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
@@ -216,7 +216,7 @@ def measure(
     stderr, a callable receives the same lines, False or None is silent.
     """
     started = time.perf_counter()
-    device = _available_device(device)
+    device = require_device(device, f"measure(device={str(device)!r})")
     config = config or default_measure_config(device.type)
     workload = sized_for(get_workload(workload), device.type)
     say = _progress_printer(progress, started)
@@ -278,19 +278,6 @@ def measure(
         noise=noise,
         wall_time_s=time.perf_counter() - started,
     )
-
-
-def _available_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, or a ConfigError naming it when this machine does not have it."""
-    try:
-        dev = parse_device(device)
-    except ConfigError as exc:
-        raise ConfigError(f"measure(device={device!r}): {exc}") from None
-    missing = device_missing_reason(dev)
-    if missing:
-        advice = "; measure on the CPU with device='cpu'" if dev.type == "cuda" else ""
-        raise ConfigError(f"measure(device={str(device)!r}): {missing}{advice}")
-    return dev
 
 
 def _progress_printer(progress, started: float) -> Callable[[str], None]:
