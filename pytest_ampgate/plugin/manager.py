@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +20,12 @@ from ..errors import AmpGateError, BaselineError, ConfigError
 from . import reporting
 from .collection import XDIST_GROUP, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
 from .options import PluginSettings
+
+if TYPE_CHECKING:
+    from ..config import GateConfig
+    from ..gate import GateResult
+    from ..gpu_lock import DeviceLock, Hold
+    from ..session import GateSession, TestGate
 
 REPORT_ATTR = "ampgate"
 """The test report's attribute with the gated results (dicts): what xdist workers send."""
@@ -32,12 +38,12 @@ NOT_RECORDED_ATTR = "ampgate_not_recorded"
 class ItemState:
     """One gated test's part of the session: its settings, its gate, its device-lock holding."""
 
-    config: Any = None
-    """The test's GateConfig (defaults, ini, marker), worked out at collection."""
-    gate: Any = None
-    """The TestGate its fixture handed out, once it did."""
-    lock: Any = None
-    hold: Any = None
+    config: GateConfig | None = None
+    """Defaults, ini and marker settings, worked out at collection."""
+    gate: TestGate | None = None
+    """What its fixture handed out, once it did."""
+    lock: DeviceLock | None = None
+    hold: Hold | None = None
     unmeasured: bool = False
     skipped: bool = False
 
@@ -56,7 +62,7 @@ class SessionState:
     """Gated tests that passed without ever calling ampgate.run()."""
     not_recorded: dict[str, str] = field(default_factory=dict)
     """Under --ampgate-update: test id -> why its measured baseline was not recorded."""
-    recordable: dict[str, list] = field(default_factory=dict)
+    recordable: dict[str, list[GateResult]] = field(default_factory=dict)
     """Node id -> results whose baselines wait for the test's teardown to pass."""
     device_skips: int = 0
     """Gated tests skipped because the device could not run them (in-process, or reported by xdist workers)."""
@@ -67,6 +73,8 @@ class SessionState:
     """Baseline files written with the entries of the tests that ran (the JSON report lists them)."""
     baselines_pruned: list[Path] = field(default_factory=list)
     """Baseline files rewritten or deleted to drop stale entries (--ampgate-prune)."""
+    outputs_written: list[Path] = field(default_factory=list)
+    """CI report files written at session end (JSON report, Markdown summary, chart)."""
     summary: list[str] = field(default_factory=list)
     """Lines for the end of the terminal summary."""
     prune_line: tuple[str, bool] | None = None
@@ -78,7 +86,7 @@ class SessionState:
 class AmpGatePlugin:
     """pytest's hooks for one session, over a :class:`~pytest_ampgate.session.GateSession`."""
 
-    def __init__(self, config, settings: PluginSettings, gate):
+    def __init__(self, config: pytest.Config, settings: PluginSettings, gate: GateSession):
         self.config = config
         self.settings = settings
         self.gate = gate
