@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Gate quality (issue 5): how often the gate raises a false alarm, and how often it catches a real regression.
+"""Gate quality: how often the gate raises a false alarm, and how often it catches a real regression.
 
 It runs the whole gate (``pytest_ampgate.gate.decide``: measure, judge, re-measure before a timing
 FAIL) many times per workload and counts outcomes:
@@ -9,7 +9,7 @@ FAIL) many times per workload and counts outcomes:
   must never FAIL; INCONCLUSIVE is how the gate says the timing was too noisy.
 * **unchanged vs baseline**: the AMP modes of the unplanted workload against a baseline recorded
   once, like ``--ampgate-update``, with the same protocol.  The false-alarm rate of real use.
-* **planted regressions** (:mod:`pytest_ampgate.plants`): a slowdown and a memory plant at
+* **planted regressions** (:mod:`pytest_ampgate.testing`): a slowdown and a memory plant at
   several sizes relative to the tolerance (0.5x, 1x, 1.5x, 2x), and the forced-fp32 layer, the
   fp16-only loss overflow and the collapsing loss scale.  Detection = the share of (run, mode)
   pairs in which the plant's own check FAILs; "other FAIL" counts failures of any other check.
@@ -43,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from pytest_ampgate import plants
+from pytest_ampgate import testing
 from pytest_ampgate.config import GateConfig
+from pytest_ampgate.delays import calibration_config
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide
-from pytest_ampgate.measurement import MeasureConfig, measure
+from pytest_ampgate.measurement import measure
 from pytest_ampgate.workloads import get_workload
 
 SIZES = (0.5, 1.0, 1.5, 2.0)
@@ -315,12 +316,10 @@ class Runner:
         # The plant calibrates itself against the drop it really causes: on CUDA a host spin plus a
         # GPU sleep, scaled until short measurements show the named slowdown (a launch-bound step
         # would hide a GPU sleep alone); on the CPU a busy-wait sized from each step's CPU time.
-        calibration = MeasureConfig(
-            warmup_steps=3, rounds=4, steps_per_block=p.protocol["steps_per_block"], memory_steps=0, precision_coverage=False
-        )
+        calibration = calibration_config(p.protocol["steps_per_block"])
         for k in p.sizes:
-            fraction = plants.slowdown_for_drop(k * self.tol)
-            planted = plants.slow_down(self.workload, fraction, modes=self.timed.modes, device=p.device, calibration=calibration)
+            fraction = testing.slowdown_for_drop(k * self.tol)
+            planted = testing.slow_down(self.workload, fraction, modes=self.timed.modes, device=p.device, calibration=calibration)
             tally = Tally(name, "slowdown", k, [(m, "speedup") for m in self.timed.modes], note=f"+{fraction:.1%} of the step")
             self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline)
             if tally.speedups and unchanged.speedups:
@@ -330,14 +329,14 @@ class Runner:
             fp32_peak = self.baseline_measurements.reference.peak_memory_bytes
             for k in p.sizes:
                 extra = math.ceil(k * self.mem_tol * fp32_peak)
-                planted = plants.retain_activation(self.workload, extra, modes=self.timed.modes)
+                planted = testing.retain_activation(self.workload, extra, modes=self.timed.modes)
                 tally = Tally(name, "memory", k, [(m, "memory") for m in self.timed.modes], note=f"+{extra / 2**20:.2f} MiB")
                 out.append(self.repeat(tally, planted, self.timed, p.plant_repeats, self.baseline))
-        layer = plants.largest_layer(self.workload)
+        layer = testing.largest_layer(self.workload)
         for scenario, planted, info in (
-            (f"forced fp32 layer {layer}", plants.force_fp32_layer(self.workload), plants.PLANTS["force_fp32_layer"]),
-            ("fp16 loss overflow", plants.overflow_in_fp16(self.workload), plants.PLANTS["overflow_in_fp16"]),
-            ("loss scale collapse", plants.collapse_loss_scale(self.workload), plants.PLANTS["collapse_loss_scale"]),
+            (f"forced fp32 layer {layer}", testing.force_fp32_layer(self.workload), testing.PLANTS["force_fp32_layer"]),
+            ("fp16 loss overflow", testing.overflow_in_fp16(self.workload), testing.PLANTS["overflow_in_fp16"]),
+            ("loss scale collapse", testing.collapse_loss_scale(self.workload), testing.PLANTS["collapse_loss_scale"]),
         ):
             expected = [(m, metric) for m in info.modes if m in self.numerics.modes for metric in info.metrics]
             out.append(
@@ -356,7 +355,7 @@ class Runner:
 
 
 def targets(tallies: list[Tally], default_gate_s: float | None) -> list[tuple[str, str, str, bool | None]]:
-    """(target, required, measured, met) for each of issue 5's targets that this run measured."""
+    """(target, required, measured, met) for each of the targets that this run measured."""
     rows = []
 
     def worst(pred, key, higher_is_better: bool):

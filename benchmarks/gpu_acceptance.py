@@ -159,7 +159,7 @@ import time
 import pytest
 import torch
 
-from pytest_ampgate import plants
+from pytest_ampgate import testing
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 
 SMOKE = os.environ.get("AMPGATE_ACCEPTANCE_SMOKE") == "1"
@@ -183,7 +183,7 @@ def test_planted_slowdown(ampgate):
     # amp_bf16 four times as slow: its speedup falls to a quarter, far below the 0.6 floor (calibrated
     # against the measured drop on CUDA; in the CPU smoke run a fixed spin of 3 x 2 ms per step)
     step = 2e-3 if SMOKE and not ampgate.device.startswith("cuda") else None
-    ampgate.run(plants.slow_down(workload, 3.0, modes=["amp_bf16"], device=ampgate.device, step_time_s=step))
+    ampgate.run(testing.slow_down(workload, 3.0, modes=["amp_bf16"], device=ampgate.device, step_time_s=step))
 '''
 
 

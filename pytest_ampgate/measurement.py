@@ -321,7 +321,7 @@ class CudaTimer:
         without the gaps where it waited for the host.  If the sleep ended before the host finished
         (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
-        from .plants import gpu_cycles_per_second
+        from .delays import gpu_cycles_per_second
 
         with device_context(self.device):
             index = torch.cuda.current_device()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pytest_ampgate import plants
+from pytest_ampgate import testing
 from pytest_ampgate.env import open_noise_window
 from pytest_ampgate.measurement import MeasureConfig, launch_bound, measure
 from pytest_ampgate.modes import MODES, numerics_policy
@@ -60,7 +60,7 @@ def test_cuda_1_measures_on_cuda_1():
 def test_planted_slowdown_shows_on_a_launch_bound_step():
     workload = mnist_mlp()
     clean = measure(workload, ["amp_bf16"], device="cuda", config=SHORT).modes["amp_bf16"].step_time_s
-    planted = plants.slow_down(workload, 0.5, modes=["amp_bf16"], device="cuda", calibration=SHORT)
+    planted = testing.slow_down(workload, 0.5, modes=["amp_bf16"], device="cuda", calibration=SHORT)
     slowed = measure(planted, ["amp_bf16"], device="cuda", config=SHORT).modes["amp_bf16"].step_time_s
     assert slowed / clean - 1 == pytest.approx(0.5, abs=0.2)
 

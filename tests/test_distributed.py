@@ -17,6 +17,7 @@ import pytest
 
 from pytest_ampgate import distributed as D
 from pytest_ampgate.config import GateConfig, MeasureConfig, build_config
+from pytest_ampgate.distributed import launch
 from pytest_ampgate.errors import ConfigError
 
 CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
@@ -58,7 +59,7 @@ def _tagged_processes(tag: str) -> list[int]:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if tag.encode() in (entry / "environ").read_bytes() and D._alive(int(entry.name)):
+            if tag.encode() in (entry / "environ").read_bytes() and launch._alive(int(entry.name)):
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -198,7 +199,7 @@ def test_hang_message_names_the_rank_outside_a_collective(tmp_path):
         0: f'Current thread 0x1 (most recent call first):\n  File "{torch_file}", line 8 in _engine_run_backward\n  File "/p/measurement.py", line 3 in time_block\n',
         1: 'Current thread 0x2 (most recent call first):\n  File "/home/me/model.py", line 42 in forward\n',
     }
-    text = D._hang_message(20, 2, tmp_path, stacks, [])
+    text = launch._hang_message(20, 2, tmp_path, stacks, [])
     assert "rank 1 stopped responding while the others waited for it" in text
     assert "rank 1: not in a collective at model.py:42 in forward" in text
     assert "rank 0: waiting inside torch (a collective, or backward's all-reduce) at measurement.py:3 in time_block" in text
@@ -304,7 +305,7 @@ def test_hanging_rank_is_stopped_within_the_timeout_and_named(monkeypatch):
     text, took, tag = _launch_with_fault(monkeypatch, {"kind": "hang", "rank": 1}, timeout_s=10)
     assert took < 10 + 10, f"took {took:.1f} s"  # the timeout, then stacks (3 s at most) and the kill
     assert text.startswith("distributed run hung: no result within distributed_timeout=10 s")
-    assert "rank 1: not in a collective at distributed_worker.py:" in text and "in _plant" in text
+    assert "rank 1: not in a collective at worker.py:" in text and "in _plant" in text
     assert "all 2 ranks and the launcher were killed" in text
     assert _tagged_processes(tag) == []  # no launcher, rank or grandchild left behind
 
@@ -313,7 +314,7 @@ def test_hanging_rank_is_stopped_within_the_timeout_and_named(monkeypatch):
 @pytest.mark.parametrize(
     ("kind", "said"),
     [
-        ("raise", "rank 1 raised RuntimeError: planted fault: rank 1 raised at start (distributed_worker.py:"),
+        ("raise", "rank 1 raised RuntimeError: planted fault: rank 1 raised at start (worker.py:"),
         ("die", "rank 1 died: it was killed by SIGKILL"),
     ],
 )
@@ -332,17 +333,17 @@ def test_launcher_dies_with_the_test_process():
 
     code = (
         "import subprocess, sys, time\n"
-        "from pytest_ampgate.distributed import _die_with_parent\n"
+        "from pytest_ampgate.distributed.launch import _die_with_parent\n"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent, start_new_session=True)\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    assert D._alive(child)
+    assert launch._alive(child)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 5
-    while D._alive(child) and time.monotonic() < deadline:
+    while launch._alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not D._alive(child)
+    assert not launch._alive(child)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from pytest_ampgate import delays, testing
 from pytest_ampgate import measurement as measure_mod
-from pytest_ampgate import plants
 from pytest_ampgate.config import build_config
 from pytest_ampgate.env import GpuProcess, NoiseReport, WindowNoise, open_noise_window, own_run_pids
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, decide, evaluate
@@ -289,7 +289,7 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
         monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: fake.sleeps.append((fake.current, cycles)))
-        monkeypatch.setattr(plants, "gpu_cycles_per_second", lambda index: 1e9)
+        monkeypatch.setattr(delays, "gpu_cycles_per_second", lambda index: 1e9)
 
 
 def test_events_and_the_probe_run_on_cuda_n(monkeypatch):
@@ -306,8 +306,8 @@ def test_events_and_the_probe_run_on_cuda_n(monkeypatch):
 def test_the_slowdown_plant_sleeps_on_cuda_n_and_spins_the_host(monkeypatch):
     fake = FakeCuda(monkeypatch)
     spins = []
-    monkeypatch.setattr(plants, "busy_wait", spins.append)
-    plants._delay(torch.device("cuda:1"), 0.002)
+    monkeypatch.setattr(delays, "busy_wait", spins.append)
+    delays.delay(torch.device("cuda:1"), 0.002)
     assert fake.sleeps == [(1, 2_000_000)] and spins == [0.002]
 
 
@@ -329,7 +329,7 @@ class RaisesIn(nn.Module):
         self.mode, self.exc, self.after, self.eval_only, self.calls = mode, exc, after, eval_only, 0
 
     def forward(self, x):
-        if plants.running_mode(x, self) == self.mode and (self.training != self.eval_only):
+        if testing.running_mode(x, self) == self.mode and (self.training != self.eval_only):
             self.calls += 1
             if self.calls > self.after:
                 raise self.exc
@@ -367,7 +367,7 @@ class ReadsLegacyFlags(nn.Module):
     def forward(self, x):
         self.record(
             (
-                plants.running_mode(x, self),
+                testing.running_mode(x, self),
                 torch.backends.cuda.matmul.allow_tf32,
                 torch.backends.cudnn.allow_tf32,
                 torch.get_float32_matmul_precision(),
@@ -403,7 +403,7 @@ def test_calibration_scales_the_delay_to_the_measured_drop():
     def achieved(delay):
         return 0.4 * delay / clean
 
-    delay = plants.calibrate_delay(achieved, 0.25, 0.25 * clean)
+    delay = delays.calibrate_delay(achieved, 0.25, 0.25 * clean)
     assert achieved(delay) == pytest.approx(0.25, rel=0.01)
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from pytest_ampgate import plants
+from pytest_ampgate import delays, testing
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.errors import ConfigError, WorkloadError
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, baseline_from, decide
@@ -74,12 +74,12 @@ def test_unchanged_model_passes_every_check(mnist, dataset):
 
 
 def test_largest_layer_is_found_by_parameter_count(mnist):
-    assert plants.largest_layer(mnist) == "1"  # Linear(784, 128)
-    assert plants.largest_layer(cifar_cnn()) == "7"  # Linear(4096, 512)
+    assert testing.largest_layer(mnist) == "1"  # Linear(784, 128)
+    assert testing.largest_layer(cifar_cnn()) == "7"  # Linear(4096, 512)
 
 
 def test_forced_fp32_layer_fails_coverage_and_names_the_layer(mnist, dataset):
-    m, verdict = gate(plants.force_fp32_layer(mnist), dataset)
+    m, verdict = gate(testing.force_fp32_layer(mnist), dataset)
     assert failures(verdict) == {("amp_fp16", "precision_coverage"), ("amp_bf16", "precision_coverage")}, verdict.explain()
     for mode, check in checks(verdict, "precision_coverage").items():
         assert check.measured < 0.2 and check.threshold == 0.9
@@ -93,7 +93,7 @@ def test_forced_fp32_layer_fails_coverage_and_names_the_layer(mnist, dataset):
 
 
 def test_forced_fp32_small_layer_is_gated_against_the_configured_minimum(mnist, dataset):
-    planted = plants.force_fp32_layer(mnist, layer="3")  # Linear(128, 64): 10.8% of the step's FLOPs
+    planted = testing.force_fp32_layer(mnist, layer="3")  # Linear(128, 64): 10.8% of the step's FLOPs
     _m, strict = gate(planted, dataset, modes=("amp_bf16",))
     check = checks(strict, "precision_coverage")["amp_bf16"]
     assert check.outcome == FAIL and "fp32: 3.layer (10.8%)" in check.why
@@ -104,18 +104,18 @@ def test_forced_fp32_small_layer_is_gated_against_the_configured_minimum(mnist, 
 def test_forced_fp32_layer_fails_coverage_on_a_cnn():
     workload = cifar_cnn().with_options(batch_size=8, data_options={"n_train": 64, "n_test": 16})
     config = {"warmup_steps": 0, "rounds": 1, "steps_per_block": 1}
-    _m, verdict = gate(plants.force_fp32_layer(workload), workload.dataset("cpu"), modes=("amp_bf16",), **config)
+    _m, verdict = gate(testing.force_fp32_layer(workload), workload.dataset("cpu"), modes=("amp_bf16",), **config)
     check = checks(verdict, "precision_coverage")["amp_bf16"]
     assert check.outcome == FAIL and "fp32: 7.layer" in check.why, check.why
 
 
 def test_unknown_layer_is_refused_with_the_layers_there_are(mnist):
     with pytest.raises(WorkloadError, match=r"no layer 'fc9'.*Linear/Conv layers: 1, 3, 5"):
-        plants.force_fp32_layer(mnist, layer="fc9")
+        testing.force_fp32_layer(mnist, layer="fc9")
 
 
 def test_fp16_overflow_fails_finite_loss_in_amp_fp16_only(mnist, dataset):
-    _m, verdict = gate(plants.overflow_in_fp16(mnist), dataset)
+    _m, verdict = gate(testing.overflow_in_fp16(mnist), dataset)
     assert failures(verdict) == {("amp_fp16", "finite_loss")}, verdict.explain()
     finite = checks(verdict, "finite_loss")
     assert "amp_fp16 loss non-finite (inf) first at step 0" in finite["amp_fp16"].why
@@ -127,14 +127,14 @@ def test_fp16_overflow_fails_finite_loss_in_amp_fp16_only(mnist, dataset):
 
 def test_overflow_value_must_overflow_fp16(mnist):
     with pytest.raises(ConfigError, match="square past 65504"):
-        plants.overflow_in_fp16(mnist, value=100.0)
+        testing.overflow_in_fp16(mnist, value=100.0)
 
 
 def test_loss_scale_collapse_fails_the_scaler_checks_with_a_finite_loss(mnist, dataset):
     # 1 coverage + 2 warm-up + 10 balance + 2 x 10 timed steps = 33 halvings: 65536 / 2**33 < 1
-    _m, verdict = gate(plants.collapse_loss_scale(mnist), dataset, warmup_steps=2, rounds=2, steps_per_block=10)
+    _m, verdict = gate(testing.collapse_loss_scale(mnist), dataset, warmup_steps=2, rounds=2, steps_per_block=10)
     # A scaler that skips every step never lets the mode learn: the same-run check may say so too.
-    consequences = {("amp_fp16", c) for c in plants.PLANTS["collapse_loss_scale"].consequences}
+    consequences = {("amp_fp16", c) for c in testing.PLANTS["collapse_loss_scale"].consequences}
     assert failures(verdict) - consequences == {("amp_fp16", "loss_scale"), ("amp_fp16", "skipped_steps")}, verdict.explain()
     scale = checks(verdict, "loss_scale")["amp_fp16"]
     assert scale.measured == 65536 / 2**33
@@ -145,21 +145,21 @@ def test_loss_scale_collapse_fails_the_scaler_checks_with_a_finite_loss(mnist, d
 
 def test_running_mode_tells_the_modes_apart():
     x = torch.ones(2, 2)
-    assert plants.running_mode(x) == "fp32"
+    assert testing.running_mode(x) == "fp32"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert plants.running_mode(x) == "amp_bf16"
+        assert testing.running_mode(x) == "amp_bf16"
     with torch.autocast("cpu", dtype=torch.float16):
-        assert plants.running_mode(x) == "amp_fp16"
-    assert plants.running_mode(x.half()) == "fp16"
-    assert plants.running_mode(x.bfloat16()) == "bf16"
+        assert testing.running_mode(x) == "amp_fp16"
+    assert testing.running_mode(x.half()) == "fp16"
+    assert testing.running_mode(x.bfloat16()) == "bf16"
     layer = torch.nn.Embedding(4, 2).half()
-    assert plants.running_mode(torch.zeros(2, dtype=torch.long), layer) == "fp16"
+    assert testing.running_mode(torch.zeros(2, dtype=torch.long), layer) == "fp16"
 
 
 def test_slowdown_acts_only_in_the_named_modes(mnist, monkeypatch):
     waits = []
-    monkeypatch.setattr(plants, "busy_wait", waits.append)
-    model = plants.slow_down(mnist, 0.5, modes=("amp_bf16",), step_time_s=0.004, device="cpu").model_factory()
+    monkeypatch.setattr(delays, "busy_wait", waits.append)
+    model = testing.slow_down(mnist, 0.5, modes=("amp_bf16",), step_time_s=0.004, device="cpu").model_factory()
     x = torch.randn(3, 784)
     model(x)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -199,25 +199,25 @@ def test_cpu_slowdown_adds_its_fraction_of_the_step(mnist, dataset):
     also slows the step after it), so with fraction 1.0 a step costs about twice as much.
     """
     clean = prepare("amp_bf16", mnist.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
-    planted_workload = plants.slow_down(mnist, 1.0, modes=("amp_bf16",), device="cpu")
+    planted_workload = testing.slow_down(mnist, 1.0, modes=("amp_bf16",), device="cpu")
     planted = prepare("amp_bf16", planted_workload.model_factory(), mnist.optimizer_factory, mnist.loss_fn, "cpu")
     ratio = _interleaved_step_ratio(planted, clean, dataset)
     assert 1.5 < ratio < 3.0, ratio  # about 2; the spin is calibrated in CPU time, which a loaded machine inflates by up to ~30%
 
 
 def test_slowdown_size_against_the_tolerance():
-    assert plants.slowdown_for_drop(0.1) == pytest.approx(1 / 0.9 - 1)
-    assert plants.slowdown_for_drop(0.0) == 0.0
+    assert testing.slowdown_for_drop(0.1) == pytest.approx(1 / 0.9 - 1)
+    assert testing.slowdown_for_drop(0.0) == 0.0
     speedup = 1.5
-    assert speedup / (1 + plants.slowdown_for_drop(0.2)) == pytest.approx(speedup * 0.8)
+    assert speedup / (1 + testing.slowdown_for_drop(0.2)) == pytest.approx(speedup * 0.8)
     with pytest.raises(ConfigError):
-        plants.slowdown_for_drop(1.0)
+        testing.slowdown_for_drop(1.0)
     with pytest.raises(ConfigError, match="no step time given for amp_fp16"):
-        plants.slow_down(mnist_mlp(), 0.1, step_time_s={"amp_bf16": 0.01})
+        testing.slow_down(mnist_mlp(), 0.1, step_time_s={"amp_bf16": 0.01})
 
 
 def test_retained_activation_is_kept_per_model_copy_in_amp_modes_only(mnist):
-    model = plants.retain_activation(mnist, 4096).model_factory()
+    model = testing.retain_activation(mnist, 4096).model_factory()
     hook = next(iter(model._forward_pre_hooks.values()))
     model(torch.randn(2, 784))
     assert hook.kept is None
@@ -253,7 +253,7 @@ def test_gpu_memory_plant_fails_the_memory_check():
     clean, _ = gate(workload, dataset, device="cuda", **settings)
     baseline = baseline_from(clean, "test", "cuda", {})
     extra = int(2 * 0.05 * clean.reference.peak_memory_bytes) + 2**20
-    m, verdict = gate(plants.retain_activation(workload, extra), dataset, device="cuda", baseline=baseline, **settings)
+    m, verdict = gate(testing.retain_activation(workload, extra), dataset, device="cuda", baseline=baseline, **settings)
     grown = m.modes["amp_bf16"].peak_memory_bytes - clean.modes["amp_bf16"].peak_memory_bytes
     assert abs(grown - extra) <= 2**20
     check = checks(verdict, "memory")["amp_bf16"]
@@ -267,7 +267,7 @@ def test_gpu_slowdown_fails_the_speedup_check():
     settings = {"modes": ("amp_bf16",), "check_speed": True, "min_speedup": 0.01, "rounds": 10, "steps_per_block": 10, "warmup_steps": 3}
     clean, _ = gate(workload, dataset, device="cuda", **settings)
     baseline = baseline_from(clean, "test", "cuda", {})
-    planted = plants.slow_down(workload, 1.0, modes=("amp_bf16",), step_time_s=clean.modes["amp_bf16"].step_time_s)
+    planted = testing.slow_down(workload, 1.0, modes=("amp_bf16",), step_time_s=clean.modes["amp_bf16"].step_time_s)
     m, verdict = gate(planted, dataset, device="cuda", baseline=baseline, **settings)
     assert m.modes["amp_bf16"].step_time_s > 1.5 * clean.modes["amp_bf16"].step_time_s
     assert checks(verdict, "speedup")["amp_bf16"].outcome == FAIL, verdict.explain()
@@ -276,7 +276,7 @@ def test_gpu_slowdown_fails_the_speedup_check():
 @cuda
 def test_gpu_forced_fp32_layer_fails_coverage_and_names_the_layer():
     workload = mnist_mlp().with_options(batch_size=256, data_options={"n_train": 2048, "n_test": 512})
-    _m, verdict = gate(plants.force_fp32_layer(workload), workload.dataset("cuda"), device="cuda")
+    _m, verdict = gate(testing.force_fp32_layer(workload), workload.dataset("cuda"), device="cuda")
     for mode in ("amp_fp16", "amp_bf16"):
         check = checks(verdict, "precision_coverage")[mode]
         assert check.outcome == FAIL and "fp32: 1.layer" in check.why, verdict.explain()

@@ -1,9 +1,16 @@
-"""Planted regressions: workloads with a known defect of a known size, to prove the gate catches them.
+"""Planted regressions: check that your gate catches a regression before you trust it to.
 
 A gate is only worth having if both of its answers can be trusted: it must pass unchanged code and
 fail a real regression.  The second half cannot be shown with healthy workloads, so each function
-here takes a :class:`~pytest_ampgate.workloads.Workload` and returns a copy carrying one of the
-regressions AMP users meet in practice, with its size as a parameter:
+here takes a :class:`~pytest_ampgate.workloads.Workload` (or a built-in name) and returns a copy
+carrying one of the regressions AMP users meet in practice, with its size as a parameter.  Gate the
+planted copy with your own settings (measure it and ``gate.decide`` it, as ``tests/test_plants.py``
+does) and it must fail the checks :data:`PLANTS` names for it, and no other::
+
+    from pytest_ampgate import testing
+
+    planted = testing.force_fp32_layer(my_workload())  # must fail precision_coverage, naming the layer
+    slower = testing.slow_down(my_workload(), testing.slowdown_for_drop(2 * speedup_tolerance))
 
 * :func:`force_fp32_layer`: the largest layer runs under ``autocast(enabled=False)`` on ``.float()``
   inputs (the commonest silent AMP loss); fails ``precision_coverage``, naming the layer.
@@ -22,21 +29,19 @@ same weights as the unplanted workload), then changes it.  Plants that must act 
 ask :func:`running_mode` inside the forward which mode is running: autocast's state and dtype tell
 the AMP modes apart, the input's dtype the pure low-precision ones.  Per-copy state (the retained
 tensor) lives on hook objects that ``copy.deepcopy`` copies with the model, so the modes of one
-run never share it.
+run never share it.  The slowdown's delays and their calibration live in :mod:`pytest_ampgate.delays`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .delays import calibrate_cpu_spin, calibrate_cuda_delay, delay, fresh_model
 from .errors import ConfigError, WorkloadError
 from .workloads import Workload, get_workload
 
@@ -112,12 +117,6 @@ def _planted(workload: Workload, label: str, *, plant=None, loss_fn=None) -> Wor
     return workload.with_options(**changes)
 
 
-def _build(workload: Workload) -> nn.Module:
-    """One model from the factory without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        return workload.model_factory()
-
-
 def _check_modes(modes: Iterable[str]) -> tuple[str, ...]:
     from .modes import resolve_mode
 
@@ -131,7 +130,7 @@ def largest_layer(model_or_workload: nn.Module | Workload | str) -> str:
     """``named_modules()`` path of the Linear/Conv layer with the most parameters (first one on ties)."""
     model = model_or_workload
     if not isinstance(model, nn.Module):
-        model = _build(get_workload(model_or_workload))
+        model = fresh_model(get_workload(model_or_workload))
     best, best_size = None, -1
     for path, module in model.named_modules():
         if isinstance(module, COMPUTE_LAYERS):
@@ -144,7 +143,7 @@ def largest_layer(model_or_workload: nn.Module | Workload | str) -> str:
 
 
 def _resolve_layer(workload: Workload, layer: str | None) -> str:
-    model = _build(workload)
+    model = fresh_model(workload)
     path = largest_layer(model) if layer is None else layer
     try:
         model.get_submodule(path)
@@ -196,89 +195,24 @@ def force_fp32_layer(workload: Workload | str, layer: str | None = None) -> Work
 # --- (b) a slowdown of known size ------------------------------------------------------------------
 
 
-def busy_wait(cpu_seconds: float) -> None:
-    """Spin until the calling thread has used ``cpu_seconds`` of CPU time.
-
-    CPU time, not wall time: on a shared machine the spin is then stretched by other processes
-    exactly as the step's own computation is, so a plant sized against the step stays that size.
-    """
-    end = time.thread_time() + cpu_seconds
-    while time.thread_time() < end:
-        pass
-
-
-@functools.cache
-def gpu_cycles_per_second(device_index: int) -> float:
-    """What one cycle of ``torch.cuda._sleep`` lasts on this GPU, timed with CUDA events (median of 5)."""
-    cycles = 20_000_000
-    rates = []
-    with torch.cuda.device(device_index):
-        torch.cuda._sleep(1_000_000)  # load the kernel
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            end.synchronize()
-            rates.append(cycles / (start.elapsed_time(end) / 1000.0))
-    return sorted(rates)[len(rates) // 2]
-
-
-def _delay(device: torch.device, seconds: float) -> None:
-    """Delay one step by ``seconds`` wherever the step is bound.
-
-    CUDA: a host spin *and* a ``torch.cuda._sleep`` kernel of that length on ``device`` (under its
-    context, so cuda:N sleeps on N).  A launch-bound step (the GPU idles while the host launches
-    kernels) hides a GPU sleep in its slack, and a GPU-bound one hides a host spin in the host's
-    lead; with both, the step grows by the delay either way (up to twice it in between, which
-    :func:`calibrate_delay` corrects against the measured drop).  CPU: a busy-wait.
-    """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.cuda.device(index):
-            torch.cuda._sleep(max(1, int(seconds * gpu_cycles_per_second(index))))
-        busy_wait(seconds)
-    else:
-        busy_wait(seconds)
-
-
 class _DelayHook:
-    """Forward pre-hook: in the named modes, delay each step by that mode's planted seconds (see :func:`_delay`)."""
+    """Forward pre-hook: in the named modes, delay each step by that mode's planted seconds (see :func:`pytest_ampgate.delays.delay`)."""
 
     def __init__(self, delays: Mapping[str, float], device_type: str):
         self.delays, self.device_type = dict(delays), device_type
 
     def __call__(self, module: nn.Module, args):
         x = _first_tensor(args)
-        delay = self.delays.get(running_mode(x, module), 0.0)
-        if delay <= 0:
+        seconds = self.delays.get(running_mode(x, module), 0.0)
+        if seconds <= 0:
             return None
         device = x.device if x is not None else torch.device("cpu")
         if device.type != self.device_type:
             raise WorkloadError(
                 f"slow_down was sized for {self.device_type} but the step runs on {device.type}; plant it with device={device.type!r}"
             )
-        _delay(device, delay)
+        delay(device, seconds)
         return None
-
-
-def calibrate_delay(achieved: Callable[[float], float], fraction: float, first: float, iterations: int = 2) -> float:
-    """The delay whose measured slowdown is ``fraction``, by secant steps through (0, 0).
-
-    ``achieved(delay)`` measures the relative slowdown a delay really causes (planted step time /
-    clean step time - 1).  A delay can be hidden in part (launch-bound slack) or counted up to
-    twice (host and device), so the first guess ``first`` is scaled by ``fraction / achieved``
-    until the measured drop matches.  A delay that shows no effect at all is returned as is.
-    """
-    delay = first
-    for _ in range(iterations):
-        if delay <= 0 or fraction <= 0:
-            break
-        got = achieved(delay)
-        if got <= 0:
-            break
-        delay *= fraction / got
-    return delay
 
 
 def slowdown_for_drop(drop: float) -> float:
@@ -305,15 +239,15 @@ def slow_down(
 
     ``device`` (default: CUDA if there is one) is where the planted workload will run.
 
-    * CUDA: a host spin and a ``torch.cuda._sleep`` kernel (see :func:`_delay`), so a launch-bound
+    * CUDA: a host spin and a ``torch.cuda._sleep`` kernel (see :func:`pytest_ampgate.delays.delay`), so a launch-bound
       step is slowed as surely as a GPU-bound one.  Without ``step_time_s`` the delay is calibrated
-      against the measured drop (:func:`calibrate_cuda_delay`, short measurements with
+      against the measured drop (:func:`~pytest_ampgate.delays.calibrate_cuda_delay`, short measurements with
       ``calibration``); with it (one number, or one per mode, e.g. a baseline's
       ``ModeMeasurement.step_time_s``) the delay is ``fraction`` x that time, uncalibrated.
     * CPU: a busy-wait.  A spin also slows the step that follows it (cold caches and branch
       predictors; on a 1 ms MNIST step that nearly doubles the spin's cost), so without
       ``step_time_s`` the spin is calibrated on the CPU, in thread CPU time, until a step with it
-      costs ``1 + fraction`` times a step without (:func:`calibrate_cpu_spin`).  With
+      costs ``1 + fraction`` times a step without (:func:`~pytest_ampgate.delays.calibrate_cpu_spin`).  With
       ``step_time_s`` the spin is simply ``fraction`` x that many CPU seconds.
 
     Use :func:`slowdown_for_drop` to size it against the speedup tolerance.
@@ -325,7 +259,9 @@ def slow_down(
     device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     if step_time_s is None:
         if device_type == "cuda":
-            delays = calibrate_cuda_delay(workload, fraction, modes, device or "cuda", calibration)
+            delays = calibrate_cuda_delay(
+                workload, fraction, modes, device or "cuda", calibration, planted=lambda d: _slowed(workload, d, "cuda")
+            )
         else:
             delays = calibrate_cpu_spin(workload, fraction, modes)
     if step_time_s is not None:
@@ -337,88 +273,17 @@ def slow_down(
         else:
             delays = {m: fraction * float(step_time_s) for m in modes}
 
+    shown = ", ".join(f"{m} +{d * 1e3:.3g} ms" for m, d in delays.items())
+    return _slowed(workload, delays, device_type, f"slowdown of {fraction:.1%} of the step on {device_type} ({shown})")
+
+
+def _slowed(workload: Workload, delays: Mapping[str, float], device_type: str, label: str = "calibration") -> Workload:
+    """``workload`` with each step of the named modes delayed by that mode's seconds."""
+
     def plant(model: nn.Module) -> None:
         model.register_forward_pre_hook(_DelayHook(delays, device_type))
 
-    shown = ", ".join(f"{m} +{d * 1e3:.3g} ms" for m, d in delays.items())
-    return _planted(workload, f"slowdown of {fraction:.1%} of the step on {device_type} ({shown})", plant=plant)
-
-
-def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str], pairs: int = 60) -> dict[str, float]:
-    """Per mode, the CPU seconds of spin that make a CPU training step ``1 + fraction`` times as costly.
-
-    Measured in thread CPU time, which other processes do not inflate, with steps alternating
-    with and without the spin so that drift in the machine's speed cancels: the ratio of the
-    medians gives the spin's real cost, and two secant steps from the first guess
-    ``fraction`` x the step size the spin.  Modes the CPU cannot run get no spin.
-    """
-    from .modes import numerics_policy, prepare, unsupported_reason
-    from .profiles import cpu_threads
-
-    dataset = workload.dataset("cpu")
-    model = _build(workload)
-    spins = {}
-    for mode in modes:
-        if unsupported_reason(mode, "cpu"):
-            continue
-        runner = prepare(mode, model, workload.optimizer_factory, workload.loss_fn, "cpu")
-
-        def relative_cost(spin: float, mode=mode, runner=runner) -> tuple[float, float]:
-            """(median clean step, median step with the spin, spin included), steps alternating."""
-            costs: tuple[list, list] = ([], [])
-            with numerics_policy(mode), cpu_threads("cpu"):  # the thread count the gate measures with
-                for i in range(2 * pairs + 4):
-                    x, y = dataset.batch(runner.steps_taken, workload.batch_size)
-                    begin = time.thread_time()
-                    busy_wait(spin if i % 2 else 0.0)
-                    runner.step(x, y)
-                    if i >= 4:
-                        costs[i % 2].append(time.thread_time() - begin)
-            return statistics.median(costs[0]), statistics.median(costs[1])
-
-        spin = fraction * relative_cost(0.0)[0]
-        for _ in range(2):  # secant steps through (0, clean); a spin costs at least itself
-            if spin <= 0:
-                break
-            clean, slowed = relative_cost(spin)
-            spin = fraction * clean / max((slowed - clean) / spin, 1.0)
-        spins[mode] = spin
-    return spins
-
-
-def calibrate_cuda_delay(workload: Workload, fraction: float, modes: Sequence[str], device, calibration=None) -> dict[str, float]:
-    """Per mode, the delay that slows a CUDA step by ``fraction``, calibrated against the measured drop.
-
-    The clean step times come from one short measurement; each guess is planted and measured the
-    same way (:func:`calibrate_delay`), so the plant shows in the timing whether the step is
-    launch-bound or GPU-bound.
-    """
-    clean = _measure_step_times(workload, modes, device, calibration)
-    delays = {}
-    for mode in modes:
-
-        def achieved(delay: float, mode=mode) -> float:
-            planted = _planted(
-                workload, "calibration", plant=lambda model: model.register_forward_pre_hook(_DelayHook({mode: delay}, "cuda"))
-            )
-            return _measure_step_times(planted, [mode], device, calibration)[mode] / clean[mode] - 1.0
-
-        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode])
-    return delays
-
-
-def _measure_step_times(workload: Workload, modes, device, calibration) -> dict[str, float]:
-    """Median step time per mode from one short measurement (CUDA events on a GPU)."""
-    from .measurement import MeasureConfig, measure
-
-    config = calibration or MeasureConfig(warmup_steps=3, rounds=4, steps_per_block=10, memory_steps=0, precision_coverage=False)
-    m = measure(workload, [x for x in modes if x != config.reference_mode] or list(modes), device=device, config=config)
-    times = {name: mm.step_time_s for name, mm in m.modes.items()}
-    times[m.reference.mode] = m.reference.step_time_s
-    bad = [x for x in modes if not times.get(x)]
-    if bad:
-        raise WorkloadError(f"slow_down: could not time {', '.join(bad)} on {device} to size the delay")
-    return times
+    return _planted(workload, label, plant=plant)
 
 
 # --- (c) a memory plant -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """One rank of a distributed gate run; started by torchrun (``python -m torch.distributed.run ... -m
-pytest_ampgate.distributed_worker JOB.json``), never imported by the test process.
+pytest_ampgate.distributed.worker JOB.json``), never imported by the test process.
 
 Each rank joins the process group (gloo on CPUs, NCCL on ``cuda:LOCAL_RANK``), loads the same
 workload and data (seeded, so every rank builds the same initial weights), keeps its strided
@@ -29,8 +29,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .distributed import distributed_mode, fsdp2_api, load_workload
-from .file_safety import write_atomic
+from ..file_safety import write_atomic
+from .job import load_workload
+from .modes import distributed_mode, fsdp2_api
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -75,7 +76,7 @@ def _runner_factory(device, plants: list, made: dict):
     model wrapped in DDP, or sharded by FSDP2 (whose parameters then need a fresh optimizer)."""
     import torch
 
-    from .modes import prepare
+    from ..modes import prepare
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,9 +160,9 @@ def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> di
     import torch
     import torch.distributed as dist
 
-    from .config import MeasureConfig
-    from .measurement import measure
-    from .modes import MODES, PrecisionMode
+    from ..config import MeasureConfig
+    from ..measurement import measure
+    from ..modes import MODES, PrecisionMode
 
     device = torch.device(f"cuda:{local_rank}") if spec["device_type"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":

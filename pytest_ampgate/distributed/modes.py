@@ -1,0 +1,175 @@
+"""The distributed modes, and what this machine and torch can run of them.
+
+Every single-device precision mode (:mod:`pytest_ampgate.modes`) also runs under DDP; a few modes
+exist only with ``world_size``: DDP with a gradient-compression hook, and FSDP2 with or without a
+mixed-precision policy.  Whether a device can compute in a dtype is the precision modes' question;
+this module only adds what several ranks need (a backend, enough devices, FSDP2 in this torch).
+
+Nothing here imports torch at module level: the mode table is read when markers are validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistributedMode:
+    """How one distributed mode wraps the model: the data-parallel strategy and its precision knobs."""
+
+    name: str
+    strategy: str
+    """'ddp' (DistributedDataParallel) or 'fsdp2' (``fully_shard``)."""
+    precision: str = "fp32"
+    """The single-device precision mode each rank trains in (autocast, scaler, parameter dtype)."""
+    comm_hook: str | None = None
+    """A DDP communication hook from ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``."""
+    param_dtype: str | None = None
+    """FSDP2 ``MixedPrecisionPolicy.param_dtype``: the dtype parameters are all-gathered and computed in."""
+    reduce_dtype: str | None = None
+    """FSDP2 ``MixedPrecisionPolicy.reduce_dtype``: the dtype gradients are reduce-scattered in."""
+    description: str = ""
+
+
+DISTRIBUTED_ONLY: dict[str, DistributedMode] = {
+    m.name: m
+    for m in (
+        DistributedMode(
+            "fp16_compress_hook",
+            "ddp",
+            comm_hook="fp16_compress_hook",
+            description="DDP, fp32 training, gradients all-reduced in float16 (fp16_compress_hook)",
+        ),
+        DistributedMode(
+            "bf16_compress_hook",
+            "ddp",
+            comm_hook="bf16_compress_hook",
+            description="DDP, fp32 training, gradients all-reduced in bfloat16 (bf16_compress_hook)",
+        ),
+        DistributedMode("fsdp2", "fsdp2", description="FSDP2 fully_shard, float32 throughout"),
+        DistributedMode(
+            "fsdp2_bf16",
+            "fsdp2",
+            param_dtype="bfloat16",
+            reduce_dtype="float32",
+            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)",
+        ),
+        DistributedMode(
+            "fsdp2_fp16",
+            "fsdp2",
+            param_dtype="float16",
+            reduce_dtype="float32",
+            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=float16, reduce_dtype=float32)",
+        ),
+    )
+}
+"""Modes that exist only with ``world_size``; every single-device precision mode also runs under DDP."""
+
+
+def distributed_mode(name: str) -> DistributedMode:
+    """The distributed mode of a name: one of :data:`DISTRIBUTED_ONLY`, or DDP under a precision mode."""
+    key = name.strip().lower()
+    if key in DISTRIBUTED_ONLY:
+        return DISTRIBUTED_ONLY[key]
+    from ..modes import resolve_mode
+
+    precision = resolve_mode(name)
+    return DistributedMode(
+        precision.name, "ddp", precision=precision.name, description=f"DDP, each rank in {precision.name}: {precision.description}"
+    )
+
+
+def require_world_size(modes: Sequence[str], world_size: int | None, source: str) -> None:
+    """Distributed-only modes without ``world_size`` are a usage error, said before anything runs."""
+    only = [m for m in modes if m in DISTRIBUTED_ONLY]
+    if only and world_size is None:
+        raise ConfigError(
+            f"{source}: mode{'s' if len(only) > 1 else ''} {', '.join(only)} run{'' if len(only) > 1 else 's'} only under "
+            "torch.distributed; set world_size=N (e.g. @pytest.mark.amp_regression(world_size=2, ...))"
+        )
+
+
+# --- what this machine and torch can run ------------------------------------------------------
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def unavailable_reason(world_size: int, device: str) -> str | None:
+    """Why ``world_size`` ranks cannot run on ``device`` here (no torch.distributed, backend, or devices), or None."""
+    import torch
+
+    device_type = device.split(":")[0]
+    try:
+        import torch.distributed as dist
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        return f"this torch {torch.__version__} has no torch.distributed: {exc}"
+    if not dist.is_available():
+        return f"this torch {torch.__version__} build has no torch.distributed (built without it)"
+    if device_type == "cuda":
+        if not dist.is_nccl_available():
+            return f"world_size={world_size} on CUDA needs the NCCL backend, which this torch {torch.__version__} build lacks"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < world_size:
+            return f"world_size={world_size} needs {world_size} CUDA devices (one per rank); this machine has {count}"
+        return None
+    if not dist.is_gloo_available():
+        return f"world_size={world_size} on the CPU needs the gloo backend, which this torch {torch.__version__} build lacks"
+    return None
+
+
+def fsdp2_api():
+    """(fully_shard, MixedPrecisionPolicy) from this torch, or a string saying why there is none.
+
+    torch >= 2.6 exports them from ``torch.distributed.fsdp``; 2.4-2.5 only from the private
+    ``torch.distributed._composable.fsdp``, asked only when the public one is missing.
+    """
+    import torch
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        return fully_shard, MixedPrecisionPolicy
+    except ImportError:
+        pass
+    try:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+        return fully_shard, MixedPrecisionPolicy
+    except ImportError:
+        return f"FSDP2 (fully_shard with MixedPrecisionPolicy) is not in this torch {torch.__version__}; it needs torch 2.4+"
+
+
+def mode_unsupported_reason(name: str, device: str) -> str | None:
+    """Why a distributed mode cannot run here, or None (checked here, so every rank runs the same modes)."""
+    from ..modes import MODES, unsupported_reason
+
+    dmode = distributed_mode(name)
+    reason = unsupported_reason(dmode.precision, device)
+    if reason:
+        return reason
+    if dmode.comm_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if getattr(default_hooks, dmode.comm_hook, None) is None:
+            import torch
+
+            return f"this torch {torch.__version__} has no DDP communication hook {dmode.comm_hook}"
+        if dmode.comm_hook.startswith("bf16") and device.startswith("cuda"):
+            return unsupported_reason(MODES["amp_bf16"], device)
+    if dmode.strategy == "fsdp2":
+        api = fsdp2_api()
+        if isinstance(api, str):
+            return api
+        if dmode.param_dtype:
+            return unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
+    return None
+
+
+def env_key(base_key: str, world_size: int, device: str) -> str:
+    """Baselines of distributed runs are their own environment: world size and backend change every figure."""
+    return f"{base_key}|{backend_for(device.split(':')[0])}|world{world_size}"
