@@ -265,8 +265,8 @@ class TestGate:
         return result
 
 
-def accepted_baselines(results) -> Iterator[Baseline]:
-    """The baseline each result carries (set only where --ampgate-update accepted it), for the store."""
+def baseline_updates(results) -> Iterator[Baseline]:
+    """The baselines of every result that carries one (only passed calls do), for ``BaselineStore.record``."""
     for r in results:
         if r.update is not None:
             yield Baseline.from_entry(r.test_id, r.env_key, r.update, f"update for {r.test_id}")

@@ -326,12 +326,12 @@ class AmpGatePlugin:
         """The store commits what ran and passed, then finds (and on request prunes) what the
         complete collection no longer has; this says what it did."""
         from ..baseline_schema import UPDATE_COMMAND
-        from ..session import accepted_baselines
+        from ..session import baseline_updates
 
         state, collection = self.state, self.state.collection
         try:
             done = self.gate.store.record(
-                accepted_baselines(self.gate.results),
+                baseline_updates(self.gate.results),
                 collected=collection.gated_ids,
                 complete_modules=collection.complete_modules(),
                 prune=self.gate.options.prune,
@@ -394,6 +394,7 @@ class AmpGatePlugin:
             runs=state.runs,
             run_info=run_info,
             stale=lambda: [test for _path, test in self.stale()],
+            written=state.outputs_written,
         )
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
