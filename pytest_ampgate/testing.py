@@ -43,9 +43,11 @@ from torch import nn
 
 from .delays import calibrate_cpu_spin, calibrate_cuda_delay, delay, fresh_model
 from .errors import ConfigError, WorkloadError
+from .modes import MODES, resolve_mode
 from .workloads import Workload, get_workload
 
-AMP_MODES = ("amp_fp16", "amp_bf16")
+AMP_MODES = tuple(name for name, mode in MODES.items() if mode.is_amp)
+"""The modes a plant acts in by default: the autocast modes (amp_fp16, amp_bf16), as the mode table says."""
 COMPUTE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 
@@ -118,8 +120,6 @@ def _planted(workload: Workload, label: str, *, plant=None, loss_fn=None) -> Wor
 
 
 def _check_modes(modes: Iterable[str]) -> tuple[str, ...]:
-    from .modes import resolve_mode
-
     names = tuple(resolve_mode(m).name for m in modes)
     if not names:
         raise ConfigError("a plant needs at least one mode to act in")
