@@ -7,7 +7,7 @@ as the reference) and prints one row per mode: step time (median with IQR), spee
 with its interval, peak memory and its ratio, final loss and held-out accuracy.
 
 Then, per mode, the overhead check: the engine's own ``time_block`` over a
-:class:`~pytest_ampgate.modes.ModeRunner` against the loop a user writes by hand for that mode
+:class:`~pytest_ampgate.mode_runner.ModeRunner` against the loop a user writes by hand for that mode
 (same initial weights, same batch slices, same autocast/GradScaler/parameter dtype, same TF32
 policy), interleaved ABBA so drift cancels, warm-up untimed.  The ratio engine/bare is the median
 of per-round ratios with the same distribution-free interval the gate uses.  After timing, both
@@ -39,10 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from pytest_ampgate.env import NoiseReport, fingerprint
+from pytest_ampgate.env import fingerprint
 from pytest_ampgate.errors import ModeError
+from pytest_ampgate.gpu_noise import NoiseReport
 from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block
-from pytest_ampgate.modes import MODES, PrecisionMode, cudnn_benchmark, numerics_policy, prepare, resolve_mode
+from pytest_ampgate.mode_runner import prepare
+from pytest_ampgate.modes import MODES, PrecisionMode, resolve_mode
+from pytest_ampgate.precision_policy import cudnn_benchmark, numerics_policy
+from pytest_ampgate.records import from_dict, to_dict
 from pytest_ampgate.report import format_table
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
 from pytest_ampgate.workloads import BUILTIN, Workload, get_workload
@@ -442,7 +446,7 @@ def environment_lines(device: torch.device, cases: list[Case]) -> list[str]:
         if d and case.workload not in seen:
             seen.add(case.workload)
             lines.append(f"data {case.workload}: {d['source']}, n_train {d['n_train']}, n_test {d['n_test']} ({d['note'] or 'real files'})")
-    noise = [NoiseReport.from_dict(n) for c in cases for n in c.measurements.noise.values()]
+    noise = [from_dict(NoiseReport, n) for c in cases for n in c.measurements.noise.values()]
     if device.type == "cuda" and noise:
         noisy = [n.describe() for n in noise if n.noisy]
         lines.append("GPU noise (NVML): " + (noisy[0] if noisy else noise[0].describe()))
@@ -598,7 +602,7 @@ def main(argv=None) -> int:
         payload = {
             "command": ["benchmarks/engine_benchmark.py", *(sys.argv[1:] if argv is None else argv)],
             "device": str(device),
-            "environment": fingerprint(device).to_dict(),
+            "environment": to_dict(fingerprint(device)),
             "config": config.to_dict(),
             "cases": [c.to_dict() for c in cases],
             "wall_time_s": wall,

@@ -49,6 +49,7 @@ from pytest_ampgate.delays import calibration_config
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide
 from pytest_ampgate.measurement import measure
+from pytest_ampgate.records import to_dict
 from pytest_ampgate.workloads import get_workload
 
 SIZES = (0.5, 1.0, 1.5, 2.0)
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
     if args.json:
         data = {
             "command": " ".join(["python", "benchmarks/gate_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-            "environment": env.to_dict(),
+            "environment": to_dict(env),
             "profile": asdict(profile),
             "baselines": baselines,
             "scenarios": [t.summary() for t in tallies],

@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+from .records import to_dict
+
 ENTRY_MARK = "ampgate"
 """``extra_info["ampgate"]`` is True on our entries (so scripts can tell them from real benchmarks)."""
 
@@ -152,7 +154,7 @@ class BenchmarkBridge:
         if self.config.pluginmanager.hasplugin("dsession"):
             return None  # the xdist controller must not touch the GPU the workers time on
         try:
-            return self.gate.environment().to_dict()
+            return to_dict(self.gate.environment())
         except Exception:
             return None
 

@@ -1,23 +1,15 @@
-"""Device-resident datasets for the AMP gate.
+"""Device-resident datasets for the AMP gate: the type every workload's data becomes.
 
 The gate times training steps, so the data path must cost nothing inside the timed loop: every
-dataset here is loaded once, normalised once, shuffled once and kept as one resident tensor per
-split on the target device. A training batch is then a contiguous slice of that tensor: a view,
-with no copy, no kernel launch and no host synchronisation (a ``DataLoader`` would add CPU work
-and host-to-device copies that drown the very difference between FP32 and AMP we measure).
+dataset is loaded once, normalised once, shuffled once and kept as one resident tensor per split
+on the target device. A training batch is then a contiguous slice of that tensor: a view, with no
+copy, no kernel launch and no host synchronisation (a ``DataLoader`` would add CPU work and
+host-to-device copies that drown the very difference between FP32 and AMP we measure).
 
-Where the data comes from, in order of preference:
-
-* real MNIST / CIFAR-10 files in a local root, read through ``torchvision.datasets`` (their
-  ``.data``/``.targets`` arrays go straight into tensors: no PIL round trip). Nothing is ever
-  downloaded unless ``download=True`` is passed.
-* otherwise a deterministic, *learnable* synthetic set of the same shapes, so the gate still runs
-  offline and in CI without data; the dataset's ``note`` says why synthetic data was used.
-* a user's own tensors through :func:`from_tensors`.
-
-Missing data falls back to synthetic data; data that is present but broken never does: a corrupt
-or truncated file is a :class:`~pytest_ampgate.errors.DataError` that names the file, because
-silently swapping real data for synthetic would change every accuracy number without a word.
+Here: the :class:`DeviceDataset` itself, :func:`from_tensors` for a user's own tensors (checked
+up front, naming the tensor), and :func:`synthetic`, a deterministic *learnable* set of any shape,
+so the gate runs offline and in CI without data. The built-in MNIST and CIFAR-10 sets (real files,
+or the synthetic stand-in) live in :mod:`pytest_ampgate.builtin_data`.
 """
 
 from __future__ import annotations
@@ -25,52 +17,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError, WorkloadError
+from .errors import ConfigError, WorkloadError
 
-__all__ = [
-    "BUILTIN_DATASETS",
-    "SYNTHETIC_N_TEST",
-    "SYNTHETIC_N_TRAIN",
-    "DeviceDataset",
-    "from_tensors",
-    "load_builtin",
-    "load_cifar10",
-    "load_mnist",
-    "synthetic",
-]
+__all__ = ["SYNTHETIC_NOISE", "DeviceDataset", "from_tensors", "synthetic"]
 
 DeviceLike = str | torch.device
-
-#: Synthetic stand-ins are kept modest (not 60000/50000 like the real sets): big enough for a few
-#: hundred distinct batches and a stable accuracy estimate, small enough to generate in about a
-#: second and to sit on any GPU next to the model.
-SYNTHETIC_N_TRAIN = 20000
-SYNTHETIC_N_TEST = 2000
-
-# The usual torchvision normalisation constants (training-set mean/std of the pixel values / 255).
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-_MNIST_SHAPE = (1, 28, 28)
-_CIFAR10_SHAPE = (3, 32, 32)
-_NUM_CLASSES = 10
 
 # Synthetic-data knobs, chosen by measurement (see tests/test_data.py): with these, the reference
 # 784-128-64-10 MLP at SGD lr 0.01, batch 64 reaches roughly 0.9 held-out accuracy in 300 steps,
 # and no single pixel predicts the class much better than chance.
-_SYN_NOISE = 1.5  # per-pixel Gaussian noise, in units of the template's standard deviation
-_STAND_IN_NOISE = {"mnist": _SYN_NOISE, "cifar10": 8.0}
-"""The CIFAR CNN pools over 3072 inputs and saw through 1.5 in under 100 steps (accuracy 1.000,
-which makes an accuracy gate blind); at 8.0 it reaches ~0.88 in 150 CPU-profile steps."""
+SYNTHETIC_NOISE = 1.5
+"""Per-pixel Gaussian noise, in units of the template's standard deviation."""
 _SYN_GAIN = (0.5, 1.5)  # per-sample contrast, uniform
 _SYN_OFFSET = 0.3  # per-sample brightness, Gaussian std
 _SYN_MAX_SHIFT = 2  # per-sample translation in pixels, along spatial axes of length >= 8
@@ -284,8 +247,15 @@ def from_tensors(
                 f"dataset {name!r}: {key} contains NaN or inf; non-finite inputs would make every "
                 "precision mode's loss non-finite and be reported as an AMP failure"
             )
-    if floating_y or train_y.dim() > 1:
-        return _user_dataset(name, tensors, device, _target_classes(train_y, test_y, num_classes, name))
+    if floating_y:
+        return _user_dataset(name, tensors, device, 0)  # the workload brings its own metric
+    if num_classes is not None:
+        try:
+            num_classes = operator.index(num_classes)
+        except TypeError:
+            raise WorkloadError(f"dataset {name!r}: num_classes={num_classes!r} must be an integer") from None
+    if train_y.dim() > 1:  # per-position labels: negative ignore_index values allowed, so no range check
+        return _user_dataset(name, tensors, device, max(int(train_y.max()), int(test_y.max())) + 1 if num_classes is None else num_classes)
     lo = min(int(train_y.min()), int(test_y.min()))
     hi = max(int(train_y.max()), int(test_y.max()))
     if lo < 0:
@@ -296,10 +266,6 @@ def from_tensors(
         if num_classes < 2:
             raise WorkloadError(f"dataset {name!r}: all labels are 0, so num_classes would be 1; pass num_classes explicitly")
     else:
-        try:
-            num_classes = operator.index(num_classes)
-        except TypeError:
-            raise WorkloadError(f"dataset {name!r}: num_classes={num_classes!r} must be an integer") from None
         if num_classes < 2:
             raise WorkloadError(f"dataset {name!r}: num_classes={num_classes} must be >= 2")
         if hi >= num_classes:
@@ -329,18 +295,6 @@ def _input_dtype_message(name: str, key: str, t: torch.Tensor) -> str:
     return text
 
 
-def _target_classes(train_y: torch.Tensor, test_y: torch.Tensor, num_classes, name: str) -> int:
-    """Classes of per-position integer labels (largest label + 1), or 0 for floating targets."""
-    if train_y.is_floating_point():
-        return 0
-    if num_classes is not None:
-        try:
-            return operator.index(num_classes)
-        except TypeError:
-            raise WorkloadError(f"dataset {name!r}: num_classes={num_classes!r} must be an integer") from None
-    return max(int(train_y.max()), int(test_y.max())) + 1
-
-
 def _user_dataset(name: str, tensors: dict, device, num_classes: int) -> DeviceDataset:
     """Detached, contiguous, on ``device``: floating inputs as float32, integer inputs and labels kept integer."""
     dev = torch.device(device)
@@ -368,7 +322,7 @@ def _user_dataset(name: str, tensors: dict, device, num_classes: int) -> DeviceD
 # Synthetic data
 
 
-def _positive_int(value: object, what: str) -> int:
+def positive_int(value: object, what: str) -> int:
     try:
         v = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -443,7 +397,7 @@ def synthetic(
     n_test: int,
     seed: int = 0,
     device: DeviceLike = "cpu",
-    noise: float = _SYN_NOISE,
+    noise: float = SYNTHETIC_NOISE,
 ) -> DeviceDataset:
     """A deterministic, learnable classification set of any sample shape.
 
@@ -464,11 +418,11 @@ def synthetic(
         raise ConfigError(f"sample_shape={sample_shape!r} must be a sequence of positive integers") from None
     if not shape or any(d < 1 for d in shape):
         raise ConfigError(f"sample_shape={shape!r} must be a non-empty sequence of positive integers")
-    num_classes = _positive_int(num_classes, "num_classes")
+    num_classes = positive_int(num_classes, "num_classes")
     if num_classes < 2:
         raise ConfigError(f"num_classes={num_classes} must be >= 2")
-    n_train = _positive_int(n_train, "n_train")
-    n_test = _positive_int(n_test, "n_test")
+    n_train = positive_int(n_train, "n_train")
+    n_test = positive_int(n_test, "n_test")
     seed = operator.index(seed)
 
     chw = _canonical_shape(shape)
@@ -491,418 +445,3 @@ def synthetic(
         num_classes=num_classes,
         note=f"synthetic {name} data of shape {shape}, {num_classes} classes, seed {seed}",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Real MNIST / CIFAR-10 files through torchvision
-
-
-def _tv_datasets():
-    # torchvision costs about a second to import; only the real-file path needs it.
-    import torchvision.datasets as datasets
-
-    return datasets
-
-
-def _check_sizes(n_train: int | None, n_test: int | None) -> tuple[int | None, int | None]:
-    return (
-        None if n_train is None else _positive_int(n_train, "n_train"),
-        None if n_test is None else _positive_int(n_test, "n_test"),
-    )
-
-
-def _resolve_root(root: str | os.PathLike[str] | None, label: str, download: bool) -> str | None:
-    if root is None:
-        if download:
-            raise DataError(f"download=True needs a data root to download {label} into: pass root=... (--ampgate-data-root)")
-        return None
-    path = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    if not os.path.exists(path):
-        if download:
-            return path  # torchvision creates it
-        raise DataError(
-            f"data root {path} does not exist: create it and put the {label} files there, point "
-            f"--ampgate-data-root (root=...) at the directory that holds them, or pass download=True "
-            f"(--ampgate-download) to fetch {label} into it"
-        )
-    if not os.path.isdir(path):
-        raise DataError(f"data root {path} is not a directory: point --ampgate-data-root (root=...) at a directory")
-    return path
-
-
-def _stand_in(
-    name: str, shape: tuple[int, ...], n_train, n_test, seed: int, device, note: str, root, noise: float | None = None
-) -> DeviceDataset:
-    ds = synthetic(
-        name,
-        shape,
-        _NUM_CLASSES,
-        n_train=SYNTHETIC_N_TRAIN if n_train is None else n_train,
-        n_test=SYNTHETIC_N_TEST if n_test is None else n_test,
-        seed=seed,
-        device=device,
-        noise=_STAND_IN_NOISE[name] if noise is None else noise,
-    )
-    if noise is not None:
-        note += f" (synthetic noise {noise:g} instead of {_STAND_IN_NOISE[name]:g})"
-    return dataclasses.replace(ds, note=note, root=root)
-
-
-def _normalise(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean[c]) / std[c]``, on the CPU for device-independent values."""
-    c = u8.shape[1]
-    x = u8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    x.sub_(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
-    x.div_(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
-    return x
-
-
-def _finish_real(
-    name: str,
-    where: str,
-    root: str,
-    train_u8: torch.Tensor,
-    train_y: torch.Tensor,
-    test_u8: torch.Tensor,
-    test_y: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    n_train: int | None,
-    n_test: int | None,
-    seed: int,
-    device,
-) -> DeviceDataset:
-    """Check the arrays, shuffle train once, take the requested prefixes, normalise, move."""
-    label = {"mnist": "MNIST", "cifar10": "CIFAR-10"}[name]
-    for split, x, y in (("training", train_u8, train_y), ("test", test_u8, test_y)):
-        if x.shape[0] != y.shape[0]:
-            raise DataError(
-                f"{label} {split} set under {where} has {x.shape[0]} images but {y.shape[0]} labels: the files "
-                f"are corrupt or from different downloads; delete {where} and download again (download=True)"
-            )
-        if x.shape[0] == 0:
-            raise DataError(f"{label} {split} set under {where} is empty; delete {where} and download again")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= _NUM_CLASSES:
-            raise DataError(
-                f"{label} {split} labels under {where} range over [{lo}, {hi}], expected [0, {_NUM_CLASSES - 1}]: "
-                f"the label file is corrupt; delete {where} and download again (download=True)"
-            )
-    n_avail_train, n_avail_test = train_u8.shape[0], test_u8.shape[0]
-    if n_train is not None and n_train > n_avail_train:
-        raise DataError(f"n_train={n_train} but {label} under {where} holds only {n_avail_train} training samples")
-    if n_test is not None and n_test > n_avail_test:
-        raise DataError(f"n_test={n_test} but {label} under {where} holds only {n_avail_test} test samples")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_avail_train, generator=g)
-    if n_train is not None:
-        perm = perm[:n_train]
-    n_te = n_avail_test if n_test is None else n_test
-    dev = torch.device(device)
-    return DeviceDataset(
-        name=name,
-        source="torchvision-files",
-        train_x=_normalise(train_u8[perm], mean, std).to(dev),
-        train_y=train_y[perm].to(torch.int64).contiguous().to(dev),
-        test_x=_normalise(test_u8[:n_te], mean, std).to(dev),
-        test_y=test_y[:n_te].to(torch.int64).contiguous().to(dev),
-        num_classes=_NUM_CLASSES,
-        note=f"{label} from {where}",
-        root=root,
-    )
-
-
-_MNIST_FILES = (
-    ("train-images-idx3-ubyte", 2051),
-    ("train-labels-idx1-ubyte", 2049),
-    ("t10k-images-idx3-ubyte", 2051),
-    ("t10k-labels-idx1-ubyte", 2049),
-)
-
-
-def _check_idx_file(path: str, magic: int) -> None:
-    """Raise DataError naming ``path`` if its idx header or length is wrong (reads only the header)."""
-    expected_dims = 3 if magic == 2051 else 1
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(4 + 4 * expected_dims)
-    except OSError as exc:
-        raise DataError(f"cannot read MNIST file {path}: {exc}") from exc
-    fix = f"delete {os.path.dirname(path)} and download MNIST again (download=True)"
-    if len(head) < 4 + 4 * expected_dims:
-        raise DataError(f"MNIST file {path} is truncated: {size} bytes, shorter than its idx header; {fix}")
-    found = int.from_bytes(head[:4], "big")
-    if found != magic:
-        raise DataError(
-            f"MNIST file {path} is not an idx file of the expected kind: magic number {found}, expected {magic} "
-            f"({'images' if magic == 2051 else 'labels'}); {fix}"
-        )
-    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_dims)]
-    want = 4 + 4 * expected_dims + math.prod(dims)
-    if size != want:
-        what = "truncated" if size < want else "longer than its header says"
-        raise DataError(
-            f"MNIST file {path} is {what}: its header promises {'x'.join(map(str, dims))} bytes of data "
-            f"({want} bytes in all) but the file holds {size} bytes; {fix}"
-        )
-
-
-def _mnist_absent_note(path: str) -> str | None:
-    """None if MNIST files are there to load; a note if there are none; DataError if half there or misplaced."""
-    raw = os.path.join(path, "MNIST", "raw")
-    processed = os.path.join(path, "MNIST", "processed")
-    names = [n for n, _ in _MNIST_FILES]
-    present = [n for n in names if os.path.isfile(os.path.join(raw, n))]
-    if len(present) == len(names):
-        return None
-    if all(os.path.isfile(os.path.join(processed, f)) for f in ("training.pt", "test.pt")):
-        return None  # torchvision's legacy cache; it loads that itself
-    if present:
-        missing = [n for n in names if n not in present]
-        raise DataError(
-            f"MNIST under {raw} is incomplete: {', '.join(missing)} missing (found {', '.join(present)}); "
-            f"copy the missing files there, or delete {raw} and download again (download=True)"
-        )
-    gz = [n + ".gz" for n in names if os.path.isfile(os.path.join(raw, n + ".gz"))]
-    if gz:
-        raise DataError(
-            f"MNIST under {raw} holds only the compressed {', '.join(gz)}: gunzip them in place, or pass "
-            "download=True (torchvision verifies and extracts archives it already has)"
-        )
-    for inner in (path, os.path.join(path, "raw")):
-        if os.path.isfile(os.path.join(inner, names[0])):
-            raise DataError(
-                f"found {os.path.join(inner, names[0])}, but torchvision expects MNIST files under "
-                f"<root>/MNIST/raw/: pass the directory that contains MNIST/raw/ as the data root"
-            )
-    return f"no MNIST files under {path} (expected {os.path.join(raw, names[0])})"
-
-
-def _raise_mnist_failure(path: str, exc: BaseException, download: bool) -> None:
-    raw = os.path.join(path, "MNIST", "raw")
-    present = [(n, m) for n, m in _MNIST_FILES if os.path.isfile(os.path.join(raw, n))]
-    for n, magic in present:
-        _check_idx_file(os.path.join(raw, n), magic)
-    if download and len(present) < len(_MNIST_FILES):
-        raise DataError(
-            f"could not download MNIST into {raw}: {type(exc).__name__}: {exc}; check the network, or copy the four idx files there by hand"
-        ) from exc
-    processed = os.path.join(path, "MNIST", "processed")
-    if type(exc).__name__ == "UnpicklingError" and os.path.isdir(processed):
-        # torchvision reads its legacy cache with torch.load(weights_only=True), which refuses
-        # anything but tensors; torch's advice to retry with weights_only=False is not ours to give.
-        raise DataError(
-            f"MNIST's legacy cache {processed} holds more than plain tensors, so torch.load(weights_only=True) "
-            f"refused it; delete {processed} and put the four idx files in {raw}, "
-            "or download again (download=True)"
-        ) from exc
-    raise DataError(
-        f"torchvision could not read MNIST under {os.path.join(path, 'MNIST')}: {type(exc).__name__}: {exc}; "
-        "delete that directory and download again (download=True)"
-    ) from exc
-
-
-def load_mnist(
-    root: str | os.PathLike[str] | None = None,
-    *,
-    download: bool = False,
-    device: DeviceLike = "cpu",
-    n_train: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    synthetic_noise: float | None = None,
-) -> DeviceDataset:
-    """MNIST as (N, 1, 28, 28) float32, ``(x / 255 - 0.1307) / 0.3081``, on ``device``.
-
-    Reads ``<root>/MNIST/raw/*-idx?-ubyte`` through ``torchvision.datasets.MNIST``. With no root,
-    or a root without MNIST files, returns synthetic data of the same shape (20000 train / 2000
-    test by default) whose ``note`` says why. Downloads only when ``download=True``. The training
-    set is shuffled once with ``seed``; ``n_train`` takes a prefix of the shuffled training set,
-    ``n_test`` a prefix of the test set in file order. ``synthetic_noise`` changes how hard the
-    synthetic stand-in is (per-pixel noise in template standard deviations; real files ignore it).
-    """
-    return _load_real(_MNIST, root, download, device, n_train, n_test, seed, synthetic_noise)
-
-
-@dataclass(frozen=True)
-class _RealDataset:
-    """What differs between the built-in datasets on the real-file path; the steps are shared."""
-
-    key: str
-    label: str
-    sample_shape: tuple[int, ...]
-    tv_class: str
-    file_shape: tuple[int, ...]
-    """Shape of one image as torchvision stores it."""
-    folder: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    absent_note: Callable[[str], str | None]
-    raise_failure: Callable[[str, BaseException, bool], None]
-
-
-def _load_real(
-    spec: _RealDataset, root, download: bool, device, n_train, n_test, seed: int, synthetic_noise: float | None = None
-) -> DeviceDataset:
-    """Real files through torchvision when they are there, else the synthetic stand-in, saying why."""
-    n_train, n_test = _check_sizes(n_train, n_test)
-    path = _resolve_root(root, spec.label, download)
-    if path is None:
-        note = f"no data root given: synthetic {spec.label}-shaped data (set --ampgate-data-root for real {spec.label})"
-        return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, None, synthetic_noise)
-    if not download:
-        absent = spec.absent_note(path)
-        if absent is not None:
-            note = f"synthetic: {absent}; pass download=True (--ampgate-download) to fetch it"
-            return _stand_in(spec.key, spec.sample_shape, n_train, n_test, seed, device, note, path, synthetic_noise)
-    cls = getattr(_tv_datasets(), spec.tv_class)
-    try:
-        train = cls(path, train=True, download=download)
-        test = cls(path, train=False, download=False)
-    except Exception as exc:  # torchvision raises assorted types for a bad or corrupt file
-        spec.raise_failure(path, exc, download)
-        raise  # unreachable: raise_failure always raises
-    where = os.path.join(path, spec.folder)
-    arrays = []
-    for split, ds in (("training", train), ("test", test)):
-        data, targets = torch.as_tensor(ds.data), torch.as_tensor(ds.targets)
-        if data.dtype != torch.uint8 or tuple(data.shape[1:]) != spec.file_shape or targets.dim() != 1:
-            raise DataError(
-                f"{spec.label} {split} set under {where} has images {tuple(data.shape)} {data.dtype} and labels "
-                f"{tuple(targets.shape)}; expected (N, {', '.join(map(str, spec.file_shape))}) uint8 and (N,): "
-                f"delete {where} and download again"
-            )
-        if data.dim() == 3:  # MNIST: (N, H, W) -> (N, 1, H, W)
-            data = data.unsqueeze(1)
-        else:  # CIFAR-10 is stored NHWC -> NCHW (made contiguous by _normalise)
-            data = data.permute(0, 3, 1, 2)
-        arrays += [data, targets]
-    return _finish_real(spec.key, where, path, *arrays, spec.mean, spec.std, n_train, n_test, seed, device)
-
-
-def _cifar_names() -> tuple[str, list]:
-    """(folder, [(file, md5), ...]) read from torchvision's class at call time, so it stays authoritative."""
-    cls = _tv_datasets().CIFAR10
-    files = [(n, m) for n, m in list(cls.train_list) + list(cls.test_list)]
-    files.append((cls.meta["filename"], cls.meta["md5"]))
-    return cls.base_folder, files
-
-
-def _cifar_absent_note(path: str) -> str | None:
-    folder, files = _cifar_names()
-    base = os.path.join(path, folder)
-    names = [n for n, _ in files]
-    present = [n for n in names if os.path.isfile(os.path.join(base, n))]
-    if len(present) == len(names):
-        return None
-    if present:
-        missing = [n for n in names if n not in present]
-        raise DataError(
-            f"CIFAR-10 under {base} is incomplete: {', '.join(missing)} missing; delete {base} and download "
-            "again (download=True), or copy the missing files there"
-        )
-    archive = os.path.join(path, _tv_datasets().CIFAR10.filename)
-    if os.path.isfile(archive):
-        raise DataError(
-            f"found {archive} but not the extracted {base}/: extract it in place (tar xzf) or pass "
-            "download=True (torchvision verifies and extracts an archive it already has)"
-        )
-    if os.path.isfile(os.path.join(path, names[0])):
-        raise DataError(
-            f"found {os.path.join(path, names[0])}, but torchvision expects CIFAR-10 files under "
-            f"<root>/{folder}/: pass the directory that contains {folder}/ as the data root"
-        )
-    return f"no CIFAR-10 files under {path} (expected {os.path.join(base, names[0])})"
-
-
-def _raise_cifar_failure(path: str, exc: BaseException, download: bool) -> None:
-    from torchvision.datasets.utils import calculate_md5
-
-    folder, files = _cifar_names()
-    base = os.path.join(path, folder)
-    fix = f"delete {base} and download again (download=True)"
-    present = [(n, m) for n, m in files if os.path.isfile(os.path.join(base, n))]
-    if download and len(present) < len(files):
-        raise DataError(
-            f"could not download CIFAR-10 into {path}: {type(exc).__name__}: {exc}; check the network, or "
-            f"extract cifar-10-python.tar.gz there by hand"
-        ) from exc
-    for n, md5 in present:
-        fpath = os.path.join(base, n)
-        actual = calculate_md5(fpath)
-        if actual != md5:
-            raise DataError(
-                f"CIFAR-10 file {fpath} is corrupt or truncated: {os.path.getsize(fpath)} bytes with md5 {actual}, "
-                f"torchvision expects md5 {md5}; {fix}"
-            ) from exc
-    raise DataError(f"torchvision could not read CIFAR-10 under {base}: {type(exc).__name__}: {exc}; {fix}") from exc
-
-
-def load_cifar10(
-    root: str | os.PathLike[str] | None = None,
-    *,
-    download: bool = False,
-    device: DeviceLike = "cpu",
-    n_train: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    synthetic_noise: float | None = None,
-) -> DeviceDataset:
-    """CIFAR-10 as (N, 3, 32, 32) float32, ``(x / 255 - mean[c]) / std[c]``, on ``device``.
-
-    Reads ``<root>/cifar-10-batches-py/`` through ``torchvision.datasets.CIFAR10`` (which checks
-    every file's md5). torchvision keeps images NHWC; they are permuted to NCHW. With no root, or
-    a root without CIFAR-10 files, returns synthetic data of the same shape (20000 train / 2000
-    test by default) whose ``note`` says why. Downloads only when ``download=True``. Shuffling and
-    ``n_train``/``n_test`` work as in :func:`load_mnist`. ``synthetic_noise`` changes how hard the
-    synthetic stand-in is (per-pixel noise in template standard deviations; real files ignore it).
-    """
-    return _load_real(_CIFAR10, root, download, device, n_train, n_test, seed, synthetic_noise)
-
-
-_MNIST = _RealDataset(
-    "mnist",
-    "MNIST",
-    _MNIST_SHAPE,
-    "MNIST",
-    (28, 28),
-    "MNIST",
-    MNIST_MEAN,
-    MNIST_STD,
-    _mnist_absent_note,
-    _raise_mnist_failure,
-)
-_CIFAR10 = _RealDataset(
-    "cifar10",
-    "CIFAR-10",
-    _CIFAR10_SHAPE,
-    "CIFAR10",
-    (32, 32, 3),
-    "cifar-10-batches-py",
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    _cifar_absent_note,
-    _raise_cifar_failure,
-)
-
-
-BUILTIN_DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}
-
-
-def load_builtin(
-    name: str,
-    root: str | os.PathLike[str] | None = None,
-    *,
-    download: bool = False,
-    device: DeviceLike = "cpu",
-    n_train: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-) -> DeviceDataset:
-    """Load a built-in dataset by name (``"mnist"`` or ``"cifar10"``; case, ``-`` and ``_`` ignored)."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    loader = BUILTIN_DATASETS.get(key)
-    if loader is None:
-        raise DataError(f"unknown dataset {name!r}; built-in datasets are: {', '.join(sorted(BUILTIN_DATASETS))}")
-    return loader(root, download=download, device=device, n_train=n_train, n_test=n_test, seed=seed)

@@ -111,7 +111,9 @@ def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str]
     medians gives the spin's real cost, and two secant steps from the first guess
     ``fraction`` x the step size the spin.  Modes the CPU cannot run get no spin.
     """
-    from .modes import numerics_policy, prepare, unsupported_reason
+    from .mode_runner import prepare
+    from .modes import unsupported_reason
+    from .precision_policy import numerics_policy
     from .profiles import cpu_threads
 
     dataset = workload.dataset("cpu")

@@ -9,8 +9,11 @@ The policy, shared by the baseline store (``baselines.py``) and the device lock 
   ``<tempdir>/pytest-ampgate-locks``, created like ``/tmp`` itself (mode ``1777``: every user may
   create files there, only a file's owner may delete it), and each lock file is mode ``0666``, so a
   second OS user on the same CI runner shares the lock instead of failing with PermissionError.
-  Lock files are named after what they guard and are never deleted while a run may use them
-  (deleting a lock file someone waits on lets two holders in at once); none lands in a checkout.
+  Lock files are named after what they guard and are never deleted while any process may still
+  want them (deleting a lock file someone waits on lets two holders in at once): a lock shared
+  across runs (a GPU, a baseline file) keeps its file for good; only a per-run lock (the CPU's, one
+  per pytest run) is removed, by :func:`remove_run_lock`, once every process of its run is done.
+  None lands in a checkout.
 * **Every lock has a timeout**, and its expiry names the holder: the holder writes who it is
   (pid, user, host, since when, what for) into a sidecar ``<name>.holder`` file, because
   filelock may truncate the lock file itself on open.
@@ -202,14 +205,16 @@ class Lock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def remove_files(self) -> None:
-        """Delete this lock's files: only for a lock nobody else can still want (a per-run lock at
-        the end of its run)."""
-        for path in (self.path, self.holder_path):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+
+def remove_run_lock(path: str | os.PathLike) -> None:
+    """Delete a per-run lock's files (``<name>.lock`` and its ``.holder``) once every process of the
+    run is done with it: the one case where no process can want the lock again."""
+    path = Path(path)
+    for p in (path, path.with_suffix(".holder")):
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def fsync_dir(directory: Path) -> None:

@@ -149,27 +149,11 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def _noise_reason(measurements: Measurements) -> str:
-    """Why timing on this GPU could not be trusted (other processes, throttling), or ''.
+    """Why timing on this GPU could not be trusted, or '' (see ``gpu_noise.NoiseReadings.untrusted_reason``)."""
+    from .gpu_noise import NoiseReadings
+    from .records import from_dict
 
-    Where NVML could watch the timed rounds themselves, only what happened in that window counts:
-    processes that used the GPU then (never this run's own xdist workers, which hold a CUDA context
-    but wait for the device lock), and clocks held back during it.  The snapshots before and after
-    timing count only where no window was read (older results).
-    """
-    from .env import NoiseReport, WindowNoise
-
-    window = measurements.noise.get("window")
-    if window:
-        report = WindowNoise.from_dict(window)
-        if report.available:
-            return f"during timing: {report.describe()}" if report.noisy else ""
-    reasons = []
-    for when in ("before", "after"):
-        if measurements.noise.get(when):
-            report = NoiseReport.from_dict(measurements.noise[when])
-            if report.noisy:
-                reasons.append(f"{when} timing: {report.describe()}")
-    return "; ".join(reasons)
+    return from_dict(NoiseReadings, measurements.noise).untrusted_reason()
 
 
 def _launch_diagnosis(name: str, m: Measurements, floor: float) -> str:

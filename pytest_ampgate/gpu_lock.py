@@ -18,10 +18,10 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-from .file_safety import LOCK_DIR_ENV, WAIT_NOTICE_S, Lock, lock_dir, lock_name  # noqa: F401  (re-exported)
+from .file_safety import Lock, lock_name
+from .records import to_dict
 
 
 def pick_device(spec: str, worker_index: int, device_count: int) -> str:
@@ -48,8 +48,10 @@ def device_key(device: str, run_id: str | None = None) -> str:
     try:
         import torch
 
+        from .modes import cuda_index, parse_device
+
         if torch.cuda.is_available():
-            i = int(index or torch.cuda.current_device())
+            i = cuda_index(parse_device(device))
             uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
             if uuid:
                 return f"cuda-{uuid}"
@@ -76,7 +78,7 @@ class Hold:
         return max(0.0, self.acquired_at - self.requested_at)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "waited_s": self.waited_s}
+        return {**to_dict(self), "waited_s": self.waited_s}
 
 
 class DeviceLock:
@@ -100,16 +102,6 @@ class DeviceLock:
     def release(self, hold: Hold) -> None:
         hold.released_at = time.time()
         self.lock.release()
-
-
-def remove_run_lock(path: str | os.PathLike) -> None:
-    """Delete a per-run lock (the CPU's) and its holder file once every process of the run is done."""
-    path = Path(path)
-    for p in (path, path.with_suffix(".holder")):
-        try:
-            p.unlink()
-        except OSError:
-            pass
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .records import to_dict
+
 SCHEMA_ID = "pytest-ampgate/report"
 SCHEMA_VERSION = 1
 
@@ -141,7 +143,7 @@ def _mode_record(result, mm, comparison) -> dict:
         "steps": len(mm.losses),
         "first_nonfinite_step": mm.first_nonfinite_step,
         "nonfinite_steps": mm.nonfinite_steps,
-        "scaler": mm.scaler.to_dict() if mm.scaler else None,
+        "scaler": to_dict(mm.scaler) if mm.scaler else None,
         "low_precision_share": _num(cov.share) if cov is not None and cov.total_flops else None,
     }
 

@@ -7,7 +7,7 @@ without restoring it, would otherwise change what the *next* measurement means: 
 reference silently runs in bfloat16 and is recorded as the baseline, or every mode fails and AMP
 is blamed.  So :func:`measured_from_known_state` runs the measurement with the state reset (autocast
 off on every device, grad enabled, inference mode off, float32 default dtype, CPU default device;
-TF32 is pinned per mode by ``modes.numerics_policy``), restores the caller's state afterwards, and
+TF32 is pinned per mode by ``precision_policy.numerics_policy``), restores the caller's state afterwards, and
 names what it found in the result instead of measuring on it.
 
 Nothing here imports pytest: the engine can be driven from a script.

@@ -31,25 +31,19 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from . import env as env_mod
+from . import gpu_noise, records
 from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
-from .modes import (
-    ModeRunner,
-    PrecisionMode,
-    ScalerStats,
-    cudnn_benchmark,
-    device_missing_reason,
-    numerics_policy,
-    prepare,
-    resolve_mode,
-    unsupported_reason,
-)
+from .mode_runner import ModeRunner, ScalerStats, prepare
+from .modes import PrecisionMode, cuda_bf16_supported, cuda_index, device_missing_reason, parse_device, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
+from .precision_policy import cudnn_benchmark, numerics_policy
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
 from .stats import Estimate, abba_order, estimate_ratio, round_ratios, summarize_times
-from .workloads import Workload, accuracy_fit_problem, build_model, describe_output, get_workload, metric_of, prediction_of
+from .workload_checks import build_model
+from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
 
 RESULTS_VERSION = 1
 
@@ -125,7 +119,7 @@ class ModeMeasurement:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["losses"] = [json_float(v) for v in self.losses]
-        d["scaler"] = self.scaler.to_dict() if self.scaler else None
+        d["scaler"] = records.to_dict(self.scaler) if self.scaler else None
         d["precision_coverage"] = self.precision_coverage.to_dict() if self.precision_coverage else None
         d["metric"] = None if self.metric is None else json_float(self.metric)
         d["accuracy"] = None if self.accuracy is None else json_float(self.accuracy)
@@ -141,7 +135,7 @@ class ModeMeasurement:
             if isinstance(values.get(key), str):
                 values[key] = float(values[key])
         if values.get("scaler"):
-            values["scaler"] = ScalerStats.from_dict(values["scaler"])
+            values["scaler"] = records.from_dict(ScalerStats, values["scaler"])
         if values.get("precision_coverage"):
             values["precision_coverage"] = PrecisionCoverage.from_dict(values["precision_coverage"])
         return cls(**values)
@@ -185,7 +179,7 @@ class Measurements:
     comparisons: dict[str, Comparison]
     noise: dict = field(default_factory=dict)
     """NVML noise: snapshots "before" and "after", and "window": processes that used the GPU and
-    throttling during the timed rounds (:class:`pytest_ampgate.env.WindowNoise`)."""
+    throttling during the timed rounds (:class:`pytest_ampgate.gpu_noise.WindowNoise`)."""
     wall_time_s: float = 0.0
     version: int = RESULTS_VERSION
     distributed: dict = field(default_factory=dict)
@@ -742,7 +736,7 @@ def _warm_libraries(device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda_bf16_supported(cuda_index(device)) else [])
     for dtype in dtypes:
         a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
         (a @ a).sum().backward()
@@ -772,7 +766,7 @@ def measure(
     ``failed_phase`` set, and the others are still measured.  ``timer`` replaces the device's
     timing source (CUDA events, ``perf_counter``): tests pass a fake one.
 
-    ``runner_factory`` replaces :func:`modes.prepare` (same arguments): the distributed ranks use it
+    ``runner_factory`` replaces :func:`mode_runner.prepare` (same arguments): the distributed ranks use it
     to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
 
     Without ``config``, the protocol suits the device: GPU defaults on CUDA, the CPU profile
@@ -798,7 +792,7 @@ def measure(
             slot.m.supported, slot.m.unsupported_reason = False, reason
 
     say(_cost_line(workload, slots, device, config))
-    environment = env_mod.fingerprint(device).to_dict() if slots[0].m.supported else {"device_type": device.type}
+    environment = records.to_dict(env_mod.fingerprint(device)) if slots[0].m.supported else {"device_type": device.type}
     dataset_info: dict = {}
     noise: dict = {}
     if any(s.m.supported for s in slots):
@@ -812,7 +806,7 @@ def measure(
                 torch.manual_seed(config.seed)
                 initial_model = build_model(workload)
             _check_fits(workload, initial_model, dataset)
-            noise["before"] = env_mod.noise_report(device).to_dict()
+            noise["before"] = records.to_dict(gpu_noise.noise_report(device))
             # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
             with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
                 _warm_libraries(device)
@@ -828,7 +822,7 @@ def measure(
                     noise,
                     runner_factory or prepare,
                 )
-            noise["after"] = env_mod.noise_report(device).to_dict()
+            noise["after"] = records.to_dict(gpu_noise.noise_report(device))
 
     reference = slots[0].m
     comparisons = {s.mode.name: _compare(reference, s.m, config) for s in slots[1:]}
@@ -850,9 +844,9 @@ def measure(
 def _available_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device, or a ConfigError naming it when this machine does not have it."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"measure(device={device!r}): not a device ({exc}); use 'cuda', 'cuda:N' or 'cpu'") from None
+        dev = parse_device(device)
+    except ConfigError as exc:
+        raise ConfigError(f"measure(device={device!r}): {exc}") from None
     missing = device_missing_reason(dev)
     if missing:
         advice = "; measure on the CPU with device='cpu'" if dev.type == "cuda" else ""
@@ -906,7 +900,7 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
         # first timed block comes straight after another mode's warm-up.  The other modes take
         # their matching block after the rounds, so every mode trains for the same steps.
         slots[lead].block(dataset, batch, steps, device, "lead-in block", timer)
-    window = env_mod.open_noise_window(device)
+    window = gpu_noise.open_noise_window(device)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
         for i in positions:
@@ -918,7 +912,7 @@ def _run(workload, slots, initial_model, dataset, device, config: MeasureConfig,
                 slot.runner.note_scale()
                 slot.m.step_times_s.append(timing.seconds / steps)
                 slot.m.host_times_s.append(timing.host_s / steps)
-    noise["window"] = window.close().to_dict()
+    noise["window"] = records.to_dict(window.close())
 
     for index, slot in enumerate(slots):
         if slot.runner is not None and order and index != lead:

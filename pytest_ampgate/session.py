@@ -143,7 +143,8 @@ class TestGate:
         """
         from .gate import GateResult, baseline_from, decide, evaluate, stored_metric
         from .measurement import measure
-        from .workloads import BUILTIN, check_dataset, get_workload, metric_of
+        from .workload_checks import check_dataset
+        from .workloads import BUILTIN, get_workload, metric_of
 
         if self.results:
             raise ConfigError(

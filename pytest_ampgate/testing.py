@@ -60,7 +60,7 @@ def running_mode(x: torch.Tensor | None = None, module: nn.Module | None = None)
 
     AMP modes are told apart by autocast's state on the input's device; pure ``fp16``/``bf16`` by
     the input's (or, for integer inputs, the first parameter's) dtype; ``tf32`` by the TF32 switch
-    that :func:`~pytest_ampgate.modes.numerics_policy` sets for the step.
+    that :func:`~pytest_ampgate.precision_policy.numerics_policy` sets for the step.
     """
     device_type = x.device.type if x is not None else "cpu"
     if torch.is_autocast_enabled(device_type):
@@ -79,10 +79,9 @@ def running_mode(x: torch.Tensor | None = None, module: nn.Module | None = None)
 
 
 def _tf32_on() -> bool:
-    from .modes import _tf32_switches
+    from .precision_policy import current_tf32_policy
 
-    holder, attr, _strict, tf32 = _tf32_switches()[0]
-    return getattr(holder, attr) == tf32
+    return current_tf32_policy().matmul_tf32
 
 
 def _first_tensor(args) -> torch.Tensor | None:

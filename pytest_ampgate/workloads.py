@@ -2,7 +2,8 @@
 
 The built-in ones are the two reference models the product rests on (an MNIST MLP and a two-conv
 CIFAR-10 CNN).  A user's own workload fills in the same :class:`Workload` fields, so it goes
-through exactly the same measurement engine.
+through exactly the same measurement engine.  A user's objects are checked before anything is
+trained, in :mod:`pytest_ampgate.workload_checks`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data as data_mod
-from .data import DeviceDataset
+from .builtin_data import load_cifar10, load_mnist
+from .data import DeviceDataset, from_tensors
 from .errors import WorkloadError
+from .workload_checks import check_dataset, check_not_meta
 
 #: A dataset, a ``(train_x, train_y, test_x, test_y)`` tuple, or a callable called as
 #: ``f(device=..., root=..., download=..., n_train=..., n_test=..., seed=...)``.
@@ -58,8 +60,8 @@ class Workload:
                 raise WorkloadError(
                     f"workload {self.name!r}: data as a tuple must be (train_x, train_y, test_x, test_y), got {len(source)} items"
                 )
-            _check_not_meta(self.name, dict(zip(("train_x", "train_y", "test_x", "test_y"), source)))
-            return data_mod.from_tensors(self.name, *source, device=device)
+            check_not_meta(self.name, dict(zip(("train_x", "train_y", "test_x", "test_y"), source)))
+            return from_tensors(self.name, *source, device=device)
         if callable(source):
             options = {"root": root, "download": download, "seed": seed, **self.data_options}
             result = source(device=device, **options)
@@ -312,14 +314,6 @@ def metric_of(workload: Workload) -> Metric:
     return workload.metric
 
 
-def _mnist_data(**kwargs) -> DeviceDataset:
-    return data_mod.load_mnist(**kwargs)
-
-
-def _cifar_data(**kwargs) -> DeviceDataset:
-    return data_mod.load_cifar10(**kwargs)
-
-
 def mnist_mlp_model() -> nn.Module:
     """The reference MNIST model: 784-128-64-10 MLP, ReLU, log-softmax (paired with NLLLoss)."""
     return nn.Sequential(
@@ -368,7 +362,7 @@ def mnist_mlp(batch_size: int = MNIST_BATCH) -> Workload:
     return Workload(
         name="mnist_mlp",
         model_factory=mnist_mlp_model,
-        data=_mnist_data,
+        data=load_mnist,
         loss_fn=nn.NLLLoss(),
         optimizer_factory=_sgd(0.01),
         batch_size=batch_size,
@@ -380,7 +374,7 @@ def cifar_cnn(batch_size: int = CIFAR_BATCH) -> Workload:
     return Workload(
         name="cifar_cnn",
         model_factory=cifar_cnn_model,
-        data=_cifar_data,
+        data=load_cifar10,
         loss_fn=nn.CrossEntropyLoss(),
         optimizer_factory=_sgd(0.01, momentum=0.9),
         batch_size=batch_size,
@@ -399,124 +393,3 @@ def get_workload(name: str | Workload) -> Workload:
         return BUILTIN[name]()
     except (KeyError, TypeError):
         raise WorkloadError(f"unknown workload {name!r}; built-in workloads: {', '.join(BUILTIN)}") from None
-
-
-# --- the user's objects, checked before anything is trained ------------------------------------------
-
-
-def build_model(workload: Workload) -> nn.Module:
-    """``workload.model_factory()``, checked: a WorkloadError naming the object and the fix, not a
-    traceback from deep inside a mode's training step.  Also builds the optimizer once to check it."""
-    name = workload.name
-    if not callable(workload.model_factory):
-        raise WorkloadError(
-            f"workload {name!r}: model_factory must be a callable returning a torch.nn.Module, got "
-            f"{type(workload.model_factory).__name__}; pass e.g. model_factory=MyNet or lambda: MyNet()"
-        )
-    if isinstance(workload.model_factory, nn.Module):  # callable, but calling it runs forward()
-        raise WorkloadError(
-            f"workload {name!r}: model_factory is a model instance ({type(workload.model_factory).__name__}), "
-            "not a factory: every mode trains a fresh copy from the same start; pass "
-            "model_factory=lambda: MyNet() (or the class itself)"
-        )
-    try:
-        model = workload.model_factory()
-    except WorkloadError:
-        raise
-    except Exception as exc:
-        raise WorkloadError(f"workload {name!r}: model_factory() raised {type(exc).__name__}: {exc}") from exc
-    validate_model(workload, model)
-    validate_optimizer(workload, model)
-    return model
-
-
-def validate_model(workload: Workload, model) -> None:
-    """A Module with parameters to train, holding real data (not on the meta device)."""
-    name = workload.name
-    if not isinstance(model, nn.Module):
-        what = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
-        raise WorkloadError(
-            f"workload {name!r}: model_factory returned {what}, not a torch.nn.Module instance; "
-            "return a fresh model, e.g. model_factory=lambda: MyNet()"
-        )
-    params = list(model.parameters())
-    if not params:
-        raise WorkloadError(
-            f"workload {name!r}: the model ({type(model).__name__}) has no parameters, so there is nothing to "
-            "train and nothing for AMP to speed up; gate a model with trainable layers (nn.Linear, nn.Conv2d, ...)"
-        )
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if meta:
-        raise WorkloadError(
-            f"workload {name!r}: the model has tensors on the meta device (no data), e.g. {meta[0]!r}; build it "
-            "without device='meta', or materialise it (model.to_empty(device='cpu') and initialise its weights)"
-        )
-    if not any(p.requires_grad for p in params):
-        raise WorkloadError(
-            f"workload {name!r}: every parameter of the model is frozen (requires_grad=False), so no mode "
-            "trains anything; unfreeze at least the layers the gate should train"
-        )
-
-
-def validate_optimizer(workload: Workload, model: nn.Module) -> None:
-    """One torch Optimizer, over the parameters it is given, whose step() needs no closure."""
-    import inspect
-
-    name = workload.name
-    if not callable(workload.optimizer_factory):
-        raise WorkloadError(
-            f"workload {name!r}: optimizer_factory must be a callable taking the model's parameters, got "
-            f"{type(workload.optimizer_factory).__name__}; e.g. optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.01)"
-        )
-    params = list(model.parameters())
-    try:
-        optimizer = workload.optimizer_factory(iter(params))
-    except WorkloadError:
-        raise
-    except Exception as exc:
-        raise WorkloadError(f"workload {name!r}: optimizer_factory(model.parameters()) raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise WorkloadError(
-            f"workload {name!r}: optimizer_factory returned {type(optimizer).__name__}, not a "
-            "torch.optim.Optimizer; return one optimizer built over the parameters it is given, "
-            "e.g. lambda params: torch.optim.SGD(params, lr=0.01)"
-        )
-    try:
-        closure = inspect.signature(optimizer.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        closure = None
-    if closure is not None and closure.default is inspect.Parameter.empty:
-        raise WorkloadError(
-            f"workload {name!r}: {type(optimizer).__name__}.step() needs a closure that re-evaluates the loss, "
-            "which a timed training step (one forward, backward and step, under GradScaler for fp16) cannot "
-            "give; gate an optimizer whose step() takes no closure (SGD, Adam, AdamW, ...)"
-        )
-    given = {id(p) for p in params}
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not held & given:
-        raise WorkloadError(
-            f"workload {name!r}: optimizer_factory built a {type(optimizer).__name__} over other parameters "
-            "than the ones it was given, so training would never change the model; build it over its argument"
-        )
-
-
-def check_dataset(dataset, where: str = "run(dataset=...)") -> None:
-    """A dataset handed to ``run(dataset=...)`` is a DeviceDataset whose tensors hold data."""
-    if dataset is None:
-        return
-    if not isinstance(dataset, DeviceDataset):
-        raise WorkloadError(
-            f"{where} takes a pytest_ampgate.data.DeviceDataset, got {type(dataset).__name__}; build one with "
-            "pytest_ampgate.data.from_tensors(name, train_x, train_y, test_x, test_y), or give the workload "
-            "its data with Workload(data=(train_x, train_y, test_x, test_y))"
-        )
-    _check_not_meta(dataset.name, {k: getattr(dataset, k) for k in ("train_x", "train_y", "test_x", "test_y")})
-
-
-def _check_not_meta(name: str, tensors: dict) -> None:
-    meta = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
-    if meta:
-        raise WorkloadError(
-            f"dataset {name!r}: {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes "
-            "only, no data); build the tensors on 'cpu' (or the GPU) with real values"
-        )

@@ -18,7 +18,8 @@ from torch import nn
 from pytest_ampgate import ConfigError, MeasureConfig, Workload, WorkloadError, measure
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.gate import FAIL, PASS, evaluate, fp32_layers_text
-from pytest_ampgate.modes import MODES, prepare, resolve_mode
+from pytest_ampgate.mode_runner import prepare
+from pytest_ampgate.modes import MODES, resolve_mode
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
 from pytest_ampgate.workloads import Metric
 
@@ -643,7 +644,7 @@ def test_coverage_failure_lists_every_fp32_layer_or_the_rest_summed():
 
 
 def test_cpu_profile_cifar_stand_in_is_less_noisy_and_says_so():
-    from pytest_ampgate.data import load_cifar10
+    from pytest_ampgate.builtin_data import load_cifar10
     from pytest_ampgate.profiles import CPU_WORKLOAD_SIZES
 
     noise = CPU_WORKLOAD_SIZES["cifar_cnn"]["data_options"]["synthetic_noise"]

@@ -701,3 +701,27 @@ def test_prune_rereads_the_file_and_keeps_entries_added_since(tmp_path):
     assert fresh.lookup("tests/test_a.py::test_new", ENV) is not None
     assert fresh.lookup("tests/test_a.py::test_kept", ENV) is not None
     assert fresh.lookup("tests/test_a.py::test_gone", ENV) is None
+
+
+def test_record_commits_what_ran_and_prunes_only_what_the_complete_collection_lost(tmp_path):
+    store = _populate(tmp_path)
+    a, b = tmp_path / "tests" / "test_a.json", tmp_path / "tests" / "test_b.json"
+    kept = {"tests/test_a.py::test_kept"}
+    # test_a.py was collected in full, the other modules only in part: their entries are never stale.
+    done = store.record([make_baseline("tests/test_a.py::test_kept", speedup=2.5)], collected=kept, complete_modules={"tests/test_a.py"})
+    assert done.written == [a] and done.write_error is None
+    assert done.stale == [(a, "tests/test_a.py::test_gone")] and done.pruned == [], "listed, not pruned, without prune=True"
+    assert BaselineStore(tmp_path).lookup("tests/test_a.py::test_kept", ENV).modes["amp_fp16"].speedup == 2.5
+    assert BaselineStore(tmp_path).lookup("tests/test_a.py::test_gone", ENV) is not None
+
+    done = store.record([], collected=kept, complete_modules={"tests/test_a.py"}, prune=True)
+    assert done.written == [] and done.pruned == [a] and done.prune_error is None
+    fresh = BaselineStore(tmp_path)
+    assert fresh.lookup("tests/test_a.py::test_gone", ENV) is None
+    assert fresh.lookup("tests/test_b.py::test_gone", ENV) is not None
+    assert store.record([], collected=kept, complete_modules=set(), prune=True).stale == [], "a narrowed run prunes nothing"
+
+    b.write_bytes(b"{")  # a refused file is reported, not raised, and the other files are still written
+    done = store.record([make_baseline("tests/test_b.py::t"), make_baseline("tests/test_c.py::t")], collected=kept, complete_modules=set())
+    assert done.written == [tmp_path / "tests" / "test_c.json"]
+    assert "test_b.json: is not valid JSON" in str(done.write_error)

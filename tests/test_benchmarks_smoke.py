@@ -17,7 +17,8 @@ import torch
 from pytest_ampgate import workloads
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.measurement import Comparison, MeasureConfig, Measurements, ModeMeasurement, time_block
-from pytest_ampgate.modes import prepare, resolve_mode
+from pytest_ampgate.mode_runner import prepare
+from pytest_ampgate.modes import resolve_mode
 from pytest_ampgate.stats import estimate_ratio
 from pytest_ampgate.workloads import mnist_mlp
 

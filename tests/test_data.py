@@ -1,4 +1,4 @@
-"""Tests for pytest_ampgate.data: synthetic data, device batches, user tensors and real-file loading.
+"""Tests for pytest_ampgate.data and builtin_data: synthetic data, device batches, user tensors and real-file loading.
 
 The real-file tests write tiny datasets in the genuine on-disk formats (MNIST idx files, CIFAR-10
 pickled batches) and load them through torchvision, so the path that reads a user's real data is
@@ -18,19 +18,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pytest_ampgate import data
-from pytest_ampgate.data import (
-    DeviceDataset,
-    from_tensors,
-    load_builtin,
-    load_cifar10,
-    load_mnist,
-    synthetic,
-)
+from pytest_ampgate import builtin_data as data
+from pytest_ampgate.builtin_data import load_cifar10, load_mnist
+from pytest_ampgate.data import DeviceDataset, from_tensors, synthetic
 from pytest_ampgate.errors import AmpGateError, ConfigError, DataError, WorkloadError
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def load_builtin(name, root=None, **kwargs):
+    """A built-in dataset by name ("mnist" or "cifar10"; case, "-" and "_" ignored), as these tests pick one."""
+    loaders = {"mnist": load_mnist, "cifar10": load_cifar10}
+    loader = loaders.get(str(name).lower().replace("-", "").replace("_", ""))
+    if loader is None:
+        raise DataError(f"unknown dataset {name!r}; built-in datasets are: {', '.join(sorted(loaders))}")
+    return loader(root, **kwargs)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for pytest_ampgate.env: the environment fingerprint, the TF32 policy and NVML noise checks.
+"""Tests for the environment fingerprint (env), the TF32 policy (precision_policy) and NVML noise checks (gpu_noise).
 
 No GPU is needed: the CUDA side is exercised with torch.cuda monkeypatched and a fake ``pynvml``
 module injected into ``sys.modules``.
@@ -18,19 +18,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pytest_ampgate import env
-from pytest_ampgate.env import (
-    Environment,
-    GpuProcess,
-    NoiseReport,
-    TF32Policy,
-    current_tf32_policy,
-    fingerprint,
-    noise_report,
-)
+from pytest_ampgate import env, modes, precision_policy
+from pytest_ampgate.env import Environment, fingerprint
 from pytest_ampgate.errors import BaselineError, ConfigError
+from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport, noise_report
+from pytest_ampgate.precision_policy import TF32Policy, current_tf32_policy
+from pytest_ampgate.records import from_dict, to_dict
 
-HAS_NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and env._read_fp32_precision(torch.backends.cuda.matmul) is not None
+HAS_NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and precision_policy._read_fp32_precision(torch.backends.cuda.matmul) is not None
 
 
 def _forbid_cuda(monkeypatch):
@@ -98,7 +93,7 @@ def test_cpu_fingerprint_fields_and_no_cuda_calls(monkeypatch):
 def test_cpu_key_is_stable_and_well_formed():
     e = fingerprint("cpu")
     key = e.key()
-    assert key == fingerprint("cpu").key() == Environment.from_dict(e.to_dict()).key()
+    assert key == fingerprint("cpu").key() == Environment.from_dict(to_dict(e)).key()
     major, minor = torch.__version__.split(".")[:2]
     assert re.fullmatch(r"cpu\|[ -~]+\|torch" + re.escape(f"{major}.{minor}"), key), key
     assert '"' not in key and "\\" not in key and key.count("|") == 2
@@ -119,7 +114,7 @@ def test_cpu_model_read_from_proc_cpuinfo_or_platform():
 
 def test_environment_json_round_trip():
     for e in (fingerprint("cpu"), _cuda_env()):
-        text = json.dumps(e.to_dict(), sort_keys=True)
+        text = json.dumps(to_dict(e), sort_keys=True)
         back = Environment.from_dict(json.loads(text))
         assert back == e
         assert isinstance(back.tf32, TF32Policy)
@@ -127,7 +122,7 @@ def test_environment_json_round_trip():
 
 
 def test_environment_from_dict_tolerates_new_keys_and_names_missing_ones():
-    data = _cuda_env().to_dict()
+    data = to_dict(_cuda_env())
     data["added_in_a_future_version"] = 1
     assert Environment.from_dict(data) == _cuda_env()
     del data["device_name"]
@@ -136,7 +131,7 @@ def test_environment_from_dict_tolerates_new_keys_and_names_missing_ones():
     with pytest.raises(BaselineError, match="JSON object"):
         Environment.from_dict(["not", "a", "dict"])
     with pytest.raises(BaselineError, match="tf32"):
-        Environment.from_dict(dict(_cuda_env().to_dict(), tf32="ieee"))
+        Environment.from_dict(dict(to_dict(_cuda_env()), tf32="ieee"))
 
 
 def test_fingerprint_cuda_without_gpu_is_a_clear_config_error(monkeypatch):
@@ -206,7 +201,7 @@ def test_fingerprint_cuda_with_mocked_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     seen = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: seen.append(i) or props)
-    monkeypatch.setattr(env, "_cuda_bf16_supported", lambda i: True)
+    monkeypatch.setattr(modes, "cuda_bf16_supported", lambda i: True)
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     fake = FakeNVML(driver="580.65.06")
@@ -279,7 +274,7 @@ def _fake_torch(cuda_matmul, cudnn):
 
 @pytest.mark.parametrize("matmul, conv", [(True, False), (False, True), (False, False), (True, True)])
 def test_tf32_policy_legacy_api(monkeypatch, matmul, conv):
-    monkeypatch.setattr(env, "torch", _fake_torch(_LegacyCuBLAS(matmul), SimpleNamespace(allow_tf32=conv)))
+    monkeypatch.setattr(precision_policy, "torch", _fake_torch(_LegacyCuBLAS(matmul), SimpleNamespace(allow_tf32=conv)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         policy = current_tf32_policy()
@@ -290,7 +285,7 @@ def test_tf32_policy_legacy_api(monkeypatch, matmul, conv):
 def test_tf32_policy_prefers_new_api_and_never_reads_legacy(monkeypatch):
     cudnn = _MixGuard("none")  # cudnn's own fp32_precision; its legacy allow_tf32 raises
     cudnn.conv = _MixGuard("tf32")
-    monkeypatch.setattr(env, "torch", _fake_torch(_MixGuard("none"), cudnn))
+    monkeypatch.setattr(precision_policy, "torch", _fake_torch(_MixGuard("none"), cudnn))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         policy = current_tf32_policy()
@@ -300,7 +295,7 @@ def test_tf32_policy_prefers_new_api_and_never_reads_legacy(monkeypatch):
 
 def test_tf32_policy_round_trip():
     policy = TF32Policy(matmul="ieee", cudnn_conv="tf32", api="fp32_precision")
-    assert TF32Policy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    assert from_dict(TF32Policy, json.loads(json.dumps(to_dict(policy)))) == policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +577,7 @@ def test_unexpected_pynvml_exception_never_escapes(fake_gpu):
 def test_noise_report_json_round_trip(fake_gpu):
     fake_gpu(processes=[(123, 5), (456, None)], mask=FakeNVML.EVENT["SwPowerCap"])
     report = noise_report("cuda")
-    back = NoiseReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    back = from_dict(NoiseReport, json.loads(json.dumps(to_dict(report))))
     assert back == report
     unavailable = NoiseReport(available=False, reason="no CUDA device")
-    assert NoiseReport.from_dict(json.loads(json.dumps(unavailable.to_dict()))) == unavailable
+    assert from_dict(NoiseReport, json.loads(json.dumps(to_dict(unavailable)))) == unavailable

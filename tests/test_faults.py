@@ -28,7 +28,7 @@ import torch
 
 import pytest_ampgate
 from pytest_ampgate.baselines import SCHEMA, SCHEMA_VERSION, BaselineStore
-from pytest_ampgate.env import GpuProcess, NoiseReport
+from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport
 
 
 def _import_early() -> None:
@@ -724,14 +724,14 @@ BUSY = {
 @pytest.mark.parametrize("noise, because", list(BUSY.values()), ids=list(BUSY))
 def test_busy_gpu_turns_a_timing_failure_into_inconclusive(pytester, monkeypatch, noise, because):
     """NVML's view is what is simulated (no GPU here); the slow mode and its timing are real."""
-    from pytest_ampgate import env
+    from pytest_ampgate import gpu_noise
 
     pytester.makepyfile(**{GATED_FILE[:-3]: SLOW_TEST})
     control = pytester.runpytest(*CPU)  # a quiet device: the slow mode really fails
     control.assert_outcomes(failed=1)
     assert re.search(r"amp_bf16 speedup 0\.\d\dx .*< floor 1\.20x .*confirmed by a fresh run", _output(control))
 
-    monkeypatch.setattr(env, "noise_report", lambda device="cuda": noise)
+    monkeypatch.setattr(gpu_noise, "noise_report", lambda device="cuda": noise)
     busy = pytester.runpytest(*CPU, "-rP")
     busy.assert_outcomes(passed=1)
     out = _assert_clean(busy)

@@ -12,7 +12,6 @@ import pytest
 
 from pytest_ampgate.baselines import Baseline, ModeBaseline
 from pytest_ampgate.config import build_config
-from pytest_ampgate.env import GpuProcess, NoiseReport
 from pytest_ampgate.gate import (
     FAIL,
     INCONCLUSIVE,
@@ -26,9 +25,11 @@ from pytest_ampgate.gate import (
     decide,
     evaluate,
 )
+from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport
 from pytest_ampgate.measurement import Comparison, MeasureConfig, Measurements, ModeMeasurement
-from pytest_ampgate.modes import ScalerStats
+from pytest_ampgate.mode_runner import ScalerStats
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
+from pytest_ampgate.records import to_dict
 from pytest_ampgate.stats import Estimate, estimate_ratio
 
 H100 = {"device_type": "cuda", "device_name": "NVIDIA H100", "torch_version": "2.11.0+cu130"}
@@ -131,20 +132,20 @@ def test_noisy_gpu_turns_a_speedup_fail_into_inconclusive():
 
     assert (
         only_check(
-            evaluate(measured(speedup=slow, noise={"before": quiet.to_dict(), "after": quiet.to_dict()}), cfg), "amp_fp16", "speedup"
+            evaluate(measured(speedup=slow, noise={"before": to_dict(quiet), "after": to_dict(quiet)}), cfg), "amp_fp16", "speedup"
         ).outcome
         == FAIL
     )
     check = only_check(
-        evaluate(measured(speedup=slow, noise={"before": busy.to_dict(), "after": quiet.to_dict()}), cfg), "amp_fp16", "speedup"
+        evaluate(measured(speedup=slow, noise={"before": to_dict(busy), "after": to_dict(quiet)}), cfg), "amp_fp16", "speedup"
     )
     assert check.outcome == INCONCLUSIVE
     assert "but the GPU was busy: before timing: GPU shared with 1 other process (pids 4242)" in check.why
-    check = only_check(evaluate(measured(speedup=slow, noise={"after": hot.to_dict()}), cfg), "amp_fp16", "speedup")
+    check = only_check(evaluate(measured(speedup=slow, noise={"after": to_dict(hot)}), cfg), "amp_fp16", "speedup")
     assert check.outcome == INCONCLUSIVE and "after timing: clocks held back by hw_thermal_slowdown" in check.why
     # Noise never turns a PASS into anything else.
     fast = {"amp_fp16": estimate(1.6, 1.5, 1.7)}
-    assert only_check(evaluate(measured(speedup=fast, noise={"before": busy.to_dict()}), cfg), "amp_fp16", "speedup").outcome == PASS
+    assert only_check(evaluate(measured(speedup=fast, noise={"before": to_dict(busy)}), cfg), "amp_fp16", "speedup").outcome == PASS
 
 
 def test_noisy_estimate_is_said_in_an_inconclusive_line():
@@ -487,7 +488,7 @@ def test_gate_result_round_trips_through_json():
         mode("amp_fp16", scaler=ScalerStats(65536.0, 32768.0, 16384.0, 100, 2), coverage=_coverage(90, 10), losses=(1.0, math.nan, 0.5)),
         speedup={"amp_fp16": estimate(1.5, 1.4, 1.6)},
         memory={"amp_fp16": 0.6},
-        noise={"before": NoiseReport(available=True).to_dict()},
+        noise={"before": to_dict(NoiseReport(available=True))},
     )
     v = evaluate(m, config(), baseline(amp_fp16={"accuracy": 0.9}))
     result = GateResult("t.py::test_x", "env|key", m, v, baseline_accuracy={"amp_fp16": 0.9}, update={"modes": {}}, strict=True)

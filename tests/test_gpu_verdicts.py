@@ -20,9 +20,10 @@ from torch import nn
 from pytest_ampgate import delays, testing
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate.config import build_config
-from pytest_ampgate.env import GpuProcess, NoiseReport, WindowNoise, open_noise_window, own_run_pids
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, decide, evaluate
+from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport, WindowNoise, open_noise_window, own_run_pids
 from pytest_ampgate.measurement import BlockTiming, CudaTimer, MeasureConfig, launch_bound, measure
+from pytest_ampgate.records import from_dict, to_dict
 from pytest_ampgate.stats import abba_order, balance_counts
 from pytest_ampgate.workloads import Workload
 
@@ -199,9 +200,9 @@ def failing_measurement(window=None):
     from tests.test_gate import estimate, measured
 
     sibling = NoiseReport(available=True, other_processes=(GpuProcess(pid=4242, used_memory_bytes=500 << 20),))
-    noise = {"before": sibling.to_dict(), "after": sibling.to_dict()}
+    noise = {"before": to_dict(sibling), "after": to_dict(sibling)}
     if window is not None:
-        noise["window"] = window.to_dict()
+        noise["window"] = to_dict(window)
     return measured(speedup={"amp_fp16": estimate(0.7, 0.65, 0.75)}, noise=noise)
 
 
@@ -228,7 +229,7 @@ def test_throttling_is_read_from_counters_across_the_window():
         c for c in evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"]}))).checks if c.metric == "speedup"
     )
     assert speed.outcome == INCONCLUSIVE and "power limit" in speed.why
-    assert WindowNoise.from_dict(window.to_dict()) == window
+    assert from_dict(WindowNoise, to_dict(window)) == window
 
 
 def test_own_run_pids_are_the_processes_of_this_xdist_run(monkeypatch):

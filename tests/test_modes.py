@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_ampgate import modes
+from pytest_ampgate import mode_runner, modes, precision_policy
 from pytest_ampgate.errors import ModeError
+from pytest_ampgate.mode_runner import ScalerStats
+from pytest_ampgate.records import from_dict, to_dict
 
 
 def test_resolve_names_and_apex_aliases():
@@ -33,7 +35,7 @@ def test_unknown_mode_lists_valid_names():
 
 
 def _switch_values():
-    return [getattr(holder, attr) for holder, attr, _strict, _tf32 in modes._tf32_switches()]
+    return [getattr(holder, attr) for holder, attr, _strict, _tf32 in precision_policy._tf32_switches()]
 
 
 @pytest.mark.parametrize("name", list(modes.MODES))
@@ -42,20 +44,20 @@ def test_every_mode_sets_and_restores_the_tf32_switches(name):
     before = _switch_values()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with modes.numerics_policy(mode):
-            inside = {(id(h), a): getattr(h, a) for h, a, _s, _t in modes._tf32_switches()}
-            for holder, attr, strict, tf32 in modes._tf32_switches():
+        with precision_policy.numerics_policy(mode):
+            inside = {(id(h), a): getattr(h, a) for h, a, _s, _t in precision_policy._tf32_switches()}
+            for holder, attr, strict, tf32 in precision_policy._tf32_switches():
                 assert getattr(holder, attr) == (tf32 if mode.tf32 else strict), (name, attr)
     assert _switch_values() == before
     assert inside  # there is at least one switch on every torch we support
 
 
 def test_switches_restored_after_an_exception_and_from_a_non_default_state():
-    holder, attr, strict, tf32 = modes._tf32_switches()[0]
+    holder, attr, strict, tf32 = precision_policy._tf32_switches()[0]
     original = getattr(holder, attr)
     setattr(holder, attr, tf32)
     try:
-        with pytest.raises(RuntimeError, match="boom"), modes.numerics_policy("fp32"):
+        with pytest.raises(RuntimeError, match="boom"), precision_policy.numerics_policy("fp32"):
             assert getattr(holder, attr) == strict
             raise RuntimeError("boom")
         assert getattr(holder, attr) == tf32
@@ -71,16 +73,16 @@ def test_legacy_allow_tf32_switches_used_when_fp32_precision_is_absent(monkeypat
     fake_backends.cuda = type("C", (), {"matmul": Legacy()})()
     fake_backends.cudnn = Legacy()
     monkeypatch.setattr(torch, "backends", fake_backends)
-    switches = modes._tf32_switches()
+    switches = precision_policy._tf32_switches()
     assert [(a, s, t) for _h, a, s, t in switches] == [("allow_tf32", False, True)] * 2
-    with modes.numerics_policy("fp32"):
+    with precision_policy.numerics_policy("fp32"):
         assert fake_backends.cuda.matmul.allow_tf32 is False and fake_backends.cudnn.allow_tf32 is False
     assert fake_backends.cuda.matmul.allow_tf32 is True and fake_backends.cudnn.allow_tf32 is True
 
 
 def test_cudnn_benchmark_restored():
     before = torch.backends.cudnn.benchmark
-    with modes.cudnn_benchmark(not before):
+    with precision_policy.cudnn_benchmark(not before):
         assert torch.backends.cudnn.benchmark is (not before)
     assert torch.backends.cudnn.benchmark is before
 
@@ -130,7 +132,7 @@ def _sgd(params):
 def test_prepare_gives_identical_initial_weights_and_leaves_the_original_alone():
     initial = _net()
     original = {k: v.clone() for k, v in initial.state_dict().items()}
-    runners = [modes.prepare(m, initial, _sgd, nn.CrossEntropyLoss(), "cpu") for m in ("fp32", "amp_bf16", "bf16")]
+    runners = [mode_runner.prepare(m, initial, _sgd, nn.CrossEntropyLoss(), "cpu") for m in ("fp32", "amp_bf16", "bf16")]
     for runner in runners[:2]:
         for k, v in runner.model.state_dict().items():
             assert torch.equal(v, original[k])
@@ -145,7 +147,7 @@ def test_prepare_gives_identical_initial_weights_and_leaves_the_original_alone()
 
 
 def test_pure_low_precision_keeps_batchnorm_fp32():
-    runner = modes.prepare("bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
+    runner = mode_runner.prepare("bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
     bn = runner.model[1]
     assert bn.weight.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
     out = runner.model(runner.cast_input(torch.randn(4, 8)))
@@ -155,7 +157,7 @@ def test_pure_low_precision_keeps_batchnorm_fp32():
 
 
 def test_amp_bf16_step_runs_linear_layers_in_bf16_and_keeps_fp32_weights():
-    runner = modes.prepare("amp_bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
+    runner = mode_runner.prepare("amp_bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
     seen = []
     runner.model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     loss = runner.step(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))
@@ -169,14 +171,14 @@ def test_training_reduces_the_loss_in_every_cpu_mode():
     x = torch.randn(256, 8, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     for name in ("fp32", "amp_bf16", "bf16", "amp_fp16"):
-        runner = modes.prepare(name, _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
+        runner = mode_runner.prepare(name, _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
         losses = [float(runner.step(x, y)) for _ in range(40)]
         assert losses[-1] < losses[0] * 0.8, name
         assert runner.evaluate([(x, y)]) > 0.6, name
 
 
 def test_grad_scaler_counts_skipped_steps_and_backs_off():
-    runner = modes.prepare("amp_fp16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
+    runner = mode_runner.prepare("amp_fp16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu")
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
     runner.step(x, y)
     bad = x.clone()
@@ -188,8 +190,8 @@ def test_grad_scaler_counts_skipped_steps_and_backs_off():
     assert stats.steps == 4 and stats.skipped_steps == 2
     assert stats.initial_scale == 65536.0 and stats.final_scale == 65536.0 / 4
     assert stats.min_scale == stats.final_scale
-    assert modes.ScalerStats.from_dict(stats.to_dict()) == stats
+    assert from_dict(ScalerStats, to_dict(stats)) == stats
 
 
 def test_modes_without_scaler_report_no_scaler_stats():
-    assert modes.prepare("amp_bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu").scaler_stats() is None
+    assert mode_runner.prepare("amp_bf16", _net(), _sgd, nn.CrossEntropyLoss(), "cpu").scaler_stats() is None

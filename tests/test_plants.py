@@ -17,7 +17,7 @@ from pytest_ampgate.config import GateConfig
 from pytest_ampgate.errors import ConfigError, WorkloadError
 from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, baseline_from, decide
 from pytest_ampgate.measurement import measure
-from pytest_ampgate.modes import prepare
+from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.profiles import cpu_threads
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 

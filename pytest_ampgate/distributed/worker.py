@@ -73,11 +73,11 @@ def _plant(p: dict, x=None, where: str = "start"):
 
 
 def _runner_factory(device, plants: list, made: dict):
-    """``measurement.measure``'s runner factory: the single-device set-up (:func:`modes.prepare`), then the
+    """``measurement.measure``'s runner factory: the single-device set-up (:func:`mode_runner.prepare`), then the
     model wrapped in DDP, or sharded by FSDP2 (whose parameters then need a fresh optimizer)."""
     import torch
 
-    from ..modes import prepare
+    from ..mode_runner import prepare
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

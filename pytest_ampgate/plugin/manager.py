@@ -295,7 +295,7 @@ class AmpGatePlugin:
         if self.gate.options.update:
             self._write_baselines(session, exitstatus)
         if state.run_locks:
-            from ..gpu_lock import remove_run_lock
+            from ..file_safety import remove_run_lock
 
             for path in state.run_locks:  # every worker is done with them
                 remove_run_lock(path)
