@@ -50,10 +50,11 @@ def measure_distributed(
     """
     from ..config import MeasureConfig
     from ..measurement import ModeMeasurement, _compare
+    from ..modes import parse_device
 
     started = time.perf_counter()
     config = config or MeasureConfig()
-    device_type = device.split(":")[0]
+    device_type = parse_device(device).type
     say = progress or (lambda _msg: None)
     reason = unavailable_reason(world_size, device)
     if reason:
