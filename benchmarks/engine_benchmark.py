@@ -45,9 +45,9 @@ from pytest_ampgate.gpu_noise import NoiseReport
 from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.modes import MODES, PrecisionMode, resolve_mode
+from pytest_ampgate.outputs.table import format_table
 from pytest_ampgate.precision_policy import cudnn_benchmark, numerics_policy
 from pytest_ampgate.records import from_dict, to_dict
-from pytest_ampgate.report import format_table
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
 from pytest_ampgate.workloads import BUILTIN, Workload, get_workload
 

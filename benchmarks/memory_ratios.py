@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pytest_ampgate import MeasureConfig, Workload, measure  # noqa: E402
-from pytest_ampgate.report import format_table  # noqa: E402
+from pytest_ampgate.outputs.table import format_table  # noqa: E402
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp  # noqa: E402
 
 

@@ -373,7 +373,7 @@ def test_custom_lower_is_better_metric_is_gated_and_baselined_under_its_name(pyt
     report = json.loads((pytester.path / "report.json").read_text())
     import jsonschema
 
-    from pytest_ampgate.json_report import SCHEMA
+    from pytest_ampgate.outputs.json_schema import SCHEMA
 
     jsonschema.validate(report, SCHEMA)
     modes = {m["mode"]: m for m in report["tests"][0]["modes"]}
@@ -393,7 +393,8 @@ def test_custom_lower_is_better_metric_is_gated_and_baselined_under_its_name(pyt
 def test_metric_chart_names_the_metric(tmp_path):
     pytest.importorskip("matplotlib")
     from pytest_ampgate.gate import GateResult
-    from pytest_ampgate.plot import chart_rows, write_chart
+    from pytest_ampgate.outputs.chart import chart_rows
+    from pytest_ampgate.outputs.chart import write as write_chart
 
     (a, b), (c, d) = _blobs(128, 0), _blobs(64, 1)
     from pytest_ampgate.workloads import perplexity

@@ -106,7 +106,7 @@ def two_tests(pytester):
 def test_json_report_follows_its_schema_and_holds_every_test_mode_and_check(two_tests):
     import jsonschema
 
-    from pytest_ampgate.json_report import SCHEMA, SCHEMA_VERSION
+    from pytest_ampgate.outputs.json_schema import SCHEMA, SCHEMA_VERSION
 
     result = two_tests.runpytest(*CPU, "--ampgate-json", "out/report.json")
     result.assert_outcomes(passed=2, failed=1)
@@ -145,7 +145,7 @@ def test_json_report_follows_its_schema_and_holds_every_test_mode_and_check(two_
 def test_json_schema_rejects_a_report_that_breaks_it(two_tests):
     import jsonschema
 
-    from pytest_ampgate.json_report import SCHEMA
+    from pytest_ampgate.outputs.json_schema import SCHEMA
 
     two_tests.runpytest(*CPU, "--ampgate-json", "r.json", "-k", "test_pass")
     good = json.loads((two_tests.path / "r.json").read_text())
@@ -263,7 +263,7 @@ def test_chart_rows_take_floors_from_the_checks_or_else_the_config():
     from pytest_ampgate.config import build_config
     from pytest_ampgate.gate import GateResult, evaluate
     from pytest_ampgate.measurement import MeasureConfig, measure
-    from pytest_ampgate.plot import chart_rows
+    from pytest_ampgate.outputs.chart import chart_rows
     from pytest_ampgate.workloads import mnist_mlp
 
     tiny = mnist_mlp().with_options(batch_size=16, data_options={"n_train": 64, "n_test": 32})

@@ -550,7 +550,7 @@ def test_json_report_of_a_cpu_run_carries_peak_memory_its_ratio_and_what_it_cove
 
     import jsonschema
 
-    from pytest_ampgate.json_report import SCHEMA
+    from pytest_ampgate.outputs.json_schema import SCHEMA
 
     result = gated_project.runpytest(
         "--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider", "--ampgate-json", "r.json", "-k", "test_gated"

@@ -71,21 +71,21 @@ def pytest_configure(config):
     if options.enabled:
         _stop_on_sigterm(config)
     if settings.plot:
-        from ..plot import PlotUnavailable, require_matplotlib
+        from ..outputs.chart import PlotUnavailable, require_matplotlib
 
         try:
             require_matplotlib()
         except PlotUnavailable as exc:
             raise pytest.UsageError(str(exc)) from None
     if options.enabled and config.pluginmanager.hasplugin("benchmark"):
-        from ..benchmark_compat import BenchmarkBridge
+        from ..outputs.benchmark import BenchmarkBridge
 
         config.pluginmanager.register(BenchmarkBridge(config, gate), "ampgate-benchmark")
     if options.enabled:
         from .reporting import html_report_requested
 
         if html_report_requested(config):
-            from ..html_report import HtmlColumns
+            from ..outputs.html import HtmlColumns
 
             config.pluginmanager.register(HtmlColumns(), "ampgate-html")
 

@@ -355,7 +355,7 @@ def at_root(config, path) -> Path:
 
 def check_outputs(settings: PluginSettings) -> None:
     """What the session end would fail to write is a usage error now, before anything is measured."""
-    from ..outputs import OUTPUT_OPTIONS, check_baseline_dir, check_output_path, check_step_summary
+    from ..outputs.paths import OUTPUT_OPTIONS, check_baseline_dir, check_output_path, check_step_summary
 
     for name, option in OUTPUT_OPTIONS.items():
         path = getattr(settings, name)

@@ -61,12 +61,12 @@ def attach(item, report, results, excinfo, *, update: bool, passed: bool) -> Non
     """The gated call's report: the verdict as the failure or as an "ampgate" section, plus its
     figures for JUnit (per test where the family allows it) and pytest-html."""
     if junit_family(item.config) in ("xunit1", "legacy"):
-        from ..report import junit_properties
+        from ..outputs.junit import junit_properties
 
         for r in results:  # per-test <properties>: valid in these families (xunit2: see junit_suite_properties)
             item.user_properties.extend(junit_properties(r))
     if html_report_requested(item.config):
-        from ..html_report import extras
+        from ..outputs.html import extras
 
         report.extras = list(getattr(report, "extras", [])) + extras(results)
     text = explain(results)
@@ -106,11 +106,10 @@ def junit_suite_properties(config, results) -> None:
     xml = config.stash.get(xml_key, None)
     if xml is None:
         return
-    from ..report import junit_properties
+    from ..outputs.junit import suite_properties
 
-    for r in results:
-        for name, value in junit_properties(r):
-            xml.add_global_property(f"{r.test_id}::{name}", value)
+    for name, value in suite_properties(results):
+        xml.add_global_property(name, value)
 
 
 def device_skips_line(count: int, gate) -> tuple[str | None, bool]:
@@ -132,7 +131,7 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
     if not gate.results and not state.summary and not state.unmeasured and not state.not_recorded and not state.prune_line:
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
     from ..gate import FAIL, INCONCLUSIVE
-    from ..report import format_table, table_columns, table_rows
+    from ..outputs.table import format_table, table_columns, table_rows
 
     write_sep("=", "ampgate summary")
     if gate.results:

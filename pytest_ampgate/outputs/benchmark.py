@@ -24,19 +24,14 @@ Nothing here imports pytest.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from .records import to_dict
+from . import paths
 
 ENTRY_MARK = "ampgate"
 """``extra_info["ampgate"]`` is True on our entries (so scripts can tell them from real benchmarks)."""
-
-
-def _finite(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def _with_mode(name: str, mode: str) -> str:
@@ -48,51 +43,51 @@ def entries(results: Iterable) -> list[dict]:
     """pytest-benchmark entries (the shape of ``Metadata.as_dict(include_data=True)``) for gated results."""
     from pytest_benchmark.stats import Stats
 
-    from .report import mode_outcome
+    from .figures import figures_of, finite
 
     out = []
     for r in results:
         m = r.measurements
-        for mm, comparison in m.each_mode():
+        for f in figures_of(r):
+            mm = f.measurement
             if not mm.step_times_s:  # unsupported or failed modes have no timings to compare
                 continue
             stats = Stats()
             for t in mm.step_times_s:
                 stats.update(t)
             stat_dict = {**stats.as_dict(), "data": list(stats.data), "iterations": m.config.steps_per_block}
-            speedup = comparison.speedup if comparison else None
-            cov = mm.precision_coverage
+            speedup = f.speedup
             extra = {
                 ENTRY_MARK: True,
                 "test_id": r.test_id,
-                "mode": mm.mode,
+                "mode": f.mode,
                 "reference_mode": m.reference.mode,
                 "workload": m.workload,
                 "batch_size": m.batch_size,
                 "device": m.device,
                 "env_key": r.env_key,
-                "speedup": _finite(speedup.median) if speedup else (1.0 if comparison is None else None),
-                "speedup_low": _finite(speedup.low) if speedup else None,
-                "speedup_high": _finite(speedup.high) if speedup else None,
-                "speedup_confidence": _finite(speedup.confidence) if speedup else None,
-                "peak_memory_bytes": mm.peak_memory_bytes,
-                "memory_ratio": _finite(comparison.memory_ratio) if comparison else None,
-                "accuracy": _finite(mm.accuracy),
-                "baseline_accuracy": _finite(r.baseline_accuracy.get(mm.mode)),
-                "final_loss": _finite(mm.final_loss),
-                "nonfinite_steps": mm.nonfinite_steps,
-                "low_precision_share": _finite(cov.share) if cov is not None and cov.total_flops else None,
-                "outcome": mode_outcome(r.verdict, mm.mode),
+                "speedup": finite(speedup.median) if speedup else (1.0 if f.reference else None),
+                "speedup_low": finite(speedup.low) if speedup else None,
+                "speedup_high": finite(speedup.high) if speedup else None,
+                "speedup_confidence": finite(speedup.confidence) if speedup else None,
+                "peak_memory_bytes": f.peak_memory_bytes,
+                "memory_ratio": None if f.reference else finite(f.memory_ratio),
+                "accuracy": finite(f.accuracy),
+                "baseline_accuracy": finite(f.baseline_accuracy),
+                "final_loss": finite(f.final_loss),
+                "nonfinite_steps": f.nonfinite_steps,
+                "low_precision_share": finite(f.low_precision_share),
+                "outcome": f.outcome,
                 "verdict": r.verdict.outcome,
             }
             name = r.test_id.rsplit("::", 1)[-1]
             out.append(
                 {
                     "group": f"ampgate: {r.test_id}",
-                    "name": _with_mode(name, mm.mode),
-                    "fullname": _with_mode(r.test_id, mm.mode),
-                    "params": {"mode": mm.mode},
-                    "param": mm.mode,
+                    "name": _with_mode(name, f.mode),
+                    "fullname": _with_mode(r.test_id, f.mode),
+                    "params": {"mode": f.mode},
+                    "param": f.mode,
                     "extra_info": extra,
                     "options": {
                         "timer": "cuda events" if m.device.startswith("cuda") else "time.perf_counter",
@@ -107,9 +102,14 @@ def entries(results: Iterable) -> list[dict]:
     return out
 
 
-def machine_info_extra(environment: dict | None, device: str) -> dict:
-    """What pytest-benchmark's machine_info lacks for GPU work: the GPU and the torch stack."""
-    env = environment or {}
+def machine_info_extra(environment: Any, device: str) -> dict:
+    """What pytest-benchmark's machine_info lacks for GPU work: the GPU and the torch stack.
+
+    ``environment`` is the fingerprint of where the run happened (a record, or its dict), or None.
+    """
+    from ..records import to_dict
+
+    env = to_dict(environment) if environment else {}
     gpu = None
     if env.get("device_type") == "cuda":
         gpu = {
@@ -148,13 +148,13 @@ class BenchmarkBridge:
         save = config.getoption("benchmark_save", None) or config.getoption("benchmark_autosave", None)
         return config.getoption("benchmark_json", None), save
 
-    def _environment(self) -> dict | None:
+    def _environment(self) -> Any:
         if self.gate.results:
             return self.gate.results[0].measurements.environment
         if self.config.pluginmanager.hasplugin("dsession"):
             return None  # the xdist controller must not touch the GPU the workers time on
         try:
-            return to_dict(self.gate.environment())
+            return self.gate.environment()
         except Exception:
             return None
 
@@ -190,8 +190,7 @@ class BenchmarkBridge:
                 with wants_json as fh:
                     fh.write(text)
             else:  # pytest-benchmark >= 5.3 hands over the path
-                with open(wants_json, "wb") as fh:
-                    fh.write(text)
+                paths.save(wants_json, text)
             lines.append(f"pytest-benchmark JSON: {count} AMP entries written to {getattr(wants_json, 'name', wants_json)}")
         if save:
             from pytest_benchmark.logger import Logger

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
-
-from .report import COLUMNS, table_rows
 
 VERDICT_STYLE = {
     "fail": "color:#b00020;font-weight:bold",
@@ -26,6 +22,8 @@ VERDICT_STYLE = {
 
 def mode_table(results) -> str:
     """The per-mode summary table (the terminal summary's rows) as an HTML table."""
+    from .table import COLUMNS, table_rows
+
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table_rows(results))
     checks = "".join(f"<li>{html.escape(c.line())}</li>" for r in results for c in r.verdict.checks)
@@ -45,20 +43,14 @@ def verdict_html(outcome: str) -> str:
 
 def chart_png(results) -> str | None:
     """The chart of these results as base64 PNG, or None without matplotlib or without a compared mode."""
-    from .plot import PlotUnavailable, write_chart
+    from .chart import PlotUnavailable, drawable, png
 
-    if not any(r.measurements.comparisons for r in results):
+    if not drawable(results):
         return None
-    fd, path = tempfile.mkstemp(suffix=".png", prefix="ampgate-html-")
-    os.close(fd)
     try:
-        write_chart(results, path)
-        with open(path, "rb") as fh:
-            return base64.b64encode(fh.read()).decode("ascii")
+        return base64.b64encode(png(results)).decode("ascii")
     except (PlotUnavailable, ValueError):
         return None
-    finally:
-        os.unlink(path)
 
 
 def extras(results) -> list[dict]:

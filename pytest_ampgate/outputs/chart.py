@@ -5,13 +5,19 @@ name) against fp32's in the same run and the stored baseline.
 A table says whether each check passed; the chart shows how close each one came, which is what
 someone deciding whether to relax a margin or chase a regression needs.  matplotlib is an optional
 extra (``pip install 'pytest-ampgate[plot]'``); it is drawn through the object-oriented API with the
-Agg canvas, so the chart never touches pyplot's global state or the user's backend.
+Agg canvas, so the chart never touches pyplot's global state or the user's backend.  Importing
+this module imports neither matplotlib nor torch: the plugin asks it whether matplotlib is there
+before anything is measured.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .paths import save
 
 INSTALL_HINT = "pip install 'pytest-ampgate[plot]'  (or: pip install matplotlib)"
 
@@ -54,59 +60,54 @@ class ChartRow:
     metric_outcome: str = "skipped"
 
 
+def drawable(results) -> bool:
+    """Some result compares a mode with the reference: there is something to chart."""
+    return any(r.measurements.comparisons for r in results)
+
+
 def chart_rows(results) -> list[ChartRow]:
     """What the chart draws, from gated results (floors and limits from the checks, else the config)."""
+    from .figures import figures_of, finite, settings_of  # the engine (torch) only once there is something to draw
+
     rows = []
     for r in results:
-        m = r.measurements
         checks = {(c.mode, c.metric): c for c in r.verdict.checks}
-        for name, comparison in m.comparisons.items():
-            est = comparison.speedup
-            speed = checks.get((name, "speedup"))
-            memory = checks.get((name, "memory"))
+        config = settings_of(r)
+        figures = figures_of(r)
+        reference = figures[0]
+        for f in figures:
+            if f.reference or f.comparison is None:
+                continue
+            est = f.speedup
+            speed = checks.get((f.mode, "speedup"))
+            memory = checks.get((f.mode, "memory"))
+            same_run = checks.get((f.mode, "same_run"))
             floor_gated = speed is not None and speed.threshold is not None
+            memory_gated = memory is not None and memory.threshold is not None
             rows.append(
                 ChartRow(
                     test_id=r.test_id,
-                    mode=name,
+                    mode=f.mode,
                     speedup=est.median if est else None,
                     low=est.low if est else None,
                     high=est.high if est else None,
-                    floor=speed.threshold if floor_gated else r.config.get("min_speedup"),
+                    floor=speed.threshold if floor_gated else config.get("min_speedup"),
                     floor_gated=floor_gated,
                     speed_outcome=speed.outcome if speed is not None else "skipped",
-                    memory_ratio=comparison.memory_ratio,
-                    memory_limit=memory.threshold
-                    if memory is not None and memory.threshold is not None
-                    else r.config.get("max_memory_ratio"),
-                    memory_gated=memory is not None and memory.threshold is not None,
+                    memory_ratio=f.memory_ratio,
+                    memory_limit=memory.threshold if memory_gated else config.get("max_memory_ratio"),
+                    memory_gated=memory_gated,
                     memory_outcome=memory.outcome if memory is not None else "skipped",
-                    memory_note=m.modes[name].memory_note or m.reference.memory_note or comparison.note or "not measured",
-                    **_metric_fields(r, name, checks),
+                    memory_note=f.measurement.memory_note or reference.measurement.memory_note or f.comparison.note or "not measured",
+                    metric_name=f.metric_name,
+                    metric=finite(f.metric),
+                    reference_metric=finite(reference.metric),
+                    baseline_metric=finite(f.baseline_metric),
+                    higher_is_better=f.higher_is_better,
+                    metric_outcome=same_run.outcome if same_run is not None else "skipped",
                 )
             )
     return rows
-
-
-def _finite(value):
-    import math
-
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _metric_fields(result, name: str, checks: dict) -> dict:
-    """The mode's held-out metric (under its own name), fp32's in the same run, the stored baseline."""
-    mm, ref = result.measurements.modes[name], result.measurements.reference
-    stored = (getattr(result, "baseline_metric", None) or ({} if mm.metric_name != "accuracy" else result.baseline_accuracy)).get(name)
-    same_run = checks.get((name, "same_run"))
-    return dict(
-        metric_name=mm.metric_name,
-        metric=_finite(mm.metric),
-        reference_metric=_finite(ref.metric),
-        baseline_metric=_finite(stored),
-        higher_is_better=mm.higher_is_better,
-        metric_outcome=same_run.outcome if same_run is not None else "skipped",
-    )
 
 
 def _label(row: ChartRow, short: bool) -> str:
@@ -142,12 +143,19 @@ def _draw_metric(ax, rows: list[ChartRow], ys: list[int]) -> None:
     ax.set_title(f"{names[0] if len(names) == 1 else 'Metric'} vs fp32 (same run)", fontsize=11, loc="left")
 
 
-def write_chart(results, path: str | Path, title: str | None = None) -> Path:
-    """Draw the chart of ``results`` into a PNG at ``path``; returns the path."""
+def write(results, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw the chart of ``results`` into a PNG at ``path`` (whole or not at all); returns the path."""
+    return save(path, png(results, title))
+
+
+def png(results, title: str | None = None) -> bytes:
+    """The chart of ``results`` as PNG bytes (ValueError without a compared mode)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+
+    from .figures import on_cpu
 
     rows = chart_rows(results)
     if not rows:
@@ -249,10 +257,9 @@ def write_chart(results, path: str | Path, title: str | None = None) -> Path:
     handles.append(Line2D([], [], color="#444444", marker="D", markerfacecolor="none", linestyle="", label="stored baseline"))
     envs = sorted({r.env_key for r in results})
     heading = title or "pytest-ampgate: " + "; ".join(envs)
-    if any(r.measurements.device.startswith("cpu") for r in results):
+    if on_cpu(results):
         heading += "\nCPU run: timing and memory are not gated on the CPU, and CPU speedups say nothing about GPUs"
     fig.suptitle(heading, fontsize=11, x=0.01, ha="left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -1,0 +1,123 @@
+"""The per-mode figures every output shows, worked out in one place from one gated result.
+
+The terminal table, JUnit properties, the JSON report, the pytest-benchmark entries and the chart
+all show the same few numbers per mode: its outcome, step time, speedup with its interval, peak
+memory and its ratio, the held-out metric beside its stored value, the final loss.  Deriving them
+once means the outputs cannot disagree about, say, which stored value a custom metric is compared
+with, or what the reference's memory ratio is.  Each output only formats them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..gate import FAIL, INCONCLUSIVE, PASS, SKIPPED
+
+if TYPE_CHECKING:
+    from ..gate import GateResult, Verdict
+    from ..measurement import Comparison, ModeMeasurement
+    from ..stats import Estimate
+
+WORST_FIRST = (FAIL, INCONCLUSIVE, PASS, SKIPPED)
+UNSUPPORTED = "unsupported"
+"""The outcome of a mode the hardware could not run (no check applies to it)."""
+
+
+@dataclass(frozen=True)
+class ModeFigures:
+    """One mode of one gated test, as the outputs show it; None where a figure was not measured."""
+
+    test_id: str
+    mode: str
+    reference: bool
+    """The reference mode (fp32): the others are compared with it."""
+    outcome: str
+    """The mode's worst check outcome, or 'unsupported' for a mode the hardware could not run."""
+    step_time_s: float | None
+    speedup: Estimate | None
+    peak_memory_bytes: int | None
+    memory_ratio: float | None
+    """Peak memory against the reference's; 1.0 for the reference itself where its peak was measured."""
+    metric_name: str
+    metric: float | None
+    """The held-out metric (accuracy unless the workload brings its own)."""
+    baseline_metric: float | None
+    """The metric's stored value for this mode and environment."""
+    higher_is_better: bool
+    accuracy: float | None
+    baseline_accuracy: float | None
+    final_loss: float | None
+    first_nonfinite_step: int | None
+    nonfinite_steps: int
+    low_precision_share: float | None
+    """Share of the step's FLOPs run in low precision, where it was counted."""
+    measurement: ModeMeasurement = field(repr=False, compare=False)
+    """The whole measurement, for outputs that show more than these figures (the JSON report)."""
+    comparison: Comparison | None = field(default=None, repr=False, compare=False)
+
+
+def figures_of(result: GateResult) -> list[ModeFigures]:
+    """Every measured mode of ``result``, the reference first."""
+    m = result.measurements
+    out = []
+    for mm, comparison in m.each_mode():
+        is_reference = mm is m.reference
+        cov = mm.precision_coverage
+        out.append(
+            ModeFigures(
+                test_id=result.test_id,
+                mode=mm.mode,
+                reference=is_reference,
+                outcome=mode_outcome(result.verdict, mm.mode) if mm.supported else UNSUPPORTED,
+                step_time_s=mm.step_time_s,
+                speedup=comparison.speedup if comparison else None,
+                peak_memory_bytes=mm.peak_memory_bytes,
+                memory_ratio=(1.0 if mm.peak_memory_bytes else None) if is_reference else comparison and comparison.memory_ratio,
+                metric_name=mm.metric_name,
+                metric=mm.metric if mm.metric is not None else mm.accuracy,
+                baseline_metric=stored_metric(result, mm),
+                higher_is_better=mm.higher_is_better,
+                accuracy=mm.accuracy,
+                baseline_accuracy=result.baseline_accuracy.get(mm.mode),
+                final_loss=mm.final_loss,
+                first_nonfinite_step=mm.first_nonfinite_step,
+                nonfinite_steps=mm.nonfinite_steps,
+                low_precision_share=cov.share if cov is not None and cov.total_flops else None,
+                measurement=mm,
+                comparison=comparison,
+            )
+        )
+    return out
+
+
+def stored_metric(result: GateResult, mm: ModeMeasurement) -> float | None:
+    """The stored value of the mode's metric; accuracy falls back to the stored accuracy of older baselines."""
+    named = mm.metric_name != "accuracy"
+    return (result.baseline_metric or ({} if named else result.baseline_accuracy)).get(mm.mode)
+
+
+def mode_outcome(verdict: Verdict, mode: str) -> str:
+    """The worst outcome among one mode's checks ('skipped' when none applies)."""
+    outcomes = {c.outcome for c in verdict.checks if c.mode == mode}
+    return next((o for o in WORST_FIRST if o in outcomes), SKIPPED)
+
+
+def on_cpu(results: list[GateResult]) -> bool:
+    """Some result was measured on the CPU, where timing and memory are reported but not gated."""
+    return any(r.measurements.device.startswith("cpu") for r in results)
+
+
+def settings_of(result: GateResult) -> dict:
+    """The test's gate settings (margins, limits) by name, whether the result holds them as a dict or a record."""
+    config = result.config or {}
+    return dict(config) if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def finite(value: Any) -> float | int | None:
+    """A figure strict JSON can hold as a number: NaN, infinity and non-numbers become None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
