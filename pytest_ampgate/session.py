@@ -9,7 +9,7 @@ baseline.  Nothing here imports pytest, so the same flow can be driven from a sc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,11 +265,8 @@ class TestGate:
         return result
 
 
-def stage_updates(store: BaselineStore, results) -> int:
-    """Stage the baselines of every result that carries one; returns how many."""
-    count = 0
+def baseline_updates(results) -> Iterator[Baseline]:
+    """The baselines of every result that carries one (only passed calls do), for ``BaselineStore.record``."""
     for r in results:
         if r.update is not None:
-            store.stage(Baseline.from_entry(r.test_id, r.env_key, r.update, f"update for {r.test_id}"))
-            count += 1
-    return count
+            yield Baseline.from_entry(r.test_id, r.env_key, r.update, f"update for {r.test_id}")

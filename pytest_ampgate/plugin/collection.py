@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..baselines import module_of
+
 MARKER = "amp_regression"
 FIXTURES = ("ampgate", "ampgate_mnist", "ampgate_cifar")
 XDIST_GROUP = "ampgate"
@@ -70,10 +72,6 @@ class CollectionState:
     def merge_worker_output(self, collected: dict) -> None:
         for name in self.SHARED:
             getattr(self, name).update(collected.get(name, ()))
-
-
-def module_of(node_id: str) -> str:
-    return node_id.split("::", 1)[0]
 
 
 def is_gated(item) -> bool:

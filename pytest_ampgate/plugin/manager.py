@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ..errors import AmpGateError, BaselineError, ConfigError
+from ..errors import AmpGateError, ConfigError
 from . import reporting
 from .collection import XDIST_GROUP, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
 from .options import PluginSettings
@@ -316,41 +316,43 @@ class AmpGatePlugin:
 
     def _write_baselines(self, session, exitstatus) -> None:
         """Commit what ran and passed; then, on request, prune what the complete collection no longer has."""
-        from ..session import stage_updates
+        from ..session import baseline_updates
 
-        state, store = self.state, self.gate.store
+        state, collection = self.state, self.state.collection
         try:
-            written = store.commit() if stage_updates(store, self.gate.results) else []
-            state.baselines_written += written
-            state.summary += [f"baseline written: {p}" for p in written]
-            if written and exitstatus == pytest.ExitCode.INTERRUPTED:
-                state.summary.append("the run was interrupted: baselines were recorded for the tests that finished only")
-        except BaselineError as exc:
-            state.summary.append(f"baselines NOT fully written: {exc}")
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            done = self.gate.store.record(
+                baseline_updates(self.gate.results),
+                collected=collection.gated_ids,
+                complete_modules=collection.complete_modules(),
+                prune=self.gate.options.prune,
+            )
         except KeyboardInterrupt:  # Ctrl-C mid-commit: every file is whole (old or new), so say so, not a traceback
             state.summary.append(
                 "baselines NOT fully written: interrupted while writing them; each baseline file is either "
                 "unchanged or fully updated. Run pytest --ampgate --ampgate-update again"
             )
             session.exitstatus = pytest.ExitCode.INTERRUPTED
-        stale = self.stale()
-        if stale and self.gate.options.prune:
-            try:
-                state.baselines_pruned += store.prune(stale)
-            except BaselineError as exc:  # a file gone bad since it was read, or a lock held too long
-                state.prune_line = (f"stale baseline entries NOT pruned: {exc}", True)
-            else:
-                state.prune_line = (f"pruned {len(stale)} stale baseline entr{'y' if len(stale) == 1 else 'ies'}", False)
+            return
+        if done.write_error is not None:
+            state.summary.append(f"baselines NOT fully written: {done.write_error}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        else:
+            state.baselines_written += done.written
+            state.summary += [f"baseline written: {p}" for p in done.written]
+            if done.written and exitstatus == pytest.ExitCode.INTERRUPTED:
+                state.summary.append("the run was interrupted: baselines were recorded for the tests that finished only")
+        state.stale = done.stale
+        if done.prune_error is not None:
+            state.prune_line = (f"stale baseline entries NOT pruned: {done.prune_error}", True)
+        elif done.stale and self.gate.options.prune:
+            state.baselines_pruned += done.pruned
+            n = len(done.stale)
+            state.prune_line = (f"pruned {n} stale baseline entr{'y' if n == 1 else 'ies'}", False)
 
     def stale(self) -> list[tuple[Path, str]]:
         """Stored entries of tests that no longer exist, in the modules collected in full."""
         if self.state.stale is None:
-            modules = self.state.collection.complete_modules()
-            try:
-                self.state.stale = self.gate.store.stale_entries(self.state.collection.gated_ids, modules) if modules else []
-            except BaselineError:
-                self.state.stale = []
+            self.state.stale = self.gate.store.find_stale(self.state.collection.gated_ids, self.state.collection.complete_modules())
         return self.state.stale
 
     def _write_ci_outputs(self, session) -> None:
