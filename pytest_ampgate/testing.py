@@ -43,6 +43,7 @@ from torch import nn
 
 from .delays import calibrate_cpu_spin, calibrate_cuda_delay, delay, fresh_model
 from .errors import ConfigError, WorkloadError
+from .modes import parse_device
 from .workloads import Workload, get_workload
 
 AMP_MODES = ("amp_fp16", "amp_bf16")
@@ -255,7 +256,7 @@ def slow_down(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or fraction < 0:
         raise ConfigError(f"slow_down fraction must be a finite number >= 0, got {fraction!r}")
     modes = _check_modes(modes)
-    device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    device_type = parse_device(device or None).type
     if step_time_s is None:
         if device_type == "cuda":
             delays = calibrate_cuda_delay(
