@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Engine benchmark (issue 3): what the built-in workloads show under each precision mode, and
+"""Engine benchmark: what the built-in workloads show under each precision mode, and
 what the engine's timed step costs against a bare hand-written loop.
 
 For every workload and batch size it runs :func:`pytest_ampgate.measure` (fp32 is always measured,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Same-run spread (issue 13): how far healthy modes land from fp32 in the same run, to size
+"""Same-run spread: how far healthy modes land from fp32 in the same run, to size
 ``same_run_tolerance`` and ``same_run_loss_tolerance``.
 
 Every mode starts from fp32's initial weights and trains on the same batches, so the only
