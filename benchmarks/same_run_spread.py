@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pytest_ampgate import MeasureConfig, Workload, measure  # noqa: E402
-from pytest_ampgate.gate import tail_loss  # noqa: E402
+from pytest_ampgate.checks import tail_loss  # noqa: E402
 from pytest_ampgate.profiles import default_measure_config  # noqa: E402
 
 

@@ -49,8 +49,9 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from ..config import MeasureConfig
-    from ..measurement import ModeMeasurement, _compare
+    from ..measurement import _compare
     from ..modes import parse_device
+    from ..results import ModeMeasurement
 
     started = time.perf_counter()
     config = config or MeasureConfig()

@@ -22,8 +22,9 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
     """
     import math
 
-    from ..measurement import Measurements, ModeMeasurement, _compare
+    from ..measurement import _compare
     from ..modes import MODES
+    from ..results import Measurements, ModeMeasurement
 
     ranks = [r if isinstance(r, RankResult) else from_dict(RankResult, r) for r in ranks]
     job = job if isinstance(job, Job) else from_dict(Job, job)
@@ -107,7 +108,7 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
 
 def judge(measurements, verdict):
     """The gate's verdict with the distributed checks: the rank that went non-finite first, replica drift."""
-    from ..gate import FAIL, PASS, SKIPPED, Check, Verdict
+    from ..verdict import FAIL, PASS, SKIPPED, Check, Verdict
 
     info = measurements.distributed
     ranks = info.get("ranks", [])
