@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .baselines import Baseline, ModeBaseline, utc_timestamp
+from .baseline_schema import utc_timestamp
+from .baselines import Baseline, ModeBaseline
 from .checks import COMPARED_CHECKS, MODE_CHECKS, Judging, error_hint
 from .config import GateConfig
 from .known_state import LEAKED_KEY, describe
