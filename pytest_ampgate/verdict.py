@@ -3,8 +3,7 @@
 Outcomes and check names are string enums whose values are the strings the JSON report, JUnit
 and stored results have always carried, so files written before and after read the same; they
 compare equal to (and hash like) those plain strings.  The hints that tell a user what to run next
-live here once, built on the baseline store's one update command, for the failure text and the
-plugin's summary alike.
+live here once, for the failure text, the plugin's summary and the baseline store's messages alike.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .baseline_schema import UPDATE_COMMAND
 from .records import from_dict, to_dict
 
 
@@ -85,6 +83,8 @@ MARGIN_SETTING = {
 ANY_MODE = "*"
 """The mode of a check about the whole run (e.g. leaked global state), not one precision mode."""
 
+UPDATE_COMMAND = "pytest --ampgate --ampgate-update"
+"""The one command that records or refreshes baselines (the baseline store's messages say it too)."""
 UPDATE_HINT = f"accept a deliberate change with: {UPDATE_COMMAND}"
 RECORD_HINT = f"record one with: {UPDATE_COMMAND}"
 
