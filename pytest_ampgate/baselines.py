@@ -63,9 +63,7 @@ from .baseline_schema import (
     validate,
 )
 from .errors import BaselineError
-from .file_safety import Lock, LockError, lock_name
-from .file_safety import fsync_dir as _fsync_dir
-from .file_safety import tmp_pattern as _tmp_pattern
+from .file_safety import Lock, LockError, lock_name, remove_atomic, remove_stale_temps
 from .file_safety import write_atomic as _write_atomic
 
 __all__ = [
@@ -409,20 +407,14 @@ class BaselineStore:
                 doc = new_document() if data is None else parse(path, data).doc
             except BaselineError as exc:
                 raise BaselineError(f"refusing to {action}: {exc}") from None
-            # Temp files of writers killed mid-write: with the lock held, no live writer owns one.
-            for orphan in path.parent.glob(_tmp_pattern(path)):
-                try:
-                    orphan.unlink()
-                except OSError:
-                    pass
+            remove_stale_temps(path)  # with the lock held, no live writer owns one
             if not change(doc["tests"]):
                 return False
             if doc["tests"]:
                 _write_atomic(path, dumps(doc))
                 loaded: Document | None = validate(path, doc)
             else:
-                os.unlink(path)
-                _fsync_dir(path.parent)
+                remove_atomic(path)
                 loaded = None
         with self._mutex:
             self._cache[path] = loaded
@@ -434,7 +426,7 @@ class BaselineStore:
         root = self.directory
         while directory != root and root in directory.parents:
             try:
-                directory.rmdir()  # fails (and stops us) if anything is left, lock files included
+                directory.rmdir()  # fails (and stops us) if anything is left
             except OSError:
                 return
             directory = directory.parent

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import modes, nvml
-from .errors import BaselineError, ConfigError
+from .errors import BaselineError
 from .modes import DeviceLike
 from .precision_policy import TF32Policy, current_tf32_policy
 from .records import from_dict
@@ -130,9 +130,7 @@ def fingerprint(device: DeviceLike = None) -> Environment:
             **common,
         )
 
-    missing = modes.device_missing_reason(device)
-    if missing:
-        raise ConfigError(f"a CUDA device was asked for: {missing}; use device='cpu' or run on a machine with an NVIDIA GPU")
+    modes.require_device(device, f"fingerprint(device={str(device)!r})")
     index = modes.cuda_index(device)
     props = torch.cuda.get_device_properties(index)
     try:

@@ -18,7 +18,9 @@ The policy, shared by the baseline store (``baselines.py``) and the device lock 
   (pid, user, host, since when, what for) into a sidecar ``<name>.holder`` file, because
   filelock may truncate the lock file itself on open.
 * **Writes are atomic**: temp file in the target's directory, fsync, ``os.replace``, fsync the
-  directory, so readers and crashes see the old or the new file, whole.
+  directory, so readers and crashes see the old or the new file, whole; a deletion fsyncs the
+  directory too.  A writer killed mid-write leaves only its temp file, which the next holder of the
+  target's lock removes (:func:`remove_stale_temps`).
 
 Nothing here imports pytest or torch.
 """
@@ -217,7 +219,7 @@ def remove_run_lock(path: str | os.PathLike) -> None:
             pass
 
 
-def fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
     try:
@@ -230,11 +232,6 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def tmp_pattern(target: Path) -> str:
-    """Glob of the temp files :func:`write_atomic` leaves if killed mid-write."""
-    return f".{target.name}.*.tmp"
 
 
 def write_atomic(target: Path, data: bytes) -> None:
@@ -264,4 +261,23 @@ def write_atomic(target: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(directory)
+    _fsync_dir(directory)
+
+
+def remove_atomic(target: Path) -> None:
+    """Delete ``target`` so that the deletion, like a write, survives a crash (the directory is fsynced)."""
+    os.unlink(target)
+    _fsync_dir(Path(target).parent)
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete the temp files :func:`write_atomic` left beside ``target`` when killed mid-write.
+
+    Only while holding ``target``'s lock: then no live writer can own one of them.
+    """
+    target = Path(target)
+    for orphan in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            orphan.unlink()
+        except OSError:
+            pass

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
+from .known_state import LEAKED_KEY, describe
 from .measurement import Measurements, ModeMeasurement, launch_bound
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
@@ -508,14 +509,9 @@ def evaluate(
             checks.append(_memory_check(name, measurements, config, base, env_label))
     leaked = measurements.environment.get(LEAKED_KEY)
     if leaked:
-        from .known_state import describe
-
         checks.append(Check(ANY_MODE, "known_state", PASS, describe(leaked)))
     return Verdict(checks, reference=measurements.reference.mode)
 
-
-LEAKED_KEY = "leaked_state"
-"""known_state.LEAKED_KEY, repeated so that judging a result needs no torch import."""
 
 ERROR_HINTS = {
     "does not require grad": "the loss is not connected to the model's parameters (does loss_fn detach it, "

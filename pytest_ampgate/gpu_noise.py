@@ -117,10 +117,13 @@ class NoiseReport:
             parts.append(f"GPU shared with {count} other {noun} (pids {pids}{note})")
         if self.throttle_reasons:
             parts.append("clocks held back by " + ", ".join(self.throttle_reasons))
-        line = "; ".join(parts) if parts else "quiet"
-        if self.unreadable:
-            line += f" (NVML could not read: {', '.join(self.unreadable)})"
-        return line
+        return _one_line(parts, "quiet", self.unreadable)
+
+
+def _one_line(parts: list[str], quiet: str, unreadable: tuple[str, ...]) -> str:
+    """The line both readings end in: what disturbed the GPU (or ``quiet``), and what NVML could not read."""
+    line = "; ".join(parts) if parts else quiet
+    return line + (f" (NVML could not read: {', '.join(unreadable)})" if unreadable else "")
 
 
 def noise_report(device: DeviceLike = "cuda") -> NoiseReport:
@@ -251,13 +254,16 @@ class WindowNoise:
 
     @property
     def throttle(self) -> dict:
+        """The limits that held the clocks back for a share of the window that spoils its timings."""
         return {k: v for k, v in self.throttled_s.items() if self.window_s > 0 and v / self.window_s >= THROTTLE_SHARE}
 
     @property
     def noisy(self) -> bool:
+        """Another process used the GPU during the window, or a limit held its clocks back."""
         return self.available and (bool(self.busy_processes) or bool(self.throttle))
 
     def describe(self) -> str:
+        """One line for reports, as :meth:`NoiseReport.describe` but over the timed window."""
         if not self.available:
             return f"NVML not available: {self.reason}"
         parts = []
@@ -270,10 +276,7 @@ class WindowNoise:
             )
         for name, seconds in self.throttle.items():
             parts.append(f"clocks held back by the {name} limit for {seconds:.2f} s of the {self.window_s:.2f} s window")
-        line = "; ".join(parts) if parts else "quiet during the timed rounds"
-        if self.unreadable:
-            line += f" (NVML could not read: {', '.join(self.unreadable)})"
-        return line
+        return _one_line(parts, "quiet during the timed rounds", self.unreadable)
 
 
 def own_run_pids() -> set:

@@ -10,7 +10,8 @@ off on every device, grad enabled, inference mode off, float32 default dtype, CP
 TF32 is pinned per mode by ``precision_policy.numerics_policy``), restores the caller's state afterwards, and
 names what it found in the result instead of measuring on it.
 
-Nothing here imports pytest: the engine can be driven from a script.
+Nothing here imports pytest, and torch only once a measurement runs: the gate reads
+:data:`LEAKED_KEY` and :func:`describe` when judging a stored result, without torch.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LEAKED_KEY = "leaked_state"
 """Where :func:`measured_from_known_state` notes what it found: ``Measurements.environment[LEAKED_KEY]``."""
@@ -28,6 +31,8 @@ AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _autocast_enabled(device_type: str) -> bool:
+    import torch
+
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except (TypeError, RuntimeError):  # torch < 2.4 or a device type this build does not know
@@ -37,6 +42,8 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    import torch
+
     try:
         return torch.get_autocast_dtype(device_type)
     except (AttributeError, TypeError, RuntimeError):  # torch < 2.4
@@ -49,6 +56,8 @@ def _dtype_name(dtype) -> str:
 
 def leaked_state(device_type: str = "cpu") -> list[str]:
     """What differs from the known state now, one phrase each (empty when nothing does)."""
+    import torch
+
     found = []
     for dev in dict.fromkeys((*AUTOCAST_DEVICES, device_type)):
         if _autocast_enabled(dev):
@@ -71,6 +80,8 @@ def leaked_state(device_type: str = "cpu") -> list[str]:
 @contextmanager
 def known_state(device_type: str = "cpu") -> Iterator[list[str]]:
     """Run the body from the known state; yields what was leaked; restores the caller's state after."""
+    import torch
+
     found = leaked_state(device_type)
     dtype = torch.get_default_dtype()
     get_device = getattr(torch, "get_default_device", None)
@@ -103,6 +114,8 @@ def _outside_autocast_regions(stack: ExitStack) -> None:
     step would be reused after every optimizer step: the model would train on stale weights and
     that would be measured (and recorded) as the AMP mode's accuracy.
     """
+    import torch
+
     depth = 0
     while torch.autocast_decrement_nesting() >= 0:
         depth += 1

@@ -37,7 +37,7 @@ from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .known_state import measured_from_known_state
 from .mode_runner import ModeRunner, ScalerStats, prepare
-from .modes import PrecisionMode, cuda_bf16_supported, cuda_index, device_missing_reason, parse_device, resolve_mode, unsupported_reason
+from .modes import PrecisionMode, cuda_bf16_supported, cuda_index, require_device, resolve_mode, unsupported_reason
 from .precision_coverage import PrecisionCoverage, measure_precision_coverage
 from .precision_policy import cudnn_benchmark, numerics_policy
 from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_for
@@ -776,7 +776,7 @@ def measure(
     stderr, a callable receives the same lines, False or None is silent.
     """
     started = time.perf_counter()
-    device = _available_device(device)
+    device = require_device(device, f"measure(device={str(device)!r})")
     config = config or default_measure_config(device.type)
     workload = sized_for(get_workload(workload), device.type)
     say = _progress_printer(progress, started)
@@ -839,19 +839,6 @@ def measure(
         noise=noise,
         wall_time_s=time.perf_counter() - started,
     )
-
-
-def _available_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, or a ConfigError naming it when this machine does not have it."""
-    try:
-        dev = parse_device(device)
-    except ConfigError as exc:
-        raise ConfigError(f"measure(device={device!r}): {exc}") from None
-    missing = device_missing_reason(dev)
-    if missing:
-        advice = "; measure on the CPU with device='cpu'" if dev.type == "cuda" else ""
-        raise ConfigError(f"measure(device={str(device)!r}): {missing}{advice}")
-    return dev
 
 
 def _progress_printer(progress, started: float) -> Callable[[str], None]:

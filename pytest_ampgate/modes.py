@@ -140,6 +140,22 @@ def device_missing_reason(device: DeviceLike) -> str | None:
     return f"device type {device.type!r} is not supported; use 'cuda' or 'cpu'"
 
 
+def require_device(device: DeviceLike, asker: str) -> torch.device:
+    """``device`` as a torch.device this machine has, or a ConfigError naming ``asker`` and why.
+
+    Falling back to the CPU instead would file a measurement under the wrong baseline key.
+    """
+    try:
+        parsed = parse_device(device)
+    except ConfigError as exc:
+        raise ConfigError(f"{asker}: {exc}") from None
+    missing = device_missing_reason(parsed)
+    if missing:
+        advice = "; measure on the CPU with device='cpu'" if parsed.type == "cuda" else ""
+        raise ConfigError(f"{asker}: {missing}{advice}")
+    return parsed
+
+
 def cuda_index(device: torch.device) -> int:
     """The CUDA index ``device`` names: its own, or the current device for a plain ``"cuda"``."""
     return device.index if device.index is not None else torch.cuda.current_device()
