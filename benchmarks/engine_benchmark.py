@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Engine benchmark (issue 3): what the built-in workloads show under each precision mode, and
+"""Engine benchmark: what the built-in workloads show under each precision mode, and
 what the engine's timed step costs against a bare hand-written loop.
 
 For every workload and batch size it runs :func:`pytest_ampgate.measure` (fp32 is always measured,
@@ -41,14 +41,15 @@ import torch
 
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.errors import ModeError
-from pytest_ampgate.gpu_noise import NoiseReport
-from pytest_ampgate.measurement import MeasureConfig, Measurements, launch_bound, measure, time_block
+from pytest_ampgate.measurement import MeasureConfig, measure
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.modes import MODES, PrecisionMode, resolve_mode
 from pytest_ampgate.outputs.table import format_table
 from pytest_ampgate.precision_policy import cudnn_benchmark, numerics_policy
-from pytest_ampgate.records import from_dict, to_dict
+from pytest_ampgate.records import to_dict
+from pytest_ampgate.results import Measurements
 from pytest_ampgate.stats import MIN_ROUNDS_FOR_CONFIDENCE, Estimate, abba_order, estimate_ratio, summarize_times
+from pytest_ampgate.timing import launch_bound, time_block
 from pytest_ampgate.workloads import BUILTIN, Workload, get_workload
 
 DEFAULT_MODES = ("fp32", "amp_fp16", "amp_bf16")
@@ -446,7 +447,7 @@ def environment_lines(device: torch.device, cases: list[Case]) -> list[str]:
         if d and case.workload not in seen:
             seen.add(case.workload)
             lines.append(f"data {case.workload}: {d['source']}, n_train {d['n_train']}, n_test {d['n_test']} ({d['note'] or 'real files'})")
-    noise = [from_dict(NoiseReport, n) for c in cases for n in c.measurements.noise.values()]
+    noise = [n for c in cases for n in (c.measurements.noise.before, c.measurements.noise.window, c.measurements.noise.after) if n]
     if device.type == "cuda" and noise:
         noisy = [n.describe() for n in noise if n.noisy]
         lines.append("GPU noise (NVML): " + (noisy[0] if noisy else noise[0].describe()))

@@ -47,9 +47,10 @@ from pytest_ampgate import testing
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.delays import calibration_config
 from pytest_ampgate.env import fingerprint
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, baseline_from, decide
+from pytest_ampgate.gate import baseline_from, decide
 from pytest_ampgate.measurement import measure
 from pytest_ampgate.records import to_dict
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
 from pytest_ampgate.workloads import get_workload
 
 SIZES = (0.5, 1.0, 1.5, 2.0)

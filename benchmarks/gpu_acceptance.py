@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU acceptance (issue 10): settle on one lent GPU, in one short run, what the CPU cannot.
+"""GPU acceptance: settle on one lent GPU, in one short run, what the CPU cannot.
 
     python benchmarks/gpu_acceptance.py --out DIR                     # the full run: <= 8 minutes on an H100/H200
     python benchmarks/gpu_acceptance.py --out DIR --smoke --device cpu  # the same steps in miniature (the test suite runs it)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plugin overhead on a plain run (issue 14): what installing pytest-ampgate costs a project's
+"""Plugin overhead on a plain run: what installing pytest-ampgate costs a project's
 ordinary ``pytest`` run, with no ``--ampgate`` and no gated test.
 
 It times, hyperfine-style, a fresh ``python -m pytest`` subprocess running one trivial test, with

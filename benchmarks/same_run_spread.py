@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Same-run spread (issue 13): how far healthy modes land from fp32 in the same run, to size
+"""Same-run spread: how far healthy modes land from fp32 in the same run, to size
 ``same_run_tolerance`` and ``same_run_loss_tolerance``.
 
 Every mode starts from fp32's initial weights and trains on the same batches, so the only
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pytest_ampgate import MeasureConfig, Workload, measure  # noqa: E402
-from pytest_ampgate.gate import tail_loss  # noqa: E402
+from pytest_ampgate.checks import tail_loss  # noqa: E402
 from pytest_ampgate.profiles import default_measure_config  # noqa: E402
 
 

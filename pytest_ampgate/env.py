@@ -172,7 +172,7 @@ def _cpu_model() -> str:
     return " ".join((_platform.processor() or _platform.machine() or "unknown cpu").split())
 
 
-_CPUINFO_BRAND: list = []
+_CPUINFO_BRAND: list[str] = []
 
 
 def _cpuinfo_brand() -> str:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from .file_safety import Lock, lock_name
 from .records import to_dict
@@ -77,7 +78,7 @@ class Hold:
     def waited_s(self) -> float:
         return max(0.0, self.acquired_at - self.requested_at)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**to_dict(self), "waited_s": self.waited_s}
 
 

@@ -253,7 +253,7 @@ class WindowNoise:
     unreadable: tuple[str, ...] = ()
 
     @property
-    def throttle(self) -> dict:
+    def throttle(self) -> dict[str, float]:
         """The limits that held the clocks back for a share of the window that spoils its timings."""
         return {k: v for k, v in self.throttled_s.items() if self.window_s > 0 and v / self.window_s >= THROTTLE_SHARE}
 
@@ -279,7 +279,7 @@ class WindowNoise:
         return _one_line(parts, "quiet during the timed rounds", self.unreadable)
 
 
-def own_run_pids() -> set:
+def own_run_pids() -> set[int]:
     """This process and the other processes of the same pytest run (its xdist workers and controller).
 
     pytest-xdist gives every worker of one run the same ``PYTEST_XDIST_TESTRUNUID``; processes
@@ -311,7 +311,7 @@ def own_run_pids() -> set:
 class NoiseWindow:
     """Open at the start of the timed rounds, :meth:`close` at their end: what disturbed the GPU in between."""
 
-    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: set | None = None):
+    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: set[int] | None = None):
         self.pynvml, self.handle, self.reason = pynvml, handle, reason
         self.own_pids = own_pids
         self.started = time.perf_counter()
@@ -335,7 +335,7 @@ class NoiseWindow:
         unreadable = []
         own = self.own_pids if self.own_pids is not None else own_run_pids()
         samples, err = nvml.call(getattr(pynvml, "nvmlDeviceGetProcessUtilization", None), handle, self.since_us)
-        busy: dict = {}
+        busy: dict[int, tuple[int, int]] = {}
         ignored = set()
         # NVML answers "not found" (pynvml sometimes raises "Success") when no process has a
         # sample since the timestamp: nobody used the GPU.
@@ -365,7 +365,7 @@ class NoiseWindow:
         )
 
 
-def _violations(pynvml: Any, handle: Any) -> tuple[dict, list]:
+def _violations(pynvml: Any, handle: Any) -> tuple[dict[str, int], list[str]]:
     """NVML's cumulative violation time (ns) per clock-limiting policy; unreadable policies left out."""
     getter = getattr(pynvml, "nvmlDeviceGetViolationStatus", None)
     counters, bad = {}, []
@@ -379,7 +379,7 @@ def _violations(pynvml: Any, handle: Any) -> tuple[dict, list]:
     return counters, bad
 
 
-def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pids: set | None = None) -> NoiseWindow:
+def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pids: set[int] | None = None) -> NoiseWindow:
     """Start watching the GPU ``device`` names (cuda:N follows N); never raises.
 
     ``pynvml`` replaces the NVML bindings (tests pass a fake one; the device is then its index).

@@ -126,10 +126,8 @@ def device_missing_reason(device: DeviceLike) -> str | None:
     device = parse_device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return (
-                f"no CUDA device is available (none is visible to torch {torch.__version__}, built for CUDA "
-                f"{torch.version.cuda}: no GPU, or a CPU-only torch build)"
-            )
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            return f"no CUDA device is available (none is visible to torch {torch.__version__}, {build})"
         count = torch.cuda.device_count()
         index = cuda_index(device)
         if not 0 <= index < count:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from pytest_ampgate.errors import BaselineError
+from pytest_ampgate.records import to_dict
 
 try:  # torch >= 2.4 has it; without it every op is attributed to "<unknown>".
     from torch.utils.module_tracker import ModuleTracker as _ModuleTracker
@@ -183,13 +184,7 @@ class PrecisionCoverage:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; ``share`` is included for readers and ignored by :meth:`from_dict`."""
-        return {
-            "schema": _SCHEMA,
-            "total_flops": self.total_flops,
-            "low_precision_flops": self.low_precision_flops,
-            "share": self.share,
-            "records": [asdict(r) for r in self.records],
-        }
+        return {"schema": _SCHEMA, **to_dict(self), "share": self.share}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrecisionCoverage:

@@ -141,7 +141,8 @@ class TestGate:
         The verdict is applied to the test automatically when it finishes; the returned
         :class:`GateResult` is there for asserts of your own.
         """
-        from .gate import GateResult, baseline_from, decide, evaluate, stored_metric
+        from .checks import stored_metric
+        from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
         from .workload_checks import check_dataset
         from .workloads import BUILTIN, get_workload, metric_of
@@ -252,7 +253,7 @@ class TestGate:
             if baseline
             else {},
             strict=config.strict,
-            config=config.to_dict(),
+            config=config,
         )
         if options.update and not result.failed:
             settings = {

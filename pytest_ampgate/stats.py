@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pytest_benchmark.stats import Stats
+
+from .records import from_dict, to_dict
 
 MIN_ROUNDS_FOR_CONFIDENCE = 6
 """With fewer rounds even (min, max) covers the median less than 95% of the time (5 rounds: 93.75%)."""
@@ -82,13 +84,11 @@ class Estimate:
         return f"{text} (noisy: {self.note})" if self.noisy else text
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["samples"] = list(self.samples)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Estimate:
-        return cls(**{**d, "samples": tuple(d["samples"])})
+        return from_dict(cls, d)
 
 
 def round_ratios(reference_times: Sequence[float], mode_times: Sequence[float]) -> list[float]:

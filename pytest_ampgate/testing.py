@@ -43,9 +43,11 @@ from torch import nn
 
 from .delays import calibrate_cpu_spin, calibrate_cuda_delay, delay, fresh_model
 from .errors import ConfigError, WorkloadError
+from .modes import MODES, parse_device, resolve_mode
 from .workloads import Workload, get_workload
 
-AMP_MODES = ("amp_fp16", "amp_bf16")
+AMP_MODES = tuple(name for name, mode in MODES.items() if mode.is_amp)
+"""The modes a plant acts in by default: the autocast modes (amp_fp16, amp_bf16), as the mode table says."""
 COMPUTE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 
@@ -117,8 +119,6 @@ def _planted(workload: Workload, label: str, *, plant=None, loss_fn=None) -> Wor
 
 
 def _check_modes(modes: Iterable[str]) -> tuple[str, ...]:
-    from .modes import resolve_mode
-
     names = tuple(resolve_mode(m).name for m in modes)
     if not names:
         raise ConfigError("a plant needs at least one mode to act in")
@@ -255,12 +255,11 @@ def slow_down(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or fraction < 0:
         raise ConfigError(f"slow_down fraction must be a finite number >= 0, got {fraction!r}")
     modes = _check_modes(modes)
-    device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    device = parse_device(device)
+    device_type = device.type
     if step_time_s is None:
         if device_type == "cuda":
-            delays = calibrate_cuda_delay(
-                workload, fraction, modes, device or "cuda", calibration, planted=lambda d: _slowed(workload, d, "cuda")
-            )
+            delays = calibrate_cuda_delay(workload, fraction, modes, device, calibration, planted=lambda d: _slowed(workload, d, "cuda"))
         else:
             delays = calibrate_cpu_spin(workload, fraction, modes)
     if step_time_s is not None:

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from pytest_ampgate import ConfigError, MeasureConfig, Workload, WorkloadError, measure
+from pytest_ampgate.checks import fp32_layers_text
 from pytest_ampgate.config import GateConfig
-from pytest_ampgate.gate import FAIL, PASS, evaluate, fp32_layers_text
+from pytest_ampgate.gate import evaluate
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.modes import MODES, resolve_mode
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
+from pytest_ampgate.verdict import FAIL, PASS
 from pytest_ampgate.workloads import Metric
 
 
@@ -501,7 +503,7 @@ def test_same_run_tolerance_has_an_ini_twin_and_is_validated(pytester):
 
 
 def test_same_run_check_follows_a_lower_is_better_metric():
-    from pytest_ampgate.measurement import Comparison, Measurements, ModeMeasurement
+    from pytest_ampgate.results import Comparison, Measurements, ModeMeasurement
 
     def mm(name, value, losses):
         m = ModeMeasurement(name, losses=list(losses))

@@ -16,10 +16,12 @@ import torch
 
 from pytest_ampgate import workloads
 from pytest_ampgate.env import fingerprint
-from pytest_ampgate.measurement import Comparison, MeasureConfig, Measurements, ModeMeasurement, time_block
+from pytest_ampgate.measurement import MeasureConfig
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.modes import resolve_mode
+from pytest_ampgate.results import Comparison, Measurements, ModeMeasurement
 from pytest_ampgate.stats import estimate_ratio
+from pytest_ampgate.timing import time_block
 from pytest_ampgate.workloads import mnist_mlp
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_benchmark.py"

@@ -10,9 +10,10 @@ import torch
 
 from pytest_ampgate import testing
 from pytest_ampgate.gpu_noise import open_noise_window
-from pytest_ampgate.measurement import MeasureConfig, launch_bound, measure
+from pytest_ampgate.measurement import MeasureConfig, measure
 from pytest_ampgate.modes import MODES
 from pytest_ampgate.precision_policy import numerics_policy
+from pytest_ampgate.timing import launch_bound
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -139,7 +139,7 @@ def test_fsdp2_is_feature_detected(monkeypatch):
 
 
 def _rank(rank: int, times, loss, accuracy, peak=None, nan_at=None, replicas=None) -> dict:
-    from pytest_ampgate.measurement import Measurements, ModeMeasurement
+    from pytest_ampgate.results import Measurements, ModeMeasurement
 
     def mode(name):
         mm = ModeMeasurement(name, step_times_s=list(times), peak_memory_bytes=peak, accuracy=accuracy)
@@ -161,7 +161,8 @@ def _rank(rank: int, times, loss, accuracy, peak=None, nan_at=None, replicas=Non
 
 
 def test_merge_takes_the_worst_rank_and_judge_names_rank_and_parameter():
-    from pytest_ampgate.gate import FAIL, PASS, Verdict, evaluate
+    from pytest_ampgate.gate import evaluate
+    from pytest_ampgate.verdict import FAIL, PASS, Verdict
 
     replicas = {
         "fp32": {"checked": True, "parameters": 4, "diverged": [], "first_diverged": None},

@@ -12,25 +12,15 @@ import pytest
 
 from pytest_ampgate.baselines import Baseline, ModeBaseline
 from pytest_ampgate.config import build_config
-from pytest_ampgate.gate import (
-    FAIL,
-    INCONCLUSIVE,
-    PASS,
-    SKIPPED,
-    UPDATE_HINT,
-    Check,
-    GateResult,
-    Verdict,
-    baseline_from,
-    decide,
-    evaluate,
-)
+from pytest_ampgate.gate import GateResult, baseline_from, decide, evaluate
 from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport
-from pytest_ampgate.measurement import Comparison, MeasureConfig, Measurements, ModeMeasurement
+from pytest_ampgate.measurement import MeasureConfig
 from pytest_ampgate.mode_runner import ScalerStats
 from pytest_ampgate.precision_coverage import OpRecord, PrecisionCoverage
 from pytest_ampgate.records import to_dict
+from pytest_ampgate.results import Comparison, Measurements, ModeMeasurement
 from pytest_ampgate.stats import Estimate, estimate_ratio
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED, UPDATE_HINT, Check, Verdict
 
 H100 = {"device_type": "cuda", "device_name": "NVIDIA H100", "torch_version": "2.11.0+cu130"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, Check, Verdict
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS, Check, Verdict
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gate_quality.py"
 

@@ -20,11 +20,13 @@ from torch import nn
 from pytest_ampgate import delays, testing
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate.config import build_config
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, SKIPPED, decide, evaluate
+from pytest_ampgate.gate import decide, evaluate
 from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport, WindowNoise, open_noise_window, own_run_pids
-from pytest_ampgate.measurement import BlockTiming, CudaTimer, MeasureConfig, launch_bound, measure
+from pytest_ampgate.measurement import MeasureConfig, measure
 from pytest_ampgate.records import from_dict, to_dict
 from pytest_ampgate.stats import abba_order, balance_counts
+from pytest_ampgate.timing import BlockTiming, CudaTimer, launch_bound
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED
 from pytest_ampgate.workloads import Workload
 
 TINY = MeasureConfig(warmup_steps=2, rounds=4, steps_per_block=2, memory_steps=0, precision_coverage=False)

@@ -9,7 +9,8 @@ from torch import nn
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate.data import from_tensors, synthetic
 from pytest_ampgate.errors import ConfigError, WorkloadError
-from pytest_ampgate.measurement import MeasureConfig, Measurements, measure
+from pytest_ampgate.measurement import MeasureConfig, measure
+from pytest_ampgate.results import Measurements
 from pytest_ampgate.workloads import Workload, cifar_cnn, mnist_mlp
 
 SMALL = {"n_train": 2048, "n_test": 512}
@@ -77,7 +78,7 @@ def test_json_round_trip(mnist_run):
 def test_environment_recorded(mnist_run):
     assert mnist_run.environment["device_type"] == "cpu"
     assert mnist_run.environment["torch_version"] == torch.__version__
-    assert mnist_run.noise["before"]["available"] is False
+    assert mnist_run.noise.before.available is False
 
 
 def _tiny_workload(name="tiny", data=None, model=None, loss=None):

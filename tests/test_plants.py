@@ -15,10 +15,11 @@ import torch
 from pytest_ampgate import delays, testing
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.errors import ConfigError, WorkloadError
-from pytest_ampgate.gate import FAIL, INCONCLUSIVE, PASS, baseline_from, decide
+from pytest_ampgate.gate import baseline_from, decide
 from pytest_ampgate.measurement import measure
 from pytest_ampgate.mode_runner import prepare
 from pytest_ampgate.profiles import cpu_threads
+from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

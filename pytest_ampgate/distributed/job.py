@@ -11,15 +11,82 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
+from ..config import MeasureConfig
 from ..errors import ConfigError
+from ..file_safety import write_atomic
+from ..records import from_dict, to_dict
 
 LAUNCHER = "torch.distributed.run"
 WORKER_MODULE = "pytest_ampgate.distributed.worker"
 PLANT_ENV = "PYTEST_AMPGATE_DISTRIBUTED_PLANT"
 """JSON list of planted faults for the ranks (tests of the gate itself); see :data:`PLANT_KINDS`."""
 PLANT_KINDS = ("nan", "perturb", "hang", "raise", "die")
+
+R = TypeVar("R")
+
+
+@dataclass
+class Job:
+    """What every rank reads from ``job.json``: the workload, its modes and protocol, where to run."""
+
+    workload: str = ""
+    """A built-in name or ``module:function`` (see :func:`load_workload`)."""
+    workload_options: dict = field(default_factory=dict)
+    modes: list[str] = field(default_factory=list)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    device_type: str = "cpu"
+    backend: str = "gloo"
+    data_root: str | None = None
+    download: bool = False
+    pg_timeout_s: float = 360.0
+    """The process group's own timeout: longer than the launcher's, so a hang is diagnosed by the launcher."""
+    plants: list[dict] = field(default_factory=list)
+    """Planted faults (tests of the gate only), each ``{'kind': ..., 'rank': N, ...}``."""
+    job_dir: str = ""
+
+
+@dataclass
+class RankResult:
+    """One rank's ``rank<N>.json``: its measurements (``Measurements.to_dict()``) and its replica comparison."""
+
+    rank: int
+    world_size: int = 0
+    host: str | None = None
+    device: str | None = None
+    measurements: dict = field(default_factory=dict)
+    replicas: dict = field(default_factory=dict)
+    """Per mode: ``checked``, and ``parameters``, ``diverged``, ``first_diverged`` or the ``reason`` it was not."""
+
+
+@dataclass
+class RankError:
+    """One rank's ``rank<N>.error.json``: the exception it raised, and when, to tell which rank failed first."""
+
+    rank: int
+    type: str
+    message: str = ""
+    where: str = ""
+    traceback: str = ""
+    time: float = 0.0
+
+
+def write_record(path: Path, record: Any) -> None:
+    """A record as JSON, atomically: the launcher polls these files and must see none or a whole one."""
+    write_atomic(path, json.dumps(to_dict(record), allow_nan=False).encode("utf-8"))
+
+
+def read_record(cls: type[R], path: Path) -> R | None:
+    """The record in ``path``, or None while there is none (or only part of one)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return from_dict(cls, data) if isinstance(data, Mapping) else None
 
 
 def load_workload(reference: str, options: dict | None = None):

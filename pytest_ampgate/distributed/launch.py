@@ -8,7 +8,6 @@ collective (from each rank's Python stack), the rank that raised or died first.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import AmpGateError
-from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, plants_from_env
+from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
 
@@ -50,11 +49,13 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from ..config import MeasureConfig
-    from ..measurement import ModeMeasurement, _compare
+    from ..measurement import _compare
+    from ..modes import parse_device
+    from ..results import ModeMeasurement
 
     started = time.perf_counter()
     config = config or MeasureConfig()
-    device_type = device.split(":")[0]
+    device_type = parse_device(device).type
     say = progress or (lambda _msg: None)
     reason = unavailable_reason(world_size, device)
     if reason:
@@ -63,26 +64,26 @@ def measure_distributed(
     unsupported = {n: r for n in [config.reference_mode, *names] if (r := mode_unsupported_reason(n, device))}
     if config.reference_mode in unsupported:
         raise DistributedError(f"the reference mode {config.reference_mode} cannot run: {unsupported[config.reference_mode]}")
-    spec = {
-        "workload": workload,
-        "workload_options": workload_options or {},
-        "modes": [n for n in names if n not in unsupported],
-        "measure": config.to_dict(),
-        "device_type": device_type,
-        "backend": backend_for(device_type),
-        "data_root": data_root,
-        "download": download,
-        "pg_timeout_s": timeout_s + 60,  # longer than ours, so a hang is diagnosed here, with every rank's stack
-        "plants": list(plants if plants is not None else plants_from_env()),
-    }
     job_dir = Path(tempfile.mkdtemp(prefix="ampgate-dist-"))
-    spec["job_dir"] = str(job_dir)
-    say(f"{workload}: launching {world_size} ranks ({spec['backend']}) for {config.reference_mode}, {', '.join(spec['modes'])}")
+    job = Job(
+        workload=workload,
+        workload_options=workload_options or {},
+        modes=[n for n in names if n not in unsupported],
+        measure=config,
+        device_type=device_type,
+        backend=backend_for(device_type),
+        data_root=data_root,
+        download=download,
+        pg_timeout_s=timeout_s + 60,  # longer than ours, so a hang is diagnosed here, with every rank's stack
+        plants=list(plants if plants is not None else plants_from_env()),
+        job_dir=str(job_dir),
+    )
+    say(f"{workload}: launching {world_size} ranks ({job.backend}) for {config.reference_mode}, {', '.join(job.modes)}")
     try:
-        ranks = launch(spec, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
+        ranks = launch(job, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
-    merged = merge(ranks, config, spec)
+    merged = merge(ranks, config, job)
     for name in names:
         if name in unsupported:
             merged.modes[name] = ModeMeasurement(name, supported=False, unsupported_reason=unsupported[name])
@@ -95,14 +96,14 @@ def measure_distributed(
     return merged
 
 
-def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, progress=None) -> list[dict]:
+def launch(job: Job, *, world_size: int, timeout_s: float, job_dir: Path, progress=None) -> list[RankResult]:
     """torchrun the worker on ``world_size`` ranks; every rank's result, in rank order.
 
     The launcher runs in a session of its own; its workers start sessions of their own too
     (torchrun does that), so on a timeout every process is found and killed by pid.
     """
-    spec_path = job_dir / "job.json"
-    spec_path.write_text(json.dumps(spec))
+    job_path = job_dir / "job.json"
+    write_record(job_path, job)
     cmd = [
         sys.executable,
         "-m",
@@ -113,12 +114,12 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
         "--monitor-interval=0.1",
         "-m",
         WORKER_MODULE,
-        str(spec_path),
+        str(job_path),
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, env.get("PYTHONPATH", "")] if p)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks, set here so it says nothing
-    env.pop(PLANT_ENV, None)  # faults travel in the job spec only
+    env.pop(PLANT_ENV, None)  # faults travel in the job file only
     log_path = job_dir / "launcher.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -147,7 +148,7 @@ def launch(spec: dict, *, world_size: int, timeout_s: float, job_dir: Path, prog
         stacks = _dump_stacks(job_dir, world_size)
         leftover = _kill_all(proc, job_dir, world_size)
         raise DistributedError(_hang_message(timeout_s, world_size, job_dir, stacks, leftover))
-    results = {r: _load(job_dir / f"rank{r}.json") for r in range(world_size)}
+    results = {r: read_record(RankResult, job_dir / f"rank{r}.json") for r in range(world_size)}
     if proc.returncode == 0 and all(results.values()):
         return [results[r] for r in range(world_size)]
     leftover = _kill_all(proc, job_dir, world_size)
@@ -173,13 +174,6 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
-
-
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --- stopping, and saying what happened -------------------------------------------------------------
@@ -316,15 +310,15 @@ def _failure_message(returncode, world_size, job_dir: Path, results: dict, lefto
     exits = {int(r): int(c) for r, c in _ROOT.findall(log)}
     root = _ROOT.search(log.rpartition("Root Cause")[2]) if "Root Cause" in log else None
     first = int(root.group(1)) if root else None  # torchrun's "Root Cause (first observed failure)"
-    errors = {r: e for r in range(world_size) if (e := _load(job_dir / f"rank{r}.error.json"))}
+    errors = {r: e for r in range(world_size) if (e := read_record(RankError, job_dir / f"rank{r}.error.json"))}
     if first is None and errors:
-        first = min(errors, key=lambda r: errors[r].get("time", 0))
+        first = min(errors, key=lambda r: errors[r].time)
 
     def about(r: int) -> str:
         if r in errors:
             e = errors[r]
-            where = f" ({e['where']})" if e.get("where") else ""
-            return f"rank {r} raised {e['type']}: {e['message']}{where}"
+            where = f" ({e.where})" if e.where else ""
+            return f"rank {r} raised {e.type}: {e.message}{where}"
         if results.get(r):
             return f"rank {r} finished"
         if r in exits:

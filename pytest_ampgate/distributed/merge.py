@@ -9,18 +9,26 @@ non-finite first and whether every replica ended with identical parameters.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
-from .job import LAUNCHER
+from ..records import from_dict
+from .job import LAUNCHER, Job, RankResult
 
 
-def merge(ranks: list[dict], config, spec: dict):
-    """One Measurements from every rank's: what decides a distributed run is its worst rank."""
+def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
+    """One Measurements from every rank's: what decides a distributed run is its worst rank.
+
+    The rank results and the job may also be given as the JSON dicts their files hold.
+    """
     import math
 
-    from ..measurement import Measurements, ModeMeasurement, _compare
+    from ..measurement import _compare
     from ..modes import MODES
+    from ..results import Measurements, ModeMeasurement
 
-    per_rank = [Measurements.from_dict(r["measurements"]) for r in ranks]
+    ranks = [r if isinstance(r, RankResult) else from_dict(RankResult, r) for r in ranks]
+    job = job if isinstance(job, Job) else from_dict(Job, job)
+    per_rank = [Measurements.from_dict(r.measurements) for r in ranks]
     base = per_rank[0]
 
     def merged_mode(name: str) -> ModeMeasurement:
@@ -56,8 +64,8 @@ def merge(ranks: list[dict], config, spec: dict):
         rank_records.append(
             {
                 "rank": r,
-                "host": raw.get("host"),
-                "device": raw.get("device"),
+                "host": raw.host,
+                "device": raw.device,
                 "modes": {
                     mm.mode: {
                         "step_time_s": mm.step_time_s,
@@ -74,7 +82,7 @@ def merge(ranks: list[dict], config, spec: dict):
         )
     return Measurements(
         workload=base.workload,
-        device=spec["device_type"],
+        device=job.device_type,
         config=config,
         batch_size=base.batch_size,
         environment=base.environment,
@@ -85,12 +93,12 @@ def merge(ranks: list[dict], config, spec: dict):
         noise=base.noise,
         distributed={
             "world_size": len(ranks),
-            "backend": spec["backend"],
+            "backend": job.backend,
             "launcher": LAUNCHER,
             "batch_size_per_rank": base.batch_size,
             "ranks": rank_records,
-            "replicas": ranks[0].get("replicas", {}),
-            "plants": spec.get("plants", []),
+            "replicas": ranks[0].replicas,
+            "plants": job.plants,
         },
     )
 
@@ -100,7 +108,7 @@ def merge(ranks: list[dict], config, spec: dict):
 
 def judge(measurements, verdict):
     """The gate's verdict with the distributed checks: the rank that went non-finite first, replica drift."""
-    from ..gate import FAIL, PASS, SKIPPED, Check, Verdict
+    from ..verdict import FAIL, PASS, SKIPPED, Check, Verdict
 
     info = measurements.distributed
     ranks = info.get("ranks", [])

@@ -103,7 +103,9 @@ def unavailable_reason(world_size: int, device: str) -> str | None:
     """Why ``world_size`` ranks cannot run on ``device`` here (no torch.distributed, backend, or devices), or None."""
     import torch
 
-    device_type = device.split(":")[0]
+    from ..modes import parse_device
+
+    device_type = parse_device(device).type
     try:
         import torch.distributed as dist
     except ImportError as exc:  # pragma: no cover - depends on the build
@@ -146,7 +148,7 @@ def fsdp2_api():
 
 def mode_unsupported_reason(name: str, device: str) -> str | None:
     """Why a distributed mode cannot run here, or None (checked here, so every rank runs the same modes)."""
-    from ..modes import MODES, unsupported_reason
+    from ..modes import MODES, parse_device, unsupported_reason
 
     dmode = distributed_mode(name)
     reason = unsupported_reason(dmode.precision, device)
@@ -159,7 +161,7 @@ def mode_unsupported_reason(name: str, device: str) -> str | None:
             import torch
 
             return f"this torch {torch.__version__} has no DDP communication hook {dmode.comm_hook}"
-        if dmode.comm_hook.startswith("bf16") and device.startswith("cuda"):
+        if dmode.comm_hook.startswith("bf16") and parse_device(device).type == "cuda":
             return unsupported_reason(MODES["amp_bf16"], device)
     if dmode.strategy == "fsdp2":
         api = fsdp2_api()
@@ -172,4 +174,6 @@ def mode_unsupported_reason(name: str, device: str) -> str | None:
 
 def env_key(base_key: str, world_size: int, device: str) -> str:
     """Baselines of distributed runs are their own environment: world size and backend change every figure."""
-    return f"{base_key}|{backend_for(device.split(':')[0])}|world{world_size}"
+    from ..modes import parse_device
+
+    return f"{base_key}|{backend_for(parse_device(device).type)}|world{world_size}"

@@ -30,7 +30,8 @@ import traceback
 from pathlib import Path
 
 from ..file_safety import write_atomic
-from .job import load_workload
+from ..records import from_dict
+from .job import Job, RankError, RankResult, load_workload, write_record
 from .modes import distributed_mode, fsdp2_api
 
 
@@ -156,31 +157,30 @@ def _compare_replicas(made: dict, order: list[str], world_size: int) -> dict:
     return replicas
 
 
-def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> dict:
+def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> RankResult:
     import torch
     import torch.distributed as dist
 
-    from ..config import MeasureConfig
     from ..measurement import measure
     from ..modes import MODES, PrecisionMode
 
-    device = torch.device(f"cuda:{local_rank}") if spec["device_type"] == "cuda" else torch.device("cpu")
+    device = torch.device(f"cuda:{local_rank}") if job.device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    plants = [p for p in spec.get("plants", []) if p["rank"] == rank]
-    options = {"timeout": datetime.timedelta(seconds=spec["pg_timeout_s"])}
+    plants = [p for p in job.plants if p["rank"] == rank]
+    options = {"timeout": datetime.timedelta(seconds=job.pg_timeout_s)}
     if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         options["device_id"] = device  # NCCL binds this rank's GPU at once (torch >= 2.3), not guessed at the first collective
-    dist.init_process_group(spec["backend"], **options)
+    dist.init_process_group(job.backend, **options)
     say("joined the process group")
-    workload = load_workload(spec["workload"], spec.get("workload_options"))
-    config = MeasureConfig.from_dict(spec["measure"])
-    if spec.get("download") and local_rank != 0:
+    workload = load_workload(job.workload, job.workload_options)
+    config = job.measure
+    if job.download and local_rank != 0:
         dist.barrier()  # local rank 0 downloads first; the others read its files
-    dataset = workload.dataset(device, root=spec.get("data_root"), download=bool(spec.get("download")), seed=config.seed)
-    if spec.get("download") and local_rank == 0:
+    dataset = workload.dataset(device, root=job.data_root, download=job.download, seed=config.seed)
+    if job.download and local_rank == 0:
         dist.barrier()
-    modes = [MODES[n] if n in MODES else PrecisionMode(n, distributed_mode(n).description) for n in spec["modes"]]
+    modes = [MODES[n] if n in MODES else PrecisionMode(n, distributed_mode(n).description) for n in job.modes]
     made: dict = {}
     m = measure(
         workload,
@@ -200,54 +200,46 @@ def run_rank(spec: dict, rank: int, world_size: int, local_rank: int, say) -> di
                     with torch.no_grad():
                         target.add_(float(p.get("by", 1e-3)))
     say("comparing replicas")
-    order = [n for n in [config.reference_mode, *spec["modes"]] if n in made]
+    order = [n for n in [config.reference_mode, *job.modes] if n in made]
     replicas = _compare_replicas(made, order, world_size)
-    return {
-        "rank": rank,
-        "world_size": world_size,
-        "host": socket.gethostname(),
-        "device": str(device),
-        "measurements": m.to_dict(),
-        "replicas": replicas,
-    }
+    return RankResult(rank, world_size, socket.gethostname(), str(device), m.to_dict(), replicas)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
+    job = from_dict(Job, json.loads(Path(argv[0]).read_text()))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    job = Path(spec["job_dir"])
-    _atomic_write(job / f"rank{rank}.pid", str(os.getpid()))
-    stack_file = open(job / f"rank{rank}.stack", "w")  # noqa: SIM115 - held open for faulthandler until exit
+    job_dir = Path(job.job_dir)
+    _atomic_write(job_dir / f"rank{rank}.pid", str(os.getpid()))
+    stack_file = open(job_dir / f"rank{rank}.stack", "w")  # noqa: SIM115 - held open for faulthandler until exit
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     def say(message: str) -> None:
-        _atomic_write(job / f"rank{rank}.progress", message)
+        _atomic_write(job_dir / f"rank{rank}.progress", message)
 
     say("started")
     try:
-        for p in spec.get("plants", []):
+        for p in job.plants:
             if p["rank"] == rank and p.get("step") is None and p["kind"] in ("hang", "raise", "die"):
                 _plant(p, where="start")
         from torch.distributed.elastic.multiprocessing.errors import record
 
         # @record: torchrun's error file then names this rank and its exception in the launcher's summary.
-        result = record(run_rank)(spec, rank, world_size, local_rank, say)
-        _atomic_write(job / f"rank{rank}.json", json.dumps(result, allow_nan=False))
+        write_record(job_dir / f"rank{rank}.json", record(run_rank)(job, rank, world_size, local_rank, say))
         say("done")
     except BaseException as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         last = frames[-1] if frames else None
-        error = {
-            "rank": rank,
-            "type": type(exc).__name__,
-            "message": str(exc).splitlines()[0] if str(exc) else "",
-            "where": f"{Path(last.filename).name}:{last.lineno} in {last.name}" if last else "",
-            "traceback": traceback.format_exc(),
-            "time": time.time(),
-        }
-        _atomic_write(job / f"rank{rank}.error.json", json.dumps(error))
+        error = RankError(
+            rank,
+            type(exc).__name__,
+            message=str(exc).splitlines()[0] if str(exc) else "",
+            where=f"{Path(last.filename).name}:{last.lineno} in {last.name}" if last else "",
+            traceback=traceback.format_exc(),
+            time=time.time(),
+        )
+        write_record(job_dir / f"rank{rank}.error.json", error)
         raise
     finally:
         dist = sys.modules.get("torch.distributed")

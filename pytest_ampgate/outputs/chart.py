@@ -115,6 +115,15 @@ def _label(row: ChartRow, short: bool) -> str:
     return f"{test}\n{row.mode}"
 
 
+DASHED = (0, (2, 2))
+"""A floor or limit the test is configured with but that gated nothing here (e.g. no baseline, a CPU run)."""
+
+
+def _threshold(ax, x: float, y: float, gated: bool, zorder: int) -> None:
+    """A floor or limit as a short vertical bar across the row: solid where it gated, dashed where it did not."""
+    ax.plot([x, x], [y - 0.2, y + 0.2], color="black", linestyle="-" if gated else DASHED, linewidth=2.2, zorder=zorder)
+
+
 def _draw_metric(ax, rows: list[ChartRow], ys: list[int]) -> None:
     """Each mode's held-out metric, named, beside fp32's from the same run (a tick) and the stored baseline (a diamond)."""
     names = sorted({row.metric_name for row in rows})
@@ -198,14 +207,7 @@ def png(results, title: str | None = None) -> bytes:
         else:
             ax_speed.text(1.0, y, "  speedup not measured", va="center", fontsize=8, color=COLOURS["skipped"])
         if row.floor is not None:
-            ax_speed.plot(
-                [row.floor, row.floor],
-                [y - 0.2, y + 0.2],
-                color="black",
-                linestyle="-" if row.floor_gated else (0, (2, 2)),
-                linewidth=2.2,
-                zorder=2,
-            )
+            _threshold(ax_speed, row.floor, y, row.floor_gated, zorder=2)
     ax_speed.axvline(1.0, color="#bbbbbb", linewidth=1, zorder=1)
     ax_speed.set_xlabel("speedup over fp32 (median of per-round ratios, with its interval)")
     ax_speed.set_title("Speedup vs floor", fontsize=11, loc="left")
@@ -224,14 +226,7 @@ def png(results, title: str | None = None) -> bytes:
                 0.03, y, row.memory_note, va="center", fontsize=8, color="#555555", transform=ax_mem.get_yaxis_transform(), wrap=True
             )
         if row.memory_limit is not None and row.memory_ratio is not None:
-            ax_mem.plot(
-                [row.memory_limit, row.memory_limit],
-                [y - 0.2, y + 0.2],
-                color="black",
-                linestyle="-" if row.memory_gated else (0, (2, 2)),
-                linewidth=2.2,
-                zorder=4,
-            )
+            _threshold(ax_mem, row.memory_limit, y, row.memory_gated, zorder=4)
     ax_mem.axvline(1.0, color="#bbbbbb", linewidth=1, zorder=1)
     ax_mem.set_xlabel("peak memory, mode / fp32 (lower is better)")
     ax_mem.set_title("Peak-memory ratio vs limit", fontsize=11, loc="left")
@@ -250,7 +245,7 @@ def png(results, title: str | None = None) -> bytes:
     handles += [
         Line2D([], [], color=COLOURS["skipped"], marker="o", linestyle="", label="not gated"),
         Line2D([], [], color="black", linewidth=2.2, label="floor / limit (gated)"),
-        Line2D([], [], color="black", linewidth=2.2, linestyle=(0, (2, 2)), label="configured, not gated here"),
+        Line2D([], [], color="black", linewidth=2.2, linestyle=DASHED, label="configured, not gated here"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=8, fontsize=8, frameon=False)
     handles.append(Line2D([], [], color="#444444", marker="|", markersize=12, linestyle="", label="fp32, same run"))

@@ -14,12 +14,13 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..gate import FAIL, INCONCLUSIVE, PASS, SKIPPED
+from ..verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED
 
 if TYPE_CHECKING:
-    from ..gate import GateResult, Verdict
-    from ..measurement import Comparison, ModeMeasurement
+    from ..gate import GateResult
+    from ..results import Comparison, ModeMeasurement
     from ..stats import Estimate
+    from ..verdict import Verdict
 
 WORST_FIRST = (FAIL, INCONCLUSIVE, PASS, SKIPPED)
 UNSUPPORTED = "unsupported"

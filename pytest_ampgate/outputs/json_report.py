@@ -60,8 +60,8 @@ def _memory(mm) -> dict | None:
 
 def _launch(mm) -> dict | None:
     """Host enqueue time beside device time per step, and the launch-bound diagnosis where it was probed."""
-    from ..measurement import launch_bound
     from ..stats import median
+    from ..timing import launch_bound
 
     if not mm.host_times_s:
         return None
@@ -112,6 +112,8 @@ def _mode_record(f: ModeFigures, steps_per_round: int) -> dict:
 
 def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
     """One gated test: its settings, every mode, every check, the verdict, and where/when it ran."""
+    from ..results import noise_dict
+
     m = result.measurements
     return {
         "test_id": result.test_id,
@@ -130,7 +132,7 @@ def test_record(result, run: Mapping[str, Any] | None = None) -> dict:
         "modes": [_mode_record(f, m.config.steps_per_block) for f in figures_of(result)],
         "checks": [to_dict(c) for c in result.verdict.checks],
         "verdict": {"outcome": result.verdict.outcome, "confirmed": result.verdict.confirmed, "strict": result.strict},
-        "noise": to_dict(m.noise),
+        "noise": noise_dict(m.noise),
         "baseline_update": None if result.update is None else {"recorded": True},
         "distributed": m.distributed or None,
     }

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..gate import FAIL, INCONCLUSIVE
+from ..verdict import FAIL, INCONCLUSIVE
 from .figures import WORST_FIRST, on_cpu
 from .paths import save
 from .table import table_columns, table_rows

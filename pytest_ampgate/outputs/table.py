@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..gate import FAIL, INCONCLUSIVE
+from ..verdict import FAIL, INCONCLUSIVE
 from .figures import ModeFigures, figures_of
 
 if TYPE_CHECKING:

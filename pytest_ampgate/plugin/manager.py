@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +20,12 @@ from ..errors import AmpGateError, ConfigError
 from . import reporting
 from .collection import XDIST_GROUP, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
 from .options import PluginSettings
+
+if TYPE_CHECKING:
+    from ..config import GateConfig
+    from ..gate import GateResult
+    from ..gpu_lock import DeviceLock, Hold
+    from ..session import GateSession, TestGate
 
 REPORT_ATTR = "ampgate"
 """The test report's attribute with the gated results (dicts): what xdist workers send."""
@@ -32,12 +38,12 @@ NOT_RECORDED_ATTR = "ampgate_not_recorded"
 class ItemState:
     """One gated test's part of the session: its settings, its gate, its device-lock holding."""
 
-    config: Any = None
-    """The test's GateConfig (defaults, ini, marker), worked out at collection."""
-    gate: Any = None
-    """The TestGate its fixture handed out, once it did."""
-    lock: Any = None
-    hold: Any = None
+    config: GateConfig | None = None
+    """Defaults, ini and marker settings, worked out at collection."""
+    gate: TestGate | None = None
+    """What its fixture handed out, once it did."""
+    lock: DeviceLock | None = None
+    hold: Hold | None = None
     unmeasured: bool = False
     skipped: bool = False
 
@@ -56,7 +62,7 @@ class SessionState:
     """Gated tests that passed without ever calling ampgate.run()."""
     not_recorded: dict[str, str] = field(default_factory=dict)
     """Under --ampgate-update: test id -> why its measured baseline was not recorded."""
-    recordable: dict[str, list] = field(default_factory=dict)
+    recordable: dict[str, list[GateResult]] = field(default_factory=dict)
     """Node id -> results whose baselines wait for the test's teardown to pass."""
     device_skips: int = 0
     """Gated tests skipped because the device could not run them (in-process, or reported by xdist workers)."""
@@ -67,6 +73,8 @@ class SessionState:
     """Baseline files written with the entries of the tests that ran (the JSON report lists them)."""
     baselines_pruned: list[Path] = field(default_factory=list)
     """Baseline files rewritten or deleted to drop stale entries (--ampgate-prune)."""
+    outputs_written: list[Path] = field(default_factory=list)
+    """CI report files written at session end (JSON report, Markdown summary, chart)."""
     summary: list[str] = field(default_factory=list)
     """Lines for the end of the terminal summary."""
     prune_line: tuple[str, bool] | None = None
@@ -78,7 +86,7 @@ class SessionState:
 class AmpGatePlugin:
     """pytest's hooks for one session, over a :class:`~pytest_ampgate.session.GateSession`."""
 
-    def __init__(self, config, settings: PluginSettings, gate):
+    def __init__(self, config: pytest.Config, settings: PluginSettings, gate: GateSession):
         self.config = config
         self.settings = settings
         self.gate = gate
@@ -315,7 +323,9 @@ class AmpGatePlugin:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _write_baselines(self, session, exitstatus) -> None:
-        """Commit what ran and passed; then, on request, prune what the complete collection no longer has."""
+        """The store commits what ran and passed, then finds (and on request prunes) what the
+        complete collection no longer has; this says what it did."""
+        from ..baseline_schema import UPDATE_COMMAND
         from ..session import baseline_updates
 
         state, collection = self.state, self.state.collection
@@ -329,10 +339,11 @@ class AmpGatePlugin:
         except KeyboardInterrupt:  # Ctrl-C mid-commit: every file is whole (old or new), so say so, not a traceback
             state.summary.append(
                 "baselines NOT fully written: interrupted while writing them; each baseline file is either "
-                "unchanged or fully updated. Run pytest --ampgate --ampgate-update again"
+                f"unchanged or fully updated. Run {UPDATE_COMMAND} again"
             )
             session.exitstatus = pytest.ExitCode.INTERRUPTED
             return
+        state.stale = done.stale
         if done.write_error is not None:
             state.summary.append(f"baselines NOT fully written: {done.write_error}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -341,18 +352,19 @@ class AmpGatePlugin:
             state.summary += [f"baseline written: {p}" for p in done.written]
             if done.written and exitstatus == pytest.ExitCode.INTERRUPTED:
                 state.summary.append("the run was interrupted: baselines were recorded for the tests that finished only")
-        state.stale = done.stale
-        if done.prune_error is not None:
-            state.prune_line = (f"stale baseline entries NOT pruned: {done.prune_error}", True)
-        elif done.stale and self.gate.options.prune:
-            state.baselines_pruned += done.pruned
-            n = len(done.stale)
-            state.prune_line = (f"pruned {n} stale baseline entr{'y' if n == 1 else 'ies'}", False)
+        if self.gate.options.prune and done.stale:
+            if done.prune_error is not None:  # a file gone bad since it was read, or a lock held too long
+                state.prune_line = (f"stale baseline entries NOT pruned: {done.prune_error}", True)
+            else:
+                state.baselines_pruned += done.pruned
+                count = len(done.stale)
+                state.prune_line = (f"pruned {count} stale baseline entr{'y' if count == 1 else 'ies'}", False)
 
     def stale(self) -> list[tuple[Path, str]]:
         """Stored entries of tests that no longer exist, in the modules collected in full."""
         if self.state.stale is None:
-            self.state.stale = self.gate.store.find_stale(self.state.collection.gated_ids, self.state.collection.complete_modules())
+            collection = self.state.collection
+            self.state.stale = self.gate.store.find_stale(collection.gated_ids, collection.complete_modules())
         return self.state.stale
 
     def _write_ci_outputs(self, session) -> None:
@@ -382,6 +394,7 @@ class AmpGatePlugin:
             runs=state.runs,
             run_info=run_info,
             stale=lambda: [test for _path, test in self.stale()],
+            written=state.outputs_written,
         )
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):

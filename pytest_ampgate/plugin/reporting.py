@@ -130,8 +130,8 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
     gate, state = plugin.gate, plugin.state
     if not gate.results and not state.summary and not state.unmeasured and not state.not_recorded and not state.prune_line:
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
-    from ..gate import FAIL, INCONCLUSIVE
     from ..outputs.table import format_table, table_columns, table_rows
+    from ..verdict import FAIL, INCONCLUSIVE
 
     write_sep("=", "ampgate summary")
     if gate.results:

@@ -1,0 +1,219 @@
+"""Peak memory of one steady-state training step, measured the same way in every mode.
+
+CUDA: requested bytes from ``torch.cuda.memory_stats`` at the step's peak.  CPU: the profiler's
+allocation events, so the logic is exercised in CPU-only CI too.  Either way the figure does not
+depend on the order of modes or tests (see :func:`memory_pass`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .data import DeviceDataset
+from .mode_runner import ModeRunner
+from .modes import cuda_bf16_supported, cuda_index
+from .precision_policy import numerics_policy
+from .timing import synchronize
+
+MEMORY_COVERS = (
+    "one training step's peak: parameters, buffers, optimizer state, gradients, activations, the input batch "
+    "(a fresh copy in every mode, as a data loader delivers it, plus its casts) and temporaries; requested "
+    "bytes, without allocator rounding, library workspaces or other modes' memory"
+)
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if not torch.is_tensor(t) or t.device.type == "meta":
+            continue
+        try:
+            local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2/DTensor: this rank's shard
+            storage = local.untyped_storage()
+            key, size = (storage.data_ptr(), str(local.device)), storage.nbytes()
+        except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass without storage
+            continue
+        if key in seen or size == 0:
+            continue
+        seen.add(key)
+        total += size
+    return total
+
+
+def state_bytes(runner: ModeRunner) -> dict:
+    """Bytes the mode holds between steps: parameters, buffers, optimizer state; and its gradients' size."""
+    seen: set = set()
+    params = list(runner.model.parameters())
+    parameter_bytes = _storage_bytes(params, seen)
+    buffer_bytes = _storage_bytes(runner.model.buffers(), seen)
+    optimizer_tensors = [v for state in runner.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    optimizer_bytes = _storage_bytes(optimizer_tensors, seen)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return {
+        "parameter_bytes": parameter_bytes,
+        "buffer_bytes": buffer_bytes,
+        "optimizer_state_bytes": optimizer_bytes,
+        "gradient_bytes": gradient_bytes,
+        "state_bytes": parameter_bytes + buffer_bytes + optimizer_bytes,
+    }
+
+
+class _ForwardMarks:
+    """Pre- and post-forward hooks on the model: live bytes when the forward starts and ends."""
+
+    def __init__(self, model, read: Callable[[str], None]):
+        self.handles = [
+            model.register_forward_pre_hook(lambda *_a: read("start")),
+            model.register_forward_hook(lambda *_a: read("end")),
+        ]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def cuda_requested(device: torch.device, which: str) -> int:
+    stats = torch.cuda.memory_stats(device)
+    key = f"requested_bytes.all.{which}"
+    return int(stats[key]) if key in stats else int(stats.get(f"allocated_bytes.all.{which}", 0))
+
+
+def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int, torch.Tensor, int]:
+    """(peak above the step's start, activation bytes, loss, absolute peak) of one step, in requested bytes."""
+    marks: dict = {}
+    hooks = _ForwardMarks(runner.model, lambda what: marks.__setitem__(what, cuda_requested(device, "current")))
+    try:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = cuda_requested(device, "current")
+        xb, yb = x.clone(), y.clone()
+        batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
+        loss = runner.step(xb, yb)
+        del xb, yb
+        synchronize(device)
+        absolute = cuda_requested(device, "peak")
+    finally:
+        hooks.remove()
+    activation = marks["end"] - marks["start"] + batch if "start" in marks and "end" in marks else None
+    return absolute - start, activation, loss, absolute
+
+
+def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int | None, torch.Tensor]:
+    """(peak above the step's start, activation bytes, loss) of one CPU step, from the profiler's allocation events.
+
+    The CPU allocator reports every allocation and free (requested bytes) to ``torch.profiler``;
+    their running sum over the step, in time order, is the memory the step added.  Two markers
+    from the forward hooks give the live bytes when the forward starts and ends.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def mark(what: str) -> None:
+        with record_function(f"ampgate::forward_{what}"):
+            pass
+
+    hooks = _ForwardMarks(runner.model, mark)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            xb, yb = x.clone(), y.clone()
+            batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
+            loss = runner.step(xb, yb)
+            del xb, yb
+    finally:
+        hooks.remove()
+    allocations, marks = [], {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields_ = getattr(node, "extra_fields", None)
+        if hasattr(fields_, "alloc_size") and str(getattr(fields_, "device", "cpu")).startswith("cpu"):
+            allocations.append((node.start_time_ns, int(fields_.alloc_size)))
+        elif node.name.startswith("ampgate::forward_"):
+            marks[node.name.rsplit("_", 1)[1]] = node.start_time_ns
+    allocations.sort()
+    live = peak = 0
+    at = {}
+    for t, size in allocations:
+        for what, when in marks.items():
+            if what not in at and when < t:
+                at[what] = live
+        live += size
+        peak = max(peak, live)
+    for what in marks:
+        at.setdefault(what, live)
+    activation = at["end"] - at["start"] + batch if "start" in at and "end" in at else None
+    return peak, activation, loss
+
+
+def memory_pass(
+    runner: ModeRunner, dataset: DeviceDataset, batch_size: int, steps: int, device: torch.device, base: int | None = None
+) -> tuple[dict, list]:
+    """Peak memory of a steady-state training step, the same way in every mode; (figures, losses).
+
+    Gradients are set to None before each step, so every mode starts it holding its parameters,
+    buffers and optimizer state (and whatever else it keeps between steps), and the input batch
+    is a fresh copy in every mode.  CUDA: requested bytes (``torch.cuda.memory_stats``, no
+    allocator rounding) at the step's peak, less ``base``, what was allocated before this mode's
+    model existed (after the libraries were warmed: their workspaces are in ``base`` whichever
+    mode or test came first).  CPU: the parameters, buffers and optimizer state counted from the
+    tensors themselves, plus the step's peak from the profiler's allocation events (requested
+    bytes); only the first step is profiled.  Either way the figure does not depend on the order
+    of modes or tests.
+    """
+    state = state_bytes(runner)
+    losses, peaks, activations, totals = [], [], [], []
+    with numerics_policy(runner.mode):
+        for k in range(steps):
+            runner.optimizer.zero_grad(set_to_none=True)
+            x, y = dataset.batch(runner.steps_taken, batch_size)
+            if device.type == "cuda":
+                peak, activation, loss, absolute = _cuda_step_memory(runner, x, y, device)
+                totals.append(absolute - (base or 0))
+            elif k == 0:
+                peak, activation, loss = _cpu_step_memory(runner, x, y)
+            else:
+                losses.append(runner.step(x, y))
+                continue
+            losses.append(loss)
+            peaks.append(peak)
+            if activation is not None:
+                activations.append(activation)
+    figures = {
+        **state,
+        "step_peak_bytes": max(peaks),
+        "peak_bytes": max(totals) if totals else state["state_bytes"] + max(peaks),
+        "activation_bytes": max(activations) if activations else None,
+        "method": "torch.cuda.memory_stats requested bytes" if device.type == "cuda" else "torch.profiler CPU allocation events",
+        "covers": MEMORY_COVERS,
+    }
+    return figures, losses
+
+
+def warm_libraries(device: torch.device) -> None:
+    """One small matmul per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
+
+    Their first call in a process allocates the workspace through the caching allocator; warmed
+    here, it is charged to no mode, whichever test or mode runs first.
+    """
+    if device.type != "cuda":
+        return
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda_bf16_supported(cuda_index(device)) else [])
+    for dtype in dtypes:
+        a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+        (a @ a).sum().backward()
+    synchronize(device)
+
+
+def oom_message(device: torch.device, exc: BaseException) -> str:
+    """An out-of-memory error with the device's memory state beside it."""
+    text = f"out of memory: {str(exc).splitlines()[0]}"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        text += (
+            f" (allocated {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB, "
+            f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB, "
+            f"free {free / 2**20:.0f} of {total / 2**20:.0f} MiB)"
+        )
+    return text
