@@ -144,6 +144,7 @@ class TestGate:
         from .checks import stored_metric
         from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
+        from .verdict import RECORD_HINT
         from .workload_checks import check_dataset
         from .workloads import BUILTIN, get_workload, metric_of
 
@@ -234,7 +235,7 @@ class TestGate:
             if baseline is None:
                 others = self.session.store.environments(self.test_id)
                 where = f"recorded for: {'; '.join(others)}" if others else "none recorded for this test"
-                note = f"no baseline for {env_key} ({where}); record one with: pytest --ampgate --ampgate-update"
+                note = f"no baseline for {env_key} ({where}); {RECORD_HINT}"
             measurements, verdict = decide(measure_once, config, baseline, missing_baseline_note=note, **tolerances)
         if world_size is not None:  # the checks only several ranks have: which rank went non-finite, replica drift
             from .distributed import judge
