@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import BaselineError
+from .verdict import UPDATE_COMMAND
 
 SCHEMA = "pytest-ampgate-baselines"
 SCHEMA_VERSION = 1
 
-UPDATE_COMMAND = "pytest --ampgate --ampgate-update"
-"""The one command that records or refreshes baselines (the gate's hints and the plugin say it too)."""
 _FIX = f"correct it, restore the file from version control, or re-record with {UPDATE_COMMAND}"
 
 _FLOAT_FIELDS = ("speedup", "speedup_low", "speedup_high", "memory_ratio", "step_time_s", "accuracy", "final_loss", "low_precision_share")

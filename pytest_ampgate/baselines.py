@@ -47,7 +47,6 @@ from typing import Any
 from .baseline_schema import (
     SCHEMA,
     SCHEMA_VERSION,
-    UPDATE_COMMAND,
     Baseline,
     Document,
     ModeBaseline,
@@ -65,6 +64,7 @@ from .baseline_schema import (
 from .errors import BaselineError
 from .file_safety import Lock, LockError, lock_name, remove_atomic, remove_stale_temps
 from .file_safety import write_atomic as _write_atomic
+from .verdict import UPDATE_COMMAND
 
 __all__ = [
     "SCHEMA",

@@ -80,6 +80,20 @@ def cuda_requested(device: torch.device, which: str) -> int:
     return int(stats[key]) if key in stats else int(stats.get(f"allocated_bytes.all.{which}", 0))
 
 
+def _fresh_batch_step(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One step on a fresh copy of the batch, as a data loader delivers it, in every mode alike: (loss, the copy's bytes).
+
+    The copy is freed when this returns, still inside the caller's measuring window.
+    """
+    xb, yb = x.clone(), y.clone()
+    return runner.step(xb, yb), xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
+
+
+def _activation_bytes(live: dict, batch: int) -> int | None:
+    """Live bytes the forward added (what it keeps for backward), plus the input batch: None without both marks."""
+    return live["end"] - live["start"] + batch if "start" in live and "end" in live else None
+
+
 def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int, torch.Tensor, int]:
     """(peak above the step's start, activation bytes, loss, absolute peak) of one step, in requested bytes."""
     marks: dict = {}
@@ -88,16 +102,12 @@ def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, devi
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = cuda_requested(device, "current")
-        xb, yb = x.clone(), y.clone()
-        batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
-        loss = runner.step(xb, yb)
-        del xb, yb
+        loss, batch = _fresh_batch_step(runner, x, y)
         synchronize(device)
         absolute = cuda_requested(device, "peak")
     finally:
         hooks.remove()
-    activation = marks["end"] - marks["start"] + batch if "start" in marks and "end" in marks else None
-    return absolute - start, activation, loss, absolute
+    return absolute - start, _activation_bytes(marks, batch), loss, absolute
 
 
 def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int | None, torch.Tensor]:
@@ -116,10 +126,7 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
     hooks = _ForwardMarks(runner.model, mark)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            xb, yb = x.clone(), y.clone()
-            batch = xb.untyped_storage().nbytes() + yb.untyped_storage().nbytes()
-            loss = runner.step(xb, yb)
-            del xb, yb
+            loss, batch = _fresh_batch_step(runner, x, y)
     finally:
         hooks.remove()
     allocations, marks = [], {}
@@ -143,8 +150,7 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
         peak = max(peak, live)
     for what in marks:
         at.setdefault(what, live)
-    activation = at["end"] - at["start"] + batch if "start" in at and "end" in at else None
-    return peak, activation, loss
+    return peak, _activation_bytes(at, batch), loss
 
 
 def memory_pass(

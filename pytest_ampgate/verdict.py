@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .baseline_schema import UPDATE_COMMAND
 from .records import from_dict, to_dict
 
 
@@ -84,6 +83,8 @@ MARGIN_SETTING = {
 ANY_MODE = "*"
 """The mode of a check about the whole run (e.g. leaked global state), not one precision mode."""
 
+UPDATE_COMMAND = "pytest --ampgate --ampgate-update"
+"""The one command that records or refreshes baselines."""
 UPDATE_HINT = f"accept a deliberate change with: {UPDATE_COMMAND}"
 RECORD_HINT = f"record one with: {UPDATE_COMMAND}"
 

@@ -325,8 +325,8 @@ class AmpGatePlugin:
     def _write_baselines(self, session, exitstatus) -> None:
         """The store commits what ran and passed, then finds (and on request prunes) what the
         complete collection no longer has; this says what it did."""
-        from ..baseline_schema import UPDATE_COMMAND
         from ..session import baseline_updates
+        from ..verdict import UPDATE_COMMAND
 
         state, collection = self.state, self.state.collection
         try:
