@@ -323,6 +323,7 @@ def _user_dataset(name: str, tensors: dict, device, num_classes: int) -> DeviceD
 
 
 def positive_int(value: object, what: str) -> int:
+    """``value`` as an int >= 1 (any integer type, never a float), or a ConfigError naming ``what``."""
     try:
         v = operator.index(value)  # type: ignore[arg-type]
     except TypeError:

@@ -1,4 +1,4 @@
-"""CUDA-only checks of issue 10: what the CPU tests prove with fakes, checked on a real GPU.
+"""CUDA-only checks of the GPU verdicts: what the CPU tests prove with fakes, checked on a real GPU.
 
 Every test skips without CUDA; ``benchmarks/gpu_acceptance.py`` runs this file first on a lent GPU.
 """

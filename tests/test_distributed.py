@@ -243,7 +243,7 @@ def test_ddp(ampgate):
         **({"fsdp2_bf16": "skipped"} if HAS_FSDP2 else {}),
     }
     junit = (pytester.path / "junit.xml").read_text()
-    # xunit2 (the default): suite properties named "<test id>::ampgate_<figure>" (issue 14)
+    # xunit2 (the default): suite properties named "<test id>::ampgate_<figure>"
     assert '::ampgate_world_size" value="2"' in junit and '::ampgate_backend" value="gloo"' in junit
 
 

@@ -1,4 +1,4 @@
-"""Issue 14: fitting the ecosystem, end to end on the CPU.
+"""Fitting the ecosystem, end to end on the CPU.
 
 A plain run that imports no torch; pytest 9's native TOML table with typed values; misspelt keys
 refused; defaults in --help; device and baseline locks on filelock in a shared directory (two OS

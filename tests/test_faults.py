@@ -295,7 +295,7 @@ def test_gated(ampgate):
 def test_baseline_directory_that_is_a_file(pytester):
     pytester.makepyfile(**{GATED_FILE[:-3]: GATED_TEST})
     pytester.path.joinpath("not_a_dir").write_text("x")
-    for args in (CPU, UPDATE):  # a usage error at start-up (issue 12's verification), nothing measured
+    for args in (CPU, UPDATE):  # a usage error at start-up (found by the reliability review), nothing measured
         result = pytester.runpytest(*args, "--ampgate-baseline-dir", "not_a_dir")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         out = _assert_clean(result)

@@ -1,4 +1,4 @@
-"""GPU verdicts that hold on a real GPU (issue 10), tested on the CPU with fakes at the hardware boundary.
+"""GPU verdicts that hold on a real GPU, tested on the CPU with fakes at the hardware boundary.
 
 A fake timing source stands in for CUDA events and the launch-bound probe, a fake NVML for the
 per-process utilisation samples and violation counters, fake ``torch.cuda`` context/event objects

@@ -114,7 +114,7 @@ def test_help_lists_every_option_and_ini_setting(pytester):
     ):
         assert flag in out, flag
     for ini in ["device", "baseline_dir", "data_root", *SETTINGS]:
-        assert re.search(rf"^  ampgate_{ini} \((string|float|int|bool|args)\):", out, re.M), ini  # typed (issue 14)
+        assert re.search(rf"^  ampgate_{ini} \((string|float|int|bool|args)\):", out, re.M), ini  # typed
 
 
 def test_markers_lists_amp_regression_with_its_settings(pytester):

@@ -1,4 +1,4 @@
-"""Reliability, end to end (issue 12): each root cause driven through a real pytest session.
+"""Reliability, end to end: each root cause driven through a real pytest session.
 
 1. only a test whose whole call passed is recorded, and xfail is honoured;
 2. no selection narrower than the whole module (--lf, a filtering plugin, -k, node ids) makes a

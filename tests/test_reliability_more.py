@@ -1,4 +1,4 @@
-"""Issue 12 re-run by an outside tester: new cases of the same root causes, end to end.
+"""Reliability re-run by an outside tester: new cases of the same root causes, end to end.
 
 4. A leaked (or enclosing) ``torch.autocast`` region kept autocast's weight-cast cache alive across
    optimizer steps, so an AMP mode trained on stale weights and that accuracy was recorded as its
