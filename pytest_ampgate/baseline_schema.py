@@ -24,7 +24,6 @@ import operator
 import os
 import stat
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,11 +58,6 @@ _BOM = b"\xef\xbb\xbf"
 _MAX_DEPTH = 64
 """A baseline document is six levels deep; unknown keys are kept verbatim, so a bound keeps a
 pathological file from overflowing the stack when it is validated or written back."""
-
-
-def utc_timestamp() -> str:
-    """Now, in UTC, to the second, ISO 8601 (``2026-11-23T02:00:00+00:00``): the ``recorded_at`` format."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def display(path: Path) -> str:

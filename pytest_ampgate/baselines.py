@@ -58,7 +58,6 @@ from .baseline_schema import (
     new_document,
     parse,
     read_bytes,
-    utc_timestamp,
     validate,
 )
 from .errors import BaselineError
@@ -75,7 +74,6 @@ __all__ = [
     "Recorded",
     "module_of",
     "module_relpath",
-    "utc_timestamp",
 ]
 
 DEFAULT_LOCK_TIMEOUT = 60.0

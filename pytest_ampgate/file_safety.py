@@ -36,10 +36,10 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import AmpGateError
+from .records import utc_timestamp
 
 LOCK_DIR_ENV = "PYTEST_AMPGATE_LOCK_DIR"
 SHARED_DIR_MODE = 0o1777
@@ -105,7 +105,7 @@ def holder_text(holder: str) -> str:
         user = getpass.getuser()
     except Exception:  # no name for this uid (containers)
         user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "?"
-    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since = utc_timestamp()
     return f"pid {os.getpid()} (user {user}) on {socket.gethostname()} since {since}: {holder}"
 
 

@@ -14,12 +14,11 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .baseline_schema import utc_timestamp
 from .baselines import Baseline, ModeBaseline
 from .checks import COMPARED_CHECKS, MODE_CHECKS, Judging, error_hint
 from .config import GateConfig
 from .known_state import LEAKED_KEY, describe
-from .records import from_dict, to_dict
+from .records import from_dict, to_dict, utc_timestamp
 from .results import Measurements, ModeMeasurement
 from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, SKIPPED, TIMING_METRICS, Check, CheckName, Verdict
 

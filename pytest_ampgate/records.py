@@ -16,11 +16,17 @@ import functools
 import math
 import types
 import typing
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "infinity": math.inf, "-infinity": -math.inf}
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC, to the second, ISO 8601 (``2026-11-23T02:00:00+00:00``): every timestamp we write."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def json_float(value: float) -> float | str:

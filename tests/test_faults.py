@@ -1022,7 +1022,8 @@ def _session_dir(base: Path, name: str, old: bytes | None) -> Path:
 @pytest.fixture(scope="module")
 def old_baseline(tmp_path_factory) -> bytes:
     """A committed baseline holding test_zero only: the 'old' file every interruption starts from."""
-    from pytest_ampgate.baselines import Baseline, ModeBaseline, utc_timestamp
+    from pytest_ampgate.baselines import Baseline, ModeBaseline
+    from pytest_ampgate.records import utc_timestamp
 
     store = BaselineStore(tmp_path_factory.mktemp("old"))
     store.stage(

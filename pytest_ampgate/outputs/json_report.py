@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..records import json_float, to_dict
+from ..records import json_float, to_dict, utc_timestamp
 from .figures import ModeFigures, figures_of, finite, settings_of
 from .json_schema import OUTCOMES, SCHEMA_ID, SCHEMA_VERSION
 from .paths import save
@@ -160,7 +159,7 @@ def build_report(
         "schema": SCHEMA_ID,
         "schema_version": SCHEMA_VERSION,
         "generator": {"name": "pytest-ampgate", "version": __version__},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_timestamp(),
         "run": {
             "args": list(info.get("args", [])),
             "rootdir": str(info.get("rootdir", "")),
