@@ -104,22 +104,19 @@ def decide(
 def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:
     """What ``--ampgate-update`` stores for one test: per-mode figures with their spread."""
     modes = {}
-    for mm, comparison in measurements.each_mode():
+    for (mm, _comparison), f in zip(measurements.each_mode(), measurements.figures()):
         if not mm.ok:
             continue
-        speedup = comparison.speedup if comparison else None
-        cov = mm.precision_coverage
-        final = mm.final_loss
         modes[mm.mode] = ModeBaseline(
-            speedup=speedup.median if speedup else None,
-            speedup_low=speedup.low if speedup else None,
-            speedup_high=speedup.high if speedup else None,
-            memory_ratio=comparison.memory_ratio if comparison else None,
-            step_time_s=mm.step_time_s,
-            peak_memory_bytes=mm.peak_memory_bytes,
-            accuracy=mm.accuracy,
-            final_loss=final if final is not None and math.isfinite(final) else None,
-            low_precision_share=cov.share if cov is not None and cov.total_flops else None,
+            speedup=f.speedup.median if f.speedup else None,
+            speedup_low=f.speedup.low if f.speedup else None,
+            speedup_high=f.speedup.high if f.speedup else None,
+            memory_ratio=None if f.reference else f.memory_ratio,  # the reference is not stored against itself
+            step_time_s=f.step_time_s,
+            peak_memory_bytes=f.peak_memory_bytes,
+            accuracy=f.accuracy,
+            final_loss=f.final_loss if f.final_loss is not None and math.isfinite(f.final_loss) else None,
+            low_precision_share=f.low_precision_share,
             extra=_metric_extra(mm),
         )
     return Baseline(

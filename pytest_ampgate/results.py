@@ -160,9 +160,60 @@ class Measurements:
         for name, mm in self.modes.items():
             yield mm, self.comparisons.get(name)
 
+    def figures(self) -> list[MeasuredFigures]:
+        """Every measured mode's figures, the reference first: what the baseline stores and every output shows."""
+        return [MeasuredFigures.of(mm, comparison, mm is self.reference) for mm, comparison in self.each_mode()]
+
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> Measurements:
         return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class MeasuredFigures:
+    """One mode's figures as measured, derived once: the baseline entry and every output read them.
+
+    None where a figure was not measured.  The reference's memory ratio is 1.0 where its peak was
+    measured (it is compared with itself); its speedup is None (it has no comparison).
+    """
+
+    mode: str
+    reference: bool
+    """The reference mode (fp32): the others are compared with it."""
+    step_time_s: float | None
+    speedup: Estimate | None
+    peak_memory_bytes: int | None
+    memory_ratio: float | None
+    metric_name: str
+    metric: float | None
+    """The held-out metric (accuracy unless the workload brings its own)."""
+    higher_is_better: bool
+    accuracy: float | None
+    final_loss: float | None
+    first_nonfinite_step: int | None
+    nonfinite_steps: int
+    low_precision_share: float | None
+    """Share of the step's FLOPs run in low precision, where it was counted."""
+
+    @classmethod
+    def of(cls, mm: ModeMeasurement, comparison: Comparison | None, reference: bool) -> MeasuredFigures:
+        cov = mm.precision_coverage
+        return cls(
+            mode=mm.mode,
+            reference=reference,
+            step_time_s=mm.step_time_s,
+            speedup=comparison.speedup if comparison else None,
+            peak_memory_bytes=mm.peak_memory_bytes,
+            memory_ratio=(1.0 if mm.peak_memory_bytes else None) if reference else comparison and comparison.memory_ratio,
+            metric_name=mm.metric_name,
+            metric=mm.metric if mm.metric is not None else mm.accuracy,
+            higher_is_better=mm.higher_is_better,
+            accuracy=mm.accuracy,
+            final_loss=mm.final_loss,
+            first_nonfinite_step=mm.first_nonfinite_step,
+            nonfinite_steps=mm.nonfinite_steps,
+            low_precision_share=cov.share if cov is not None and cov.total_flops else None,
+        )

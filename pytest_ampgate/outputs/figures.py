@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..results import MeasuredFigures
 from ..verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED
 
 if TYPE_CHECKING:
     from ..gate import GateResult
     from ..results import Comparison, ModeMeasurement
-    from ..stats import Estimate
     from ..verdict import Verdict
 
 WORST_FIRST = (FAIL, INCONCLUSIVE, PASS, SKIPPED)
@@ -28,65 +28,31 @@ UNSUPPORTED = "unsupported"
 
 
 @dataclass(frozen=True)
-class ModeFigures:
-    """One mode of one gated test, as the outputs show it; None where a figure was not measured."""
+class ModeFigures(MeasuredFigures):
+    """One mode of one gated test, as the outputs show it: the measured figures plus the verdict's."""
 
-    test_id: str
-    mode: str
-    reference: bool
-    """The reference mode (fp32): the others are compared with it."""
-    outcome: str
+    test_id: str = ""
+    outcome: str = SKIPPED
     """The mode's worst check outcome, or 'unsupported' for a mode the hardware could not run."""
-    step_time_s: float | None
-    speedup: Estimate | None
-    peak_memory_bytes: int | None
-    memory_ratio: float | None
-    """Peak memory against the reference's; 1.0 for the reference itself where its peak was measured."""
-    metric_name: str
-    metric: float | None
-    """The held-out metric (accuracy unless the workload brings its own)."""
-    baseline_metric: float | None
+    baseline_metric: float | None = None
     """The metric's stored value for this mode and environment."""
-    higher_is_better: bool
-    accuracy: float | None
-    baseline_accuracy: float | None
-    final_loss: float | None
-    first_nonfinite_step: int | None
-    nonfinite_steps: int
-    low_precision_share: float | None
-    """Share of the step's FLOPs run in low precision, where it was counted."""
-    measurement: ModeMeasurement = field(repr=False, compare=False)
+    baseline_accuracy: float | None = None
+    measurement: ModeMeasurement | None = field(default=None, repr=False, compare=False)
     """The whole measurement, for outputs that show more than these figures (the JSON report)."""
     comparison: Comparison | None = field(default=None, repr=False, compare=False)
 
 
 def figures_of(result: GateResult) -> list[ModeFigures]:
     """Every measured mode of ``result``, the reference first."""
-    m = result.measurements
     out = []
-    for mm, comparison in m.each_mode():
-        is_reference = mm is m.reference
-        cov = mm.precision_coverage
+    for (mm, comparison), measured in zip(result.measurements.each_mode(), result.measurements.figures()):
         out.append(
             ModeFigures(
+                **{f.name: getattr(measured, f.name) for f in dataclasses.fields(measured)},
                 test_id=result.test_id,
-                mode=mm.mode,
-                reference=is_reference,
                 outcome=mode_outcome(result.verdict, mm.mode) if mm.supported else UNSUPPORTED,
-                step_time_s=mm.step_time_s,
-                speedup=comparison.speedup if comparison else None,
-                peak_memory_bytes=mm.peak_memory_bytes,
-                memory_ratio=(1.0 if mm.peak_memory_bytes else None) if is_reference else comparison and comparison.memory_ratio,
-                metric_name=mm.metric_name,
-                metric=mm.metric if mm.metric is not None else mm.accuracy,
                 baseline_metric=stored_metric(result, mm),
-                higher_is_better=mm.higher_is_better,
-                accuracy=mm.accuracy,
                 baseline_accuracy=result.baseline_accuracy.get(mm.mode),
-                final_loss=mm.final_loss,
-                first_nonfinite_step=mm.first_nonfinite_step,
-                nonfinite_steps=mm.nonfinite_steps,
-                low_precision_share=cov.share if cov is not None and cov.total_flops else None,
                 measurement=mm,
                 comparison=comparison,
             )
