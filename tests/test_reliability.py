@@ -32,7 +32,7 @@ import torch
 
 # Shared with the fault catalogue: its early imports (run on import), its autouse fixture (one
 # intra-op thread, a private device-lock directory), its output helper and internal-frame pattern.
-from test_faults import INTERNAL_FRAME, _output, _quiet_and_isolated  # noqa: F401
+from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 from pytest_ampgate.baselines import SCHEMA, SCHEMA_VERSION
 
@@ -96,13 +96,6 @@ def tiny(name="tiny", model=None, loss=None, optimizer=None, **changes):
     )
     return w.with_options(**changes) if changes else w
 '''
-
-
-def _assert_clean(result) -> str:
-    out = _output(result)
-    assert "Traceback" not in out and "INTERNALERROR" not in out, out
-    assert not INTERNAL_FRAME.search(out), out
-    return out
 
 
 def _hashes(root: Path) -> dict:
