@@ -192,7 +192,7 @@ class GateResult:
         return self.verdict.explain(self.test_id, strict=self.strict)
 
     def to_dict(self) -> dict:
-        return {**to_dict(self), "measurements": self.measurements.to_dict(), "verdict": self.verdict.to_dict()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> GateResult:

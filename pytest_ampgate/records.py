@@ -6,6 +6,10 @@ hints, so a record gains a field without a hand-written ``to_dict``/``from_dict`
 step.  Strict JSON has no NaN or infinity, so non-finite floats travel as the strings ``"nan"``,
 ``"inf"`` and ``"-inf"`` and come back as floats.  Files that people edit by hand (baselines) keep
 their own strict validation; this module trusts its input to have been written by :func:`to_dict`.
+
+A record that adds computed keys for readers, or validates what it reads, defines its own
+``to_dict``/``from_dict`` (built on these); a record nested in another is converted with its own
+methods, so those keys and checks hold wherever it is nested.
 """
 
 from __future__ import annotations
@@ -37,16 +41,24 @@ def json_float(value: float) -> float | str:
 def to_dict(record: Any) -> Any:
     """``record`` as JSON-ready data: dataclasses become dicts of their fields, recursively."""
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return {f.name: to_dict(getattr(record, f.name)) for f in dataclasses.fields(record)}
-    if isinstance(record, enum.Enum):
-        return record.value
-    if isinstance(record, float):
-        return json_float(record)
-    if isinstance(record, dict):
-        return {str(k): to_dict(v) for k, v in record.items()}
-    if isinstance(record, (list, tuple, set, frozenset)):
-        return [to_dict(v) for v in record]
-    return record
+        return {f.name: _to_json(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    return _to_json(record)
+
+
+def _to_json(value: Any) -> Any:
+    """A field's value as JSON data; a nested record through its own ``to_dict`` where it has one."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        own = getattr(value, "to_dict", None)
+        return own() if own is not None else to_dict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return json_float(value)
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_json(v) for v in value]
+    return value
 
 
 def from_dict(cls: type[T], data: typing.Mapping[str, Any]) -> T:
@@ -77,7 +89,8 @@ def _convert(hint: Any, value: Any) -> Any:
         options = [a for a in args if a is not type(None)]
         return _convert(options[0], value) if len(options) == 1 else value
     if dataclasses.is_dataclass(hint) and isinstance(value, typing.Mapping):
-        return from_dict(hint, value)
+        own = getattr(hint, "from_dict", None)
+        return own(value) if own is not None else from_dict(hint, value)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return hint(value)
     if hint is float:

@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import pytest
+
 from pytest_ampgate.records import from_dict, json_float, to_dict
 
 
@@ -57,3 +59,33 @@ def test_unknown_keys_are_ignored_and_missing_ones_default():
 def test_json_float_writes_non_finite_as_strings():
     assert json_float(2.0) == 2.0
     assert [json_float(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "inf", "-inf"]
+
+
+@dataclass
+class Checked:
+    """A record with its own methods: a computed key out, a check on the way in."""
+
+    value: int
+
+    def to_dict(self) -> dict:
+        return {**to_dict(self), "double": 2 * self.value}
+
+    @classmethod
+    def from_dict(cls, data) -> Checked:
+        if data["value"] < 0:
+            raise ValueError("negative")
+        return from_dict(cls, data)
+
+
+@dataclass
+class Holder:
+    one: Checked
+    many: list[Checked] = field(default_factory=list)
+
+
+def test_a_nested_record_keeps_its_own_keys_and_checks():
+    data = to_dict(Holder(Checked(1), [Checked(2)]))
+    assert data == {"one": {"value": 1, "double": 2}, "many": [{"value": 2, "double": 4}]}
+    assert from_dict(Holder, data) == Holder(Checked(1), [Checked(2)])
+    with pytest.raises(ValueError, match="negative"):
+        from_dict(Holder, {"one": {"value": -1}})
