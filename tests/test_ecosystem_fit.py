@@ -10,6 +10,7 @@ valid against the xunit2 schema; xdist grouping; cuda:auto; --benchmark-json int
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -496,6 +497,11 @@ def test_example_workflow_is_safe():
     gate = steps["AMP gate"]
     assert "refs/heads/main" in gate["env"]["HISTORY"] and "--benchmark-autosave" in gate["env"]["HISTORY"]
     assert "--benchmark-autosave" not in gate["run"] and " -n " not in gate["run"]
+    # a runner whose torch cannot reach the GPU must not go green with every gated test skipped
+    assert "--ampgate-strict" in gate["run"] and "torch.cuda.is_available()" in steps["GPU"]["run"]
+    # a test waiting for the device lock gives up (naming the holder) before the job is killed
+    lock_timeout = int(re.search(r"--ampgate-lock-timeout (\d+)", gate["run"])[1])
+    assert 0 < lock_timeout < job["timeout-minutes"] * 60
     install = steps["Install"]["run"]
     assert '"$PYTEST_AMPGATE"' in install and "git+https://" in doc["env"]["PYTEST_AMPGATE"]
 
