@@ -262,7 +262,8 @@ def test_two_os_users_share_one_device_lock(tmp_path):
         # The interpreter lives under /root, which user nobody cannot read: the child starts as
         # root, imports what it needs, then becomes user nobody for everything the lock does.
         child = (
-            "import os, sys\nimport filelock, filelock._soft, filelock._filesystem  # noqa\n"
+            "import os, sys, importlib, pkgutil\nimport filelock\n"  # every filelock submodule this filelock release has
+            "for m in pkgutil.iter_modules(filelock.__path__):\n    importlib.import_module('filelock.' + m.name)\n"
             "from pytest_ampgate.gpu_lock import DeviceLock\nfrom pytest_ampgate.file_safety import LockError, holder_text\n"
             "import getpass, socket, datetime, encodings.ascii, encodings.latin_1, encodings.utf_8  # noqa\n"
             "os.setgid(65534)\nos.setuid(65534)\n"
