@@ -508,7 +508,10 @@ def test_example_workflow_is_safe():
 
 
 def test_example_project_declares_an_installable_pytest_ampgate():
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: tomli, which pytest itself requires there
+        import tomli as tomllib
     from packaging.requirements import Requirement
 
     project_toml = tomllib.loads((ROOT / "examples" / "user_project" / "pyproject.toml").read_text())
