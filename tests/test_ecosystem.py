@@ -393,7 +393,7 @@ def test_xdist_serialises_gated_tests_and_merges_their_results(pytester):
     assert sorted(t["test_id"] for t in report["tests"]) == ids
     assert report["run"]["workers"] == 2 and report["summary"]["baselines_written"]
 
-    # Serialised: the gated tests were grouped onto one worker (xdist_group + loadgroup), and no two
+    # Serialised: the gated tests were scheduled onto one worker (plugin/xdist_schedule.py), and no two
     # of them held the device at once.
     runs = [t["run"] for t in report["tests"]]
     assert len({r["worker"] for r in runs}) == 1
