@@ -224,3 +224,12 @@ def test_without_the_workers_gated_ids_it_is_xdists_load_scheduling(pytester, tm
     collection = [f"test_m.py::test_{i}" for i in range(3)]
     _, (gw0, gw1) = _scheduler(pytester, tmp_path, collection, [1, 2], write=False)
     assert (gw0.sent, gw1.sent) == ([0, 2], [1])  # xdist's round robin over so few tests
+
+
+def test_test_id_drops_only_the_suffix_of_xdists_loadgroup():
+    from pytest_ampgate.plugin.collection import test_id
+
+    assert test_id("t.py::test_a@serial") == "t.py::test_a"  # --dist loadgroup on a user's own xdist_group
+    assert test_id("t.py::test_a[x@y]@g") == "t.py::test_a[x@y]"
+    for unchanged in ("t.py::test_a[x@y]", "dir@1/t.py::test_a", "t.py::test_a", "a@b.py::test_x"):
+        assert test_id(unchanged) == unchanged
