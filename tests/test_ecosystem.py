@@ -477,6 +477,8 @@ def test_example_user_project_gates_its_own_model(pytester):
     import shutil
 
     shutil.copytree(EXAMPLES / "user_project", pytester.path, dirs_exist_ok=True)
+    if tuple(int(p) for p in pytest.__version__.split(".")[:2]) < (9, 0):
+        _as_ini_options(pytester.path / "pyproject.toml")
     quick = ("-o", "ampgate_rounds=1", "-o", "ampgate_steps_per_block=3", "-o", "ampgate_warmup_steps=3")
     result = pytester.runpytest(*CPU, *quick, "--ampgate-json", "r.json")
     result.assert_outcomes(passed=1)
@@ -484,6 +486,18 @@ def test_example_user_project_gates_its_own_model(pytester):
     assert test["test_id"] == "tests/test_amp_mymodel.py::test_residual_mlp_amp" and test["workload"] == "residual_mlp"
     assert [m["mode"] for m in test["modes"]] == ["fp32", "amp_fp16", "amp_bf16"]
     assert test["config"]["min_speedup"] == 1.3 and test["config"]["accuracy_tolerance"] == 0.03  # ini, then marker
+
+
+def _as_ini_options(pyproject) -> None:
+    """What the example's pyproject.toml tells a pytest < 9 user to do: its native ``[tool.pytest]``
+    table (its last section) as ``[tool.pytest.ini_options]``, the numbers quoted."""
+    import tomllib
+
+    text = pyproject.read_text()
+    table = tomllib.loads(text)["tool"]["pytest"]
+    quoted = {key: value if isinstance(value, list) else str(value) for key, value in table.items()}
+    head = text[: text.index("[tool.pytest]")]
+    pyproject.write_text(head + "[tool.pytest.ini_options]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in quoted.items()))
 
 
 def test_example_workflow_runs_the_gate_and_uploads_report_and_chart():
