@@ -70,7 +70,10 @@ def _flag(name: str, value: Any) -> bool:
 def _auto_flag(name: str, value: Any) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
-    return _flag(name, value)
+    try:
+        return _flag(name, value)
+    except ConfigError:
+        raise ConfigError(f"{name} must be true, false or auto, got {value!r}") from None
 
 
 def _modes(name: str, value: Any) -> tuple[str, ...]:

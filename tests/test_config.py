@@ -128,8 +128,9 @@ def test_flags_accept_ini_words(name, text, expected):
 
 @pytest.mark.parametrize("name", ["confirm", "strict", "check_speed", "check_memory"])
 def test_flags_refuse_other_values(name):
+    takes = "true, false or auto" if name.startswith("check_") else "true or false"
     for bad in ("maybe", 1, 0.0, [True]):
-        with pytest.raises(ConfigError, match=rf"^{MARKER}: {name} must be true or false, got "):
+        with pytest.raises(ConfigError, match=rf"^{MARKER}: {name} must be {takes}, got "):
             only(**{name: bad})
 
 

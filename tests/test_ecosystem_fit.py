@@ -138,8 +138,9 @@ def test_a_misspelt_key_is_a_usage_error_naming_the_nearest_key(pytester):
 def test_help_shows_each_default(pytester):
     result = pytester.runpytest("--help")
     out = " ".join(result.stdout.str().split())
+    number = "float" if tuple(int(p) for p in pytest.__version__.split(".")[:2]) >= (8, 4) else "string"  # see options._ini_type
     for text in (
-        "ampgate_min_speedup (float):",
+        f"ampgate_min_speedup ({number}):",
         "(default: 1.2)",
         "ampgate_strict (bool):",
         "ampgate_modes (args):",
@@ -262,8 +263,9 @@ def test_two_os_users_share_one_device_lock(tmp_path):
         # The interpreter lives under /root, which user nobody cannot read: the child starts as
         # root, imports what it needs, then becomes user nobody for everything the lock does.
         child = (
-            "import os, sys, importlib, pkgutil\nimport filelock\n"  # every filelock submodule this filelock release has
-            "for m in pkgutil.iter_modules(filelock.__path__):\n    importlib.import_module('filelock.' + m.name)\n"
+            "import importlib, os, pkgutil, sys\nimport filelock\n"
+            "for module in pkgutil.iter_modules(filelock.__path__):  # its parts differ by version\n"
+            "    importlib.import_module(f'filelock.{module.name}')\n"
             "from pytest_ampgate.gpu_lock import DeviceLock\nfrom pytest_ampgate.file_safety import LockError, holder_text\n"
             "import getpass, socket, datetime, encodings.ascii, encodings.latin_1, encodings.utf_8  # noqa\n"
             "os.setgid(65534)\nos.setuid(65534)\n"
@@ -432,6 +434,8 @@ def test_xdist_plain_tests_run_while_a_gated_test_holds_the_device(pytester, tmp
     plain = [v for k, v in runs.items() if k.startswith("plain")]
     assert len({g["worker"] for g in gated}) == 1  # grouped onto one worker
     assert {p["worker"] for p in plain} - {gated[0]["worker"]}  # the other worker took plain tests
+    # ... while the gated ones ran: the first plain test started before the first gated test ended
+    assert min(p["start"] for p in plain) < min(g["end"] for g in gated)
     # every plain test was done before the gated tests were: nothing queued behind the device lock
     assert max(p["end"] for p in plain) < max(g["end"] for g in gated) - 1.0
     # pytest-benchmark's "disabled under xdist" is said once, not once per process
@@ -455,18 +459,21 @@ def test_cuda_auto_spreads_workers_over_the_gpus(monkeypatch):
     assert device_key("cuda:0") != device_key("cuda:1")
 
 
-def test_gated_tests_are_grouped_per_device_except_under_cuda_auto(pytester):
-    pytester.makeconftest(
-        "def pytest_collection_finish(session):\n"
-        "    for item in session.items:\n"
-        "        print('GROUP', item.name, [m.args for m in item.iter_markers('xdist_group')])\n"
-    )
+@pytest.mark.filterwarnings("ignore:Benchmarks are automatically disabled because xdist")
+def test_gated_tests_are_scheduled_onto_one_worker_except_under_cuda_auto(pytester):
+    """The plugin's scheduler (xdist's ``load`` plus grouping, plugin/xdist_schedule.py) only where
+    it groups something: not without --ampgate, and not under cuda:auto (each worker its own GPU)."""
     pytester.makepyfile(test_g="def test_gated(ampgate):\n    pass\n\ndef test_plain():\n    pass\n")
-    out = pytester.runpytest(*CPU, "--collect-only", "-s").stdout.str()
-    assert "GROUP test_gated [('ampgate-cpu',)]" in out and "GROUP test_plain []" in out
-    # cuda:auto: each worker has its own GPU, so the workers' groups would differ: no grouping
-    out = pytester.runpytest("--ampgate", "--ampgate-device", "cuda:auto", "--collect-only", "-s").stdout.str()
-    assert "GROUP test_gated []" in out
+    runs = {
+        "cpu": (*CPU, "-n", "2", "-v"),
+        "off": ("-p", "no:cacheprovider", "-n", "2", "-v"),
+        "cuda:auto": ("--ampgate", "--ampgate-device", "cuda:auto", "-p", "no:cacheprovider", "-n", "2", "-v"),
+    }
+    schedulers = {}
+    for name, args in runs.items():
+        out = pytester.runpytest(*args).stdout.str()
+        schedulers[name] = re.findall(r"scheduling tests via (\w+)", out)
+    assert schedulers == {"cpu": ["GatedLoadScheduling"], "off": ["LoadScheduling"], "cuda:auto": ["LoadScheduling"]}
 
 
 # --- 10. examples ----------------------------------------------------------------------------

@@ -325,6 +325,10 @@ def _failure_message(returncode, world_size, job_dir: Path, results: dict, lefto
             if first == r:
                 return f"rank {r} died: it {_exit_text(exits[r])}"
             return f"rank {r} was stopped by the launcher (SIGTERM)" if exits[r] == -signal.SIGTERM else f"rank {r} {_exit_text(exits[r])}"
+        if first is not None:
+            # torchrun stops every other rank once one fails; before torch 2.5 or so its summary
+            # lists only the failed one, so the stopped ranks' exit codes are not known
+            return f"rank {r} was stopped by the launcher"
         return f"rank {r} gave no result"
 
     if first is None:

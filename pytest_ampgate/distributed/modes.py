@@ -146,6 +146,42 @@ def fsdp2_api():
         return f"FSDP2 (fully_shard with MixedPrecisionPolicy) is not in this torch {torch.__version__}; it needs torch 2.4+"
 
 
+def fsdp2_comm_context():
+    """FSDP2's private ``FSDPCommContext`` class (its streams), or None: only to tell what it can run on."""
+    import importlib
+
+    for home in ("torch.distributed.fsdp._fully_shard", "torch.distributed._composable.fsdp"):  # torch >= 2.6, 2.4-2.5
+        try:
+            return importlib.import_module(f"{home}._fsdp_param_group").FSDPCommContext
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def fsdp2_off_cuda_reason() -> str | None:
+    """Why this torch's FSDP2 cannot run off CUDA (on the CPU with gloo), or None.
+
+    torch 2.4's fully_shard makes CUDA streams whatever its mesh's device (``FSDPCommContext.init()``);
+    later ones make the device's own (``FSDPCommContext.lazy_init(device)``).
+    """
+    import inspect
+
+    import torch
+
+    context = fsdp2_comm_context()
+    if context is None:
+        return None  # cannot tell: let it run, and fail with torch's own error if it must
+    lazy_init = getattr(context, "lazy_init", None)
+    try:
+        if lazy_init is not None and "device" in inspect.signature(lazy_init).parameters:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return (
+        f"FSDP2 in this torch {torch.__version__} runs on CUDA only (its fully_shard makes CUDA streams); on the CPU it needs a newer torch"
+    )
+
+
 def mode_unsupported_reason(name: str, device: str) -> str | None:
     """Why a distributed mode cannot run here, or None (checked here, so every rank runs the same modes)."""
     from ..modes import MODES, parse_device, unsupported_reason
@@ -167,6 +203,10 @@ def mode_unsupported_reason(name: str, device: str) -> str | None:
         api = fsdp2_api()
         if isinstance(api, str):
             return api
+        if parse_device(device).type != "cuda":
+            reason = fsdp2_off_cuda_reason()
+            if reason:
+                return reason
         if dmode.param_dtype:
             return unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
     return None

@@ -53,14 +53,15 @@ def pytest_configure(config):
     plugin = AmpGatePlugin(config, settings, gate)
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, "ampgate-session")
-    if options.enabled and _dist_mode(config) == "load":
-        # xdist: gated tests go to one worker per device (xdist_group), so no worker queues plain
-        # tests behind a device lock; "loadgroup" is "load" plus that grouping.  The workers are
-        # told in pytest_configure_node (they parse the original command line themselves).
-        config.option.dist = "loadgroup"
     workerinput = getattr(config, "workerinput", None)
-    if workerinput and workerinput.get("ampgate_loadgroup"):
-        config.option.loadgroup = True  # what xdist's worker sets itself for --dist loadgroup
+    if options.enabled and workerinput is None and _dist_mode(config) == "load" and settings.raw_device.strip().lower() != "cuda:auto":
+        # xdist: every gated test on one worker, so no worker queues plain tests behind the device lock
+        # (see xdist_schedule); cuda:auto gives each worker its own GPU instead.
+        import shutil
+        import tempfile
+
+        plugin.gated_ids_dir = tempfile.mkdtemp(prefix="ampgate-xdist-")
+        config.add_cleanup(lambda: shutil.rmtree(plugin.gated_ids_dir, ignore_errors=True))
     if workerinput is not None:
         return
     # the process that sees every result writes the CI outputs
@@ -69,7 +70,9 @@ def pytest_configure(config):
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     if options.enabled:
-        _stop_on_sigterm(config)
+        from .sigterm import stop_on_sigterm
+
+        stop_on_sigterm(config)
     if settings.plot:
         from ..outputs.chart import PlotUnavailable, require_matplotlib
 
@@ -111,24 +114,3 @@ def _progress_writer(config):
             reporter.write_line(f"[ampgate] {message}")
 
     return write
-
-
-def _stop_on_sigterm(config) -> None:
-    """A cancelled CI job sends SIGTERM: stop as after Ctrl-C, so the tests that finished keep their
-    results and baselines (written whole, or not at all); restored when the session ends.  A handler
-    someone else installed is left alone."""
-    import signal
-    import threading
-
-    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        return
-
-    def on_sigterm(signum, frame):
-        __tracebackhide__ = True  # pytest names the frame that was interrupted, not this one
-        raise KeyboardInterrupt("SIGTERM received (a cancelled job?): stopping as after Ctrl-C")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, previous))

@@ -16,7 +16,6 @@ from ..baselines import module_of
 
 MARKER = "amp_regression"
 FIXTURES = ("ampgate", "ampgate_mnist", "ampgate_cifar")
-XDIST_GROUP = "ampgate"
 
 
 @dataclass
@@ -79,11 +78,13 @@ def is_gated(item) -> bool:
 
 
 def test_id(node_or_id) -> str:
-    """The test's own node id: without the ``@<group>`` suffix xdist's loadgroup mode appends to
-    grouped tests on its workers (baselines, reports and locks are keyed by the real id)."""
+    """The test's own node id: without the ``@<group>`` suffix that ``--dist loadgroup`` (chosen by
+    the user; pytest < 9.2) appends to tests with an ``xdist_group`` mark on its workers (baselines,
+    reports and locks are keyed by the real id).  A test function's name holds no ``@``, and one in
+    a parametrize id sits before its closing ``]``."""
     nodeid = getattr(node_or_id, "nodeid", node_or_id)
     head, sep, tail = nodeid.rpartition("@")
-    return head if sep and XDIST_GROUP in tail and "]" not in tail and "::" not in tail else nodeid
+    return head if sep and tail and "]" not in tail and "::" not in tail and "/" not in tail else nodeid
 
 
 def named_in_part(config, modules: set) -> set:

@@ -18,8 +18,11 @@ import pytest
 
 from ..errors import AmpGateError, ConfigError
 from . import reporting
-from .collection import XDIST_GROUP, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
+from .collection import CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
 from .options import PluginSettings
+
+WORKERINPUT_KEY = "ampgate_gated_ids_dir"
+"""The xdist ``workerinput`` key naming the folder the workers write their gated ids to."""
 
 if TYPE_CHECKING:
     from ..config import GateConfig
@@ -92,10 +95,11 @@ class AmpGatePlugin:
         self.gate = gate
         self.state = SessionState()
         self.worker = hasattr(config, "workerinput")
+        self.gated_ids_dir: str | None = None
+        """xdist controller: where the workers write their gated tests' ids (see xdist_schedule)."""
 
     # --- collection ------------------------------------------------------------------------
 
-    @pytest.hookimpl(tryfirst=True)  # before xdist's worker turns the xdist_group mark into a node id suffix
     def pytest_collection_modifyitems(self, session, config, items):
         gate, collection = self.gate, self.state.collection
         gated = [item for item in items if is_gated(item)]
@@ -104,12 +108,6 @@ class AmpGatePlugin:
             if plain:
                 config.hook.pytest_deselected(items=plain)
                 items[:] = gated
-        if gate.options.enabled and config.pluginmanager.hasplugin("xdist") and self.settings.raw_device.strip().lower() != "cuda:auto":
-            # One group per device: xdist's loadgroup runs them all on one worker, so no worker queues
-            # plain tests behind a device lock (see pytest_configure).  cuda:auto spreads them instead.
-            group = pytest.mark.xdist_group(f"{XDIST_GROUP}-{gate.options.device.replace(':', '')}")
-            for item in gated:
-                item.add_marker(group)
         for item in gated:
             try:
                 item.stash[ITEM_KEY] = ItemState(config=gate.config_for(test_id(item), *marker_settings(item)))
@@ -139,9 +137,15 @@ class AmpGatePlugin:
             self.state.collection.collected(collector.nodeid, report.result or (), lambda node: isinstance(node, pytest.Item))
         return report
 
+    @pytest.hookimpl(tryfirst=True)  # an xdist worker: before it sends its collection to the controller
     def pytest_collection_finish(self, session):
         selected = {test_id(item) for item in session.items}  # without xdist's "@group" suffix, like raw_items
         self.state.collection.finish(selected, last_failed=bool(self.config.getoption("lf", False)))
+        folder = getattr(self.config, "workerinput", {}).get(WORKERINPUT_KEY)
+        if folder:
+            from .xdist_schedule import write_gated_ids
+
+            write_gated_ids(folder, self.config.workerinput["workerid"], [item.nodeid for item in session.items if is_gated(item)])
 
     def pytest_deselected(self, items):
         for item in items:
@@ -151,9 +155,18 @@ class AmpGatePlugin:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node):
-        """xdist controller: tell each worker that gated tests are grouped (see pytest_configure)."""
-        if getattr(node.config.option, "dist", None) == "loadgroup":
-            node.workerinput["ampgate_loadgroup"] = True
+        """xdist controller: tell each worker where to write its gated tests' ids (see xdist_schedule)."""
+        if self.gated_ids_dir:
+            node.workerinput[WORKERINPUT_KEY] = self.gated_ids_dir
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        """xdist controller: ``load`` scheduling with every gated test on one worker (see xdist_schedule)."""
+        if self.gated_ids_dir and config.getvalue("dist") == "load":
+            from .xdist_schedule import GatedLoadScheduling
+
+            return GatedLoadScheduling(config, log, folder=self.gated_ids_dir)
+        return None
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
@@ -225,6 +238,12 @@ class AmpGatePlugin:
     def pytest_runtest_makereport(self, item, call):
         outcome = yield
         report = outcome.get_result()  # outermost wrapper: the outcome after xfail and the like were applied
+        before = report.longrepr
+        self._amend_report(item, call, report)
+        if report.failed and isinstance(report.longrepr, str) and report.longrepr is not before:
+            report.longrepr = FailureText(report.longrepr)
+
+    def _amend_report(self, item, call, report) -> None:
         excinfo = call.excinfo
         if excinfo is not None and isinstance(excinfo.value, AmpGateError):
             report.longrepr = reporting.bad_input_repr(item, excinfo)
@@ -266,12 +285,15 @@ class AmpGatePlugin:
             state.unmeasured.append(test_id(report.nodeid))
         if report.__dict__.get(NOT_RECORDED_ATTR):
             state.not_recorded[test_id(report.nodeid)] = report.__dict__[NOT_RECORDED_ATTR]
-        if report.when == "teardown" and report.nodeid in state.recordable:
+        if report.nodeid in state.recordable and (report.when == "teardown" or report.failed):
+            # its teardown's report, or xdist's report of a worker that died before the teardown ended
             results = state.recordable.pop(report.nodeid)
             if report.failed:  # the whole test did not pass: its call's update is dropped
                 for r in results:
                     r.update = None
-                state.not_recorded[test_id(report.nodeid)] = "its teardown failed"
+                state.not_recorded[test_id(report.nodeid)] = (
+                    "its teardown failed" if report.when == "teardown" else "its xdist worker crashed before its teardown ended"
+                )
         records = report.__dict__.get(REPORT_ATTR)
         if records:
             from ..gate import GateResult
@@ -407,6 +429,36 @@ class AmpGatePlugin:
             return None
         mode = "update" if options.update else "check"
         return f"ampgate: {mode} baselines in {options.baseline_dir}, device {options.device}"
+
+
+class FailureText:
+    """The text the plugin makes a test's failure (a verdict, bad input), as pytest's reports hold
+    it: pytest 8.0's short summary shows a failure's reason only through ``longrepr.reprcrash``
+    (later versions also show a plain string), so ``FAILED <test> - AMP REGRESSION`` is said on every
+    supported version.  Sent to the xdist controller as the plain text."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.reprcrash = _CrashLine(text)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def toterminal(self, tw) -> None:
+        for line in self.text.split("\n"):
+            tw.line(line)
+
+
+@dataclass
+class _CrashLine:
+    """What pytest reads of a failure's "crash": its message (``--tb=line`` prints its first line)."""
+
+    message: str
+    path: str = ""
+    lineno: int = 0
+
+    def __str__(self) -> str:
+        return self.message.split("\n", 1)[0]
 
 
 def item_state(item) -> ItemState:

@@ -199,30 +199,35 @@ def _default_text(name: str) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
 
-def ini_value(config, key: str):
+def ini_value(config, key: str, check=None):
     """``config.getini``, typed by pytest.  Where pytest's own conversion refuses the value (``-o
-    ampgate_min_speedup=abc``, a native-TOML ``"1.3"`` string for a float), the raw value goes through
+    ampgate_min_speedup=abc``, a native-TOML ``"1.3"`` string for a float; pytest 9.2 says so with a
+    UsageError that names no key, earlier versions with a ValueError), the raw value goes through
     the setting's own check instead: it is accepted if that check accepts it, else refused with the
     check's message (naming the key, the setting and the allowed range), never an INTERNALERROR."""
     try:
         return config.getini(key)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, pytest.UsageError) as exc:  # pytest >= 9.2 raises UsageError (its #14791)
         pytest_says = f"ini option {key}: {exc}".replace(f"{config.inipath}: ", "")
         raw = _raw_ini(config, key)
         name = key[len("ampgate_") :]
-        if raw is None or name not in SETTINGS:
+        check = check or (SETTINGS[name][0] if name in SETTINGS else None)
+        if raw is None or check is None:
             raise ConfigError(pytest_says) from None
         if name == "modes":
             return [raw] if isinstance(raw, str) else list(raw)
         try:
-            return SETTINGS[name][0](name, raw)
-        except ConfigError as check:
-            raise ConfigError(f"ini option {key}: {check}") from None
+            return check(name, raw)
+        except ConfigError as refused:
+            raise ConfigError(f"ini option {key}: {refused}") from None
 
 
 def _raw_ini(config, key: str):
     """The value as written in the ini file or ``-o`` (only read once pytest's conversion failed)."""
-    store = getattr(config, "_inicfg", None)  # pytest 9: key -> ConfigValue
+    override = getattr(config, "_get_override_ini_value", None)  # pytest < 9 keeps -o apart from the file
+    if override is not None and override(key) is not None:
+        return override(key)
+    store = getattr(config, "_inicfg", None)  # pytest 9: key -> ConfigValue (-o included)
     if not isinstance(store, dict):
         store = getattr(config, "inicfg", None)  # pytest < 9: key -> str
     if not isinstance(store, dict) or key not in store:
@@ -232,12 +237,19 @@ def _raw_ini(config, key: str):
 
 
 def _ini_settings(config) -> dict:
+    """Every ``ampgate_<setting>`` the ini file sets, checked now (with or without ``--ampgate``): on
+    pytest < 8.4 numbers arrive as the strings written, which only the setting's own check converts."""
     values = {}
     for name in SETTINGS:
         value = ini_value(config, f"ampgate_{name}")
         if value not in ("", None, []):
             if name == "modes":  # "amp_fp16,amp_bf16" as well as "amp_fp16 amp_bf16" or a TOML list
                 value = [m for v in value for m in str(v).replace(",", " ").split()]
+            else:  # (modes are checked once a gated test runs: naming them imports torch)
+                try:
+                    SETTINGS[name][0](name, value)
+                except ConfigError as refused:
+                    raise ConfigError(f"ini option ampgate_{name}: {refused}") from None
             values[name] = value
     return values
 
@@ -323,11 +335,27 @@ def _lock_timeout(config) -> float | None:
     """Seconds to wait for the device lock; None waits forever (``0`` on the command line or in the ini)."""
     value = config.getoption("ampgate_lock_timeout")
     if value is None:
-        value = ini_value(config, "ampgate_lock_timeout")
+        value = ini_value(config, "ampgate_lock_timeout", check=_seconds)
+        value = value.strip() if isinstance(value, str) else value
+        if isinstance(value, str) and value:  # pytest < 8.4 has no "float" ini type: the string as written
+            try:
+                value = _seconds("lock_timeout", value)
+            except ConfigError as refused:
+                raise ConfigError(f"ini option ampgate_lock_timeout: {refused}") from None
     value = DEFAULT_DEVICE_LOCK_TIMEOUT if value in (None, "") else float(value)
     if value < 0 or value != value:
         raise ConfigError(f"--ampgate-lock-timeout / ini option ampgate_lock_timeout must be >= 0 seconds, got {value!r}")
     return value or None
+
+
+def _seconds(name: str, value) -> float:
+    """A number of seconds, from an ini string or a TOML number (not a TOML bool)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds >= 0 (0: wait forever), got {value!r}") from None
 
 
 def path_setting(config, name: str) -> Path | None:
