@@ -9,6 +9,8 @@ baseline.  Nothing here imports pytest, so the same flow can be driven from a sc
 from __future__ import annotations
 
 import dataclasses
+import posixpath
+import shlex
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +36,37 @@ class GateOptions:
     strict: bool = False
     ini_settings: Mapping[str, Any] = field(default_factory=dict)
     """``ampgate_<setting>`` values from the ini file (or ``-o``), by setting name; unset ones left out."""
+    rerun_args: tuple[str, ...] = ()
+    """What a command printed for this run must repeat to work as printed: the options that chose
+    the device, the baseline directory, the data and the settings (a CPU run's update command
+    without ``--ampgate-device cpu`` fails for want of a GPU)."""
+    rootdir_from_cwd: str = ""
+    """The rootdir relative to the directory pytest was started in ("" when the same), so a test id
+    (relative to the rootdir) can be named in a printed command."""
 
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
+
+    def update_command(self, test_id: str = "") -> str:
+        """The update command for this run, for one test when ``test_id`` is given, runnable as printed."""
+        from .verdict import UPDATE_COMMAND
+
+        words = list(self.rerun_args)
+        if test_id:
+            words.append(posixpath.join(self.rootdir_from_cwd, test_id) if self.rootdir_from_cwd else test_id)
+        return " ".join([UPDATE_COMMAND, *(shlex.quote(w) for w in words)])
+
+    def with_commands(self, text: str, test_id: str = "") -> str:
+        """``text`` with the engine's bare update command completed for this run (idempotent).
+
+        The engine's messages (verdict hints, baseline-file errors) cannot know how pytest was
+        started; the plugin completes them wherever it shows them.
+        """
+        from .verdict import UPDATE_COMMAND
+
+        full = self.update_command(test_id)
+        return text.replace(full, UPDATE_COMMAND).replace(UPDATE_COMMAND, full)
 
 
 def validate_device(device: str) -> str:

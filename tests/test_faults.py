@@ -1050,7 +1050,7 @@ INTERRUPTIONS = {
         signal.SIGINT,
         "old",
         "baselines NOT fully written: interrupted while writing them; "
-        "each baseline file is either unchanged or fully updated. Run pytest --ampgate --ampgate-update again",
+        "each baseline file is either unchanged or fully updated. Run pytest --ampgate --ampgate-update --ampgate-device cpu again",
     ),
     "ctrl_c_during_a_test": (
         "during-test",

@@ -185,7 +185,7 @@ def test_missing_update_pass_regression_update_pass(pytester, monkeypatch):
     result.stdout.fnmatch_lines(
         [
             "INCONCLUSIVE test_user.py::test_blobs: amp_bf16 accuracy *: no baseline for cpu|* (none recorded for this test); "
-            "record one with: pytest --ampgate --ampgate-update",
+            "record one with: pytest --ampgate --ampgate-update --ampgate-device cpu test_user.py::test_blobs",
         ]
     )
     assert not path.exists()

@@ -80,6 +80,8 @@ class SessionState:
     """CI report files written at session end (JSON report, Markdown summary, chart)."""
     summary: list[str] = field(default_factory=list)
     """Lines for the end of the terminal summary."""
+    unjudged: list[str] = field(default_factory=list)
+    """Gated tests that failed or skipped without a gate failure of their own (for --ampgate-bisect)."""
     prune_line: tuple[str, bool] | None = None
     """What pruning stale entries did (text, whether it failed), said where the stale entries are."""
     stale: list[tuple[Path, str]] | None = None
@@ -103,7 +105,7 @@ class AmpGatePlugin:
     def pytest_collection_modifyitems(self, session, config, items):
         gate, collection = self.gate, self.state.collection
         gated = [item for item in items if is_gated(item)]
-        if config.getoption("ampgate_only"):
+        if config.getoption("ampgate_only") or config.getoption("ampgate_bisect"):
             plain = [item for item in items if not is_gated(item)]
             if plain:
                 config.hook.pytest_deselected(items=plain)
@@ -231,7 +233,7 @@ class AmpGatePlugin:
             raise reporting.GateFailed(reporting.explain(results))
         if all(r.verdict.no_mode_ran for r in results):
             state.skipped = True
-            pytest.skip(reporting.explain(results, sep="\n"))
+            pytest.skip(self.gate.options.with_commands(reporting.explain(results, sep="\n"), test_id(item)))
         return result
 
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -246,7 +248,7 @@ class AmpGatePlugin:
     def _amend_report(self, item, call, report) -> None:
         excinfo = call.excinfo
         if excinfo is not None and isinstance(excinfo.value, AmpGateError):
-            report.longrepr = reporting.bad_input_repr(item, excinfo)
+            report.longrepr = reporting.bad_input_repr(item, excinfo, self.gate.options)
         if excinfo is not None and isinstance(excinfo.value, reporting.GateFailed) and report.failed:
             report.longrepr = str(excinfo.value)  # the verdict alone: replaced below by the full text when there are results
         state = item.stash.get(ITEM_KEY, None)
@@ -271,7 +273,7 @@ class AmpGatePlugin:
                 d["update"] = None
             report.__dict__[NOT_RECORDED_ATTR] = f"the test {reporting.outcome_word(report)}"
         report.__dict__[REPORT_ATTR] = records
-        reporting.attach(item, report, results, excinfo, update=self.gate.options.update, passed=passed)
+        reporting.attach(item, report, results, excinfo, options=self.gate.options, passed=passed)
 
     def pytest_runtest_logreport(self, report):
         """Every gated result, from this process or sent by an xdist worker."""
@@ -295,6 +297,12 @@ class AmpGatePlugin:
                     "its teardown failed" if report.when == "teardown" else "its xdist worker crashed before its teardown ended"
                 )
         records = report.__dict__.get(REPORT_ATTR)
+        if (report.failed or report.skipped) and self.config.getoption("ampgate_bisect"):
+            from ..gate import GateResult
+            from ..verdict import FAIL
+
+            if not any(GateResult.from_dict(d).verdict.outcome == FAIL for d in records or ()):
+                state.unjudged.append(test_id(report.nodeid))
         if records:
             from ..gate import GateResult
 
@@ -330,6 +338,12 @@ class AmpGatePlugin:
             for path in state.run_locks:  # every worker is done with them
                 remove_run_lock(path)
         self._write_ci_outputs(session)
+        if self.config.getoption("ampgate_bisect"):
+            from .bisect import bisect_status
+
+            status, why = bisect_status(session.exitstatus, self.gate.results, state.unjudged + state.unmeasured)
+            state.summary.append(f"ampgate bisect: exit {status}: {why}")
+            session.exitstatus = status
 
     def _report_device_skips(self, session) -> None:
         """A gate that gated nothing must say so: one summary line, and under strict or update a failed run.

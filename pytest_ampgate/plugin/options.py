@@ -118,6 +118,14 @@ def add_options(parser) -> None:
         help="run only the gated tests (marked amp_regression or using an ampgate fixture); implies --ampgate. Default: off",
     )
     group.addoption(
+        "--ampgate-bisect",
+        action="store_true",
+        default=False,
+        help="for git bisect run: only the gated tests (implies --ampgate-only), and the exit status says 0 every gated "
+        "test passed, 1 one failed its gate, 125 nothing could be judged here (INCONCLUSIVE, skipped, errored, measured "
+        "nothing), 128 the run broke off (interrupted, usage error). Default: off",
+    )
+    group.addoption(
         "--ampgate-lock-timeout",
         default=None,
         type=float,
@@ -289,7 +297,12 @@ def resolve(config) -> PluginSettings:
 
     check_ini_keys(config)
     raw_device = config.getoption("ampgate_device") or config.getini("ampgate_device") or "cuda"
-    enabled = bool(config.getoption("ampgate") or config.getoption("ampgate_update") or config.getoption("ampgate_only"))
+    enabled = bool(
+        config.getoption("ampgate")
+        or config.getoption("ampgate_update")
+        or config.getoption("ampgate_only")
+        or config.getoption("ampgate_bisect")
+    )
     device = validate_device(auto_device(config, raw_device) if enabled else raw_device.replace("auto", "0"))
     base_dir = path_setting(config, "ampgate_baseline_dir") or Path(config.rootpath) / "baselines"
     data_root = path_setting(config, "ampgate_data_root")
@@ -309,6 +322,8 @@ def resolve(config) -> PluginSettings:
         download=config.getoption("ampgate_download"),
         strict=config.getoption("ampgate_strict"),
         ini_settings=ini_settings,
+        rerun_args=rerun_args(config),
+        rootdir_from_cwd=_relative(config.rootpath, config.invocation_params.dir),
     )
     outputs = {name: config.getoption(f"ampgate_{name}") for name in ("json", "markdown", "plot")}
     return PluginSettings(
@@ -317,6 +332,36 @@ def resolve(config) -> PluginSettings:
         raw_device=raw_device,
         **{name: at_root(config, value) if value else None for name, value in outputs.items()},
     )
+
+
+RERUN_OPTIONS = ("ampgate_device", "ampgate_baseline_dir", "ampgate_data_root", "ampgate_download", "ampgate_modes")
+"""Command-line options that a printed command must repeat (each chooses what is measured or where
+baselines live); ini values need no repeating, the same ini file is read again."""
+
+
+def rerun_args(config) -> tuple[str, ...]:
+    """This run's options that a printed command needs, as typed: those above, ``-o ampgate_*``
+    overrides, and an explicit ini file or rootdir."""
+    args: list[str] = []
+    for dest in RERUN_OPTIONS:
+        value, flag = config.getoption(dest), f"--{dest.replace('_', '-')}"
+        if value is True:
+            args.append(flag)
+        elif value:
+            args += [flag, str(value)]
+    args += [a for o in config.getoption("override_ini") or () if o.startswith("ampgate_") for a in ("-o", o)]
+    inifile = config.getoption("inifilename", None)
+    if inifile:
+        args += ["-c", str(inifile)]
+    rootdir = config.getoption("rootdir", None)
+    if rootdir:
+        args += ["--rootdir", str(rootdir)]
+    return tuple(args)
+
+
+def _relative(path, start) -> str:
+    relative = os.path.relpath(path, start)
+    return "" if relative == "." else Path(relative).as_posix()
 
 
 def auto_device(config, device: str) -> str:

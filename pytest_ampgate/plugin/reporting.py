@@ -43,7 +43,7 @@ def progress_line(result) -> str:
     )
 
 
-def bad_input_repr(item, excinfo):
+def bad_input_repr(item, excinfo, options):
     """Bad input (an AmpGateError) is its message alone: it names the culprit and the fix, and a
     traceback into the plugin's internals would only bury it.  ``--full-trace`` brings it back."""
     if item.config.getoption("fulltrace", False):
@@ -54,12 +54,20 @@ def bad_input_repr(item, excinfo):
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, WorkloadError):
         text += "\n  (the workload this test built is at fault, not pytest-ampgate: fix its model, data or loss)"
-    return text
+    return options.with_commands(text, test_id_of(item))
 
 
-def attach(item, report, results, excinfo, *, update: bool, passed: bool) -> None:
+def test_id_of(item) -> str:
+    from .collection import test_id
+
+    return test_id(item)
+
+
+def attach(item, report, results, excinfo, *, options, passed: bool) -> None:
     """The gated call's report: the verdict as the failure or as an "ampgate" section, plus its
-    figures for JUnit (per test where the family allows it) and pytest-html."""
+    figures for JUnit (per test where the family allows it) and pytest-html.  Every command in it
+    is completed for this run (``GateOptions.with_commands``), so it works as printed."""
+    update = options.update
     if junit_family(item.config) in ("xunit1", "legacy"):
         from ..outputs.junit import junit_properties
 
@@ -76,6 +84,7 @@ def attach(item, report, results, excinfo, *, update: bool, passed: bool) -> Non
         from .manager import NOT_RECORDED_ATTR
 
         text += f"\n  baseline NOT recorded: {report.__dict__.get(NOT_RECORDED_ATTR, f'the test {outcome_word(report)}')}"
+    text = options.with_commands(text, test_id_of(item))
     if report.failed and excinfo is not None and isinstance(excinfo.value, GateFailed):
         report.longrepr = text  # the verdict is the failure; a section would repeat it
     else:
@@ -140,7 +149,7 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
     update = gate.options.update
     for r in gate.results:
         for check in r.verdict.of(INCONCLUSIVE):
-            write_line(f"INCONCLUSIVE {r.test_id}: {check.why}", yellow=True)
+            write_line(gate.options.with_commands(f"INCONCLUSIVE {r.test_id}: {check.why}", r.test_id), yellow=True)
         if update and r.update is None and r.verdict.of(FAIL):
             write_line(f"baseline NOT recorded for {r.test_id}: it has failing checks", red=True)
         elif update and r.update is None and r.test_id in state.not_recorded:
@@ -164,5 +173,5 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
                 + ", ".join(test for _path, test in stale)
                 + "; delete them with --ampgate-update --ampgate-prune"
             )
-    for line in state.summary:
+    for line in map(gate.options.with_commands, state.summary):
         write_line(line, red=line.startswith(("baselines NOT", NO_DEVICE_PREFIX)) or " NOT written" in line)
