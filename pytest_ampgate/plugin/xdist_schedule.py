@@ -71,7 +71,7 @@ class GatedLoadScheduling(LoadScheduling):
             return super().schedule()  # later calls (a replaced worker), or nobody to run plain tests meanwhile
         collection = next(iter(self.node2collection.values()))
         gated = self._gated_indices(collection)
-        if not gated or len(gated) == len(collection):
+        if not gated:
             return super().schedule()
         if not self._check_nodes_have_same_collection():
             self.log("**Different tests collected, aborting run**")
