@@ -32,7 +32,7 @@ from .data import DeviceDataset
 from .errors import ConfigError, WorkloadError
 from .gpu_noise import NoiseReadings
 from .known_state import measured_from_known_state
-from .memory import cuda_requested, memory_pass, oom_message, warm_libraries
+from .memory import CPU_PROFILER_BUSY, cuda_requested, memory_pass, oom_message, warm_libraries
 from .mode_runner import ModeRunner, prepare
 from .modes import PrecisionMode, require_device, resolve_mode, unsupported_reason
 from .precision_coverage import measure_precision_coverage
@@ -402,6 +402,9 @@ def _start(
         phase = "memory pass"
         figures, losses = memory_pass(runner, dataset, batch, config.memory_steps, device, base)
         slot.m.record_losses(read_losses(losses))
+        if figures is None:
+            slot.m.memory_note = CPU_PROFILER_BUSY
+            return
         slot.m.memory = figures
         slot.m.peak_memory_bytes = figures["peak_bytes"]
         slot.m.activation_memory_bytes = figures["activation_bytes"]

@@ -7,7 +7,12 @@ depend on the order of modes or tests (see :func:`memory_pass`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -110,6 +115,63 @@ def _cuda_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor, devi
     return absolute - start, _activation_bytes(marks, batch), loss, absolute
 
 
+CPU_PROFILER_BUSY = (
+    "CPU peak memory not measured: a torch.profiler session of yours was running, and the CPU figure is read "
+    "from torch.profiler, which runs one session at a time (yours keeps its events); the rest was measured"
+)
+"""Why a CPU run under the user's own profiler has no memory figure."""
+
+PROFILER_LOG_LINE = re.compile(rb"^(?:USDT|ERROR|WARNING|INFO|STAGE|VERBOSE):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+"""libkineto's own log lines (``USDT:... profiler_start``, ``ERROR:... gpuGetDeviceCount failed`` on a
+machine without a GPU): written to file descriptor 2 by C++, so Python's ``sys.stderr`` never sees them."""
+
+
+def profiler_in_use() -> bool:
+    """Whether a profiler session (the user's ``torch.profiler.profile()``, the autograd profiler) is running.
+
+    torch allows one at a time: starting ours inside the user's would end theirs with no events.
+    """
+    enabled = getattr(torch.autograd.profiler, "_is_profiler_enabled", False)
+    check = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
+    return bool(enabled or (check is not None and check()))
+
+
+@contextmanager
+def _without_profiler_log() -> Iterator[None]:
+    """Keep libkineto's log lines out of the user's output, and nothing else.
+
+    They would read as a broken GPU on every gated CPU test (and ``KINETO_LOG_LEVEL`` is read once per
+    process, so setting it would change the user's own profiling too).  File descriptor 2 goes to a
+    temporary file for the profiled step; afterwards every line that is not libkineto's is written
+    back, in order, so what the model or the user printed meanwhile is kept.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to guard
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = b"".join(line for line in held.read().splitlines(keepends=True) if not PROFILER_LOG_LINE.match(line))
+            if kept:
+                os.write(2, kept)
+
+
 def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int | None, torch.Tensor]:
     """(peak above the step's start, activation bytes, loss) of one CPU step, from the profiler's allocation events.
 
@@ -125,7 +187,7 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
 
     hooks = _ForwardMarks(runner.model, mark)
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss, batch = _fresh_batch_step(runner, x, y)
     finally:
         hooks.remove()
@@ -166,10 +228,12 @@ def memory_pass(
     mode or test came first).  CPU: the parameters, buffers and optimizer state counted from the
     tensors themselves, plus the step's peak from the profiler's allocation events (requested
     bytes); only the first step is profiled.  Either way the figure does not depend on the order
-    of modes or tests.
+    of modes or tests.  ``None`` for the figures: not measured, because the user's own profiler
+    was running on the CPU (:data:`CPU_PROFILER_BUSY`).
     """
     state = state_bytes(runner)
     losses, peaks, activations, totals = [], [], [], []
+    busy = False
     with numerics_policy(runner.mode):
         for k in range(steps):
             runner.optimizer.zero_grad(set_to_none=True)
@@ -177,6 +241,10 @@ def memory_pass(
             if device.type == "cuda":
                 peak, activation, loss, absolute = _cuda_step_memory(runner, x, y, device)
                 totals.append(absolute - (base or 0))
+            elif k == 0 and profiler_in_use():  # the user's session: leave it whole, measure the rest
+                losses.append(runner.step(x, y))
+                busy = True
+                continue
             elif k == 0:
                 peak, activation, loss = _cpu_step_memory(runner, x, y)
             else:
@@ -186,6 +254,8 @@ def memory_pass(
             peaks.append(peak)
             if activation is not None:
                 activations.append(activation)
+    if busy:
+        return None, losses
     figures = {
         **state,
         "step_peak_bytes": max(peaks),

@@ -48,6 +48,43 @@ try:  # torch >= 2.4 has it; without it every op is attributed to "<unknown>".
 except ImportError:  # pragma: no cover - depends on the torch build
     _ModuleTracker = None
 
+
+if _ModuleTracker is not None and hasattr(_ModuleTracker, "_fw_pre_hook") and hasattr(_ModuleTracker, "_fw_post_hook"):
+
+    class _ModelTracker(_ModuleTracker):
+        """torch's ModuleTracker on one model's own modules, through per-module hooks.
+
+        ModuleTracker registers *global* module hooks; while any exist, calling a ``torch.compile``d
+        module warns ("Using torch.compile(module) when there are global hooks on modules",
+        torch/_dynamo/eval_frame.py) and the hooks fire once more for the OptimizedModule.  Hooks on
+        the measured model's modules see the same forward and backward, and leave nothing global.
+        """
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self._model_modules = list(model.modules())
+            self._handles: list = []
+
+        def __enter__(self):
+            for module in self._model_modules:
+                self._handles.append(module.register_forward_pre_hook(self._fw_pre_hook))
+                self._handles.append(module.register_forward_hook(self._fw_post_hook))
+            return self
+
+        def __exit__(self, *args):
+            handles, self._handles = self._handles, []
+            for handle in handles:
+                handle.remove()
+
+else:  # pragma: no cover - a torch whose ModuleTracker hooks are named otherwise: its global hooks, as before
+    _ModelTracker = None
+
+
+def _holds_compiled(model: torch.nn.Module) -> bool:
+    """The model is, or contains, a ``torch.compile``d module (an OptimizedModule)."""
+    return any(type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo") for m in model.modules())
+
+
 __all__ = [
     "LOW_PRECISION",
     "ROOT_NAME",
@@ -302,7 +339,8 @@ class PrecisionRecorder:
     """Context manager that records the compute dtype and FLOPs of every matmul/convolution.
 
     ``model`` is optional: with it, module names are exactly its ``named_modules()`` paths (modules
-    outside it keep the tracker's ``"<Class>.<path>"`` name); without it, names are taken relative
+    outside it keep the tracker's ``"<Class>.<path>"`` name, except when the model holds a
+    ``torch.compile``d module: then only its own modules are tracked, through per-module hooks); without it, names are taken relative
     to the outermost module the step called, so the usual single ``model(x)`` call gives the same
     names either way. Not re-entrant; one recorder per step.
     """
@@ -330,7 +368,10 @@ class PrecisionRecorder:
         self._agg = {}
         self._result = None
         self._names = self._name_map(self._model)
-        tracker = _ModuleTracker() if _ModuleTracker is not None else None
+        if self._model is not None and _ModelTracker is not None and _holds_compiled(self._model):
+            tracker = _ModelTracker(self._model)  # global hooks would trip torch.compile's warning
+        else:
+            tracker = _ModuleTracker() if _ModuleTracker is not None else None
         mode = _CoverageMode(self)
         if tracker is not None:
             tracker.__enter__()
