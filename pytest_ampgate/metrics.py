@@ -33,9 +33,9 @@ IGNORE_INDEX = -100
 
 SHARE_SAME_RUN_TOLERANCE = 0.08
 """Default same-run tolerance of a share (absolute): see "Same-run tolerances" in BENCHMARKS.md."""
-RELATIVE_SAME_RUN_TOLERANCE = 0.05
+RELATIVE_SAME_RUN_TOLERANCE = 0.10
 """Default same-run tolerance of an unbounded metric (relative to fp32's value): see BENCHMARKS.md."""
-RELATIVE_BASELINE_TOLERANCE = 0.05
+RELATIVE_BASELINE_TOLERANCE = 0.10
 """Default tolerance of an unbounded metric against its stored baseline (relative to the stored value)."""
 
 
@@ -256,7 +256,10 @@ class Tolerance:
         if not math.isfinite(needed):
             return ""
         digits = 1 - math.floor(math.log10(needed))
-        nice = math.ceil(needed * 10**digits * (1 + 1e-9)) / 10**digits
+        nice = math.ceil(needed * 10**digits - 1e-9) / 10**digits
+        passes = replace(self, value=nice).limit(reference, higher_is_better)
+        if (value < passes) if higher_is_better else (value > passes):  # rounding fell short: one step up
+            nice = (round(nice * 10**digits) + 1) / 10**digits
         if not self.relative and nice > 1:
             return ""
         return f" ({self.setting}={nice:g} would pass this run)"
