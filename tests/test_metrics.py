@@ -315,3 +315,38 @@ def test_healthy_bf16_passes_and_a_planted_collapse_fails_at_default_settings(wo
     )
     same_run = [c for c in evaluate(bad, config, **tolerances).checks if c.metric == "same_run"]
     assert [c.outcome for c in same_run] == [FAIL], same_run
+
+
+# --- 7. the chart shows every failure ------------------------------------------------------------
+
+
+def test_the_chart_shows_a_coverage_a_memory_and_a_metric_failure_in_red(workloads, tmp_path):
+    pytest.importorskip("matplotlib")
+    from pytest_ampgate import testing
+    from pytest_ampgate.gate import GateResult
+    from pytest_ampgate.outputs import chart
+
+    def result(test_id, workload, **settings):
+        config = GateConfig(modes=("amp_bf16",), **settings)
+        m = measure(workload, ["amp_bf16"], device="cpu", config=MeasureConfig(warmup_steps=1, rounds=2, steps_per_block=3), progress=False)
+        return GateResult(test_id, "cpu|test", m, evaluate(m, config, **metric_of(workload).tolerances(config)), config=config)
+
+    results = [
+        result("t.py::coverage", testing.force_fp32_layer(workloads.tiny_classifier(0))),
+        result("t.py::memory", workloads.tiny_classifier(0), check_memory=True, max_memory_ratio=0.01),
+        result("t.py::metric", workloads.collapsed(workloads.regression_head(0))),
+    ]
+    rows = {row.test_id: row for row in chart.chart_rows(results)}
+    assert ("precision_coverage", "fail") in rows["t.py::coverage"].other_checks  # before: drawn with no red at all
+    assert rows["t.py::memory"].memory_outcome == "fail"
+    assert rows["t.py::metric"].metric_outcome == "fail"
+    assert all(chart._row_failed(row) for row in rows.values())
+    png = chart.png(results)
+    assert png.startswith(b"\x89PNG")
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.subplots()
+    chart._draw_metric(ax, list(rows.values()), [2, 1, 0])  # accuracy and mse: each against its own fp32, not one axis
+    assert "change vs fp32" in ax.get_xlabel()
+    assert ax.get_xlim()[1] < 100  # the collapsed mse (+30000%) does not flatten the others
