@@ -9,10 +9,17 @@ loss over the last block; the summary gives the worst of each.  The defaults mus
 healthy figures with room to spare, and stay well below what a mode at chance shows.
 
 Workloads: the two built-ins at the CPU profile (``profiles.CPU_PROFILE`` and
-``CPU_WORKLOAD_SIZES``: what ``pytest --ampgate --ampgate-device cpu`` runs) and the residual MLP
-of ``examples/user_project`` at its CPU size (AdamW, LayerNorm).
+``CPU_WORKLOAD_SIZES``: what ``pytest --ampgate --ampgate-device cpu`` runs), the residual MLP
+of ``examples/user_project`` at its CPU size (AdamW, LayerNorm), and one tiny workload per kind of
+built-in metric (``benchmarks/metric_workloads.py``: a small LM with (N, T, V) logits under
+``perplexity()`` and ``token_accuracy()``, a regression head in physical units under ``mse()``, a
+blob classifier under accuracy).  The relative shortfall (shortfall / |fp32's value|) is what the
+relative tolerance of an unbounded metric is sized from; ``--collapse`` adds, per workload, one run
+with a planted quality collapse, to show how far above the tolerance a real regression lands.
 
     python benchmarks/same_run_spread.py --seeds 0 1 2 --json spread.json
+    python benchmarks/same_run_spread.py --workloads tiny_lm_perplexity tiny_lm_token_accuracy \
+        regression_head tiny_classifier --seeds 0 1 2 3 4 --collapse
     python benchmarks/same_run_spread.py --device cuda --seeds 0 1 2 3 4
 """
 
@@ -35,6 +42,10 @@ from torch import nn  # noqa: E402
 from pytest_ampgate import MeasureConfig, Workload, measure  # noqa: E402
 from pytest_ampgate.checks import tail_loss  # noqa: E402
 from pytest_ampgate.profiles import default_measure_config  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from metric_workloads import WORKLOADS as METRIC_WORKLOADS  # noqa: E402
+from metric_workloads import collapsed  # noqa: E402
 
 
 def user_project(device: str) -> Workload:
@@ -59,13 +70,23 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["amp_fp16", "amp_bf16"])
     parser.add_argument("--workloads", nargs="+", default=["mnist_mlp", "cifar_cnn", "residual_mlp"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--collapse", action="store_true", help="also run each workload once with a planted collapse")
     args = parser.parse_args(argv)
     base = default_measure_config(args.device.split(":")[0])
     rows, started = [], time.perf_counter()
-    for name in args.workloads:
-        for seed in args.seeds:
+    runs = [(name, seed, False) for name in args.workloads for seed in args.seeds]
+    runs += [(name, args.seeds[0], True) for name in args.workloads if args.collapse]
+    for name, seed, collapse in runs:
+        if True:
             config = MeasureConfig(**{**base.to_dict(), "seed": seed})
-            workload = user_project(args.device) if name == "residual_mlp" else name
+            if name in METRIC_WORKLOADS:
+                workload = METRIC_WORKLOADS[name](seed)
+            else:
+                workload = user_project(args.device) if name == "residual_mlp" else name
+            if collapse:
+                from pytest_ampgate.workloads import get_workload
+
+                workload = collapsed(get_workload(workload))
             t0 = time.perf_counter()
             m = measure(workload, args.modes, device=args.device, config=config, progress=False)
             ref = m.reference
@@ -75,6 +96,7 @@ def main(argv=None) -> int:
                     print(f"{name} seed {seed} {mode}: {mm.unsupported_reason or mm.error}")
                     continue
                 shortfall = (ref.metric - mm.metric) if mm.higher_is_better else (mm.metric - ref.metric)
+                relative = shortfall / abs(ref.metric) if ref.metric else float("nan")
                 excess = tail_loss(mm, config.steps_per_block) / ref_tail - 1
                 rows.append(
                     dict(
@@ -85,28 +107,37 @@ def main(argv=None) -> int:
                         reference=ref.metric,
                         value=mm.metric,
                         shortfall=shortfall,
+                        relative_shortfall=relative,
+                        collapsed=collapse,
                         ref_tail_loss=ref_tail,
                         loss_excess=excess,
                     )
                 )
                 print(
-                    f"{name:12s} seed {seed} {mode:9s} {mm.metric_name} {mm.metric:.3f} vs fp32 {ref.metric:.3f} "
-                    f"(shortfall {shortfall:+.3f}); tail loss {excess:+.2%} vs fp32 {ref_tail:.4g}  [{time.perf_counter() - t0:.0f} s]",
+                    f"{name + (' COLLAPSED' if collapse else ''):12s} seed {seed} {mode:9s} {mm.metric_name} {mm.metric:.4g} vs fp32 "
+                    f"{ref.metric:.4g} (shortfall {shortfall:+.4g}, {relative:+.2%} of fp32); tail loss {excess:+.2%} vs fp32 {ref_tail:.4g}  [{time.perf_counter() - t0:.0f} s]",
                     flush=True,
                 )
     print()
     for name in args.workloads:
-        mine = [r for r in rows if r["workload"] == name]
+        mine = [r for r in rows if r["workload"] == name and not r["collapsed"]]
         if mine:
             print(
-                f"{name}: worst shortfall {max(r['shortfall'] for r in mine):+.3f}, worst tail-loss excess "
-                f"{max(r['loss_excess'] for r in mine):+.2%}, fp32 metric {min(r['reference'] for r in mine):.3f}-"
-                f"{max(r['reference'] for r in mine):.3f} over {len(mine)} (seed, mode) pairs"
+                f"{name}: worst shortfall {max(r['shortfall'] for r in mine):+.4g} "
+                f"({max(r['relative_shortfall'] for r in mine):+.2%} of fp32), worst tail-loss excess "
+                f"{max(r['loss_excess'] for r in mine):+.2%}, fp32 metric {min(r['reference'] for r in mine):.4g}-"
+                f"{max(r['reference'] for r in mine):.4g} over {len(mine)} (seed, mode) pairs"
+            )
+        bad = [r for r in rows if r["workload"] == name and r["collapsed"]]
+        if bad:
+            print(
+                f"{name} with a planted collapse: smallest shortfall {min(r['shortfall'] for r in bad):+.4g} "
+                f"({min(r['relative_shortfall'] for r in bad):+.2%} of fp32)"
             )
     print(f"wall time: {time.perf_counter() - started:.0f} s on {args.device}; torch {torch.__version__}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "device": args.device}, indent=2, allow_nan=False))
-    return 0 if rows and all(math.isfinite(r["shortfall"]) for r in rows) else 1
+    return 0 if rows and all(math.isfinite(r["shortfall"]) for r in rows if not r["collapsed"]) else 1
 
 
 if __name__ == "__main__":

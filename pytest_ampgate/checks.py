@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
+from .metrics import Tolerance, as_tolerance
 from .results import Measurements, ModeMeasurement
 from .stats import MIN_ROUNDS_FOR_CONFIDENCE
 from .timing import launch_diagnosis
@@ -28,9 +29,9 @@ class Judging:
     baseline: Baseline | None = None
     missing_baseline_note: str = ""
     """Why no baseline applied (e.g. which environments have one), for the metric check's line."""
-    metric_tolerance: float | None = None
-    """A custom metric's own tolerances (its units); None uses the config's."""
-    same_run_tolerance: float | None = None
+    metric_tolerance: Tolerance | float | None = None
+    """The metric's tolerances (``Metric.tolerances``); None: by the metric's name, from the config."""
+    same_run_tolerance: Tolerance | float | None = None
 
     @property
     def missing(self) -> str:
@@ -227,7 +228,7 @@ def _metric(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, 
     name = mm.metric_name
     if name == CheckName.ACCURACY and tolerance is None:
         return _accuracy(mm, config, baseline, missing)
-    tol = config.accuracy_tolerance if tolerance is None else tolerance
+    tol = as_tolerance(tolerance, name, config.accuracy_tolerance, "accuracy_tolerance")
     value = mm.metric
     if value is None or not math.isfinite(value):
         if value is None:
@@ -238,9 +239,9 @@ def _metric(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, 
         outcome = MISSING_BASELINE_OUTCOME[config.missing_baseline]
         return Check(mm.mode, name, outcome, f"{mm.mode} {name} {_fmt_metric(value)}: {missing}", measured=value)
     higher = mm.higher_is_better
-    limit = base - tol if higher else base + tol
+    limit = tol.limit(base, higher)
     text = (
-        f"{mm.mode} {name} {_fmt_metric(value)} vs baseline {_fmt_metric(base)} (tol {tol:g}, {'higher' if higher else 'lower'} is better)"
+        f"{mm.mode} {name} {_fmt_metric(value)} vs baseline {_fmt_metric(base)} ({tol.text()}, {'higher' if higher else 'lower'} is better)"
     )
     worse = value < limit if higher else value > limit
     if worse:
@@ -253,7 +254,7 @@ def _metric(mm: ModeMeasurement, config: GateConfig, baseline: Baseline | None, 
             threshold=limit,
             baseline=base,
         )
-    if (value > base + tol) if higher else (value < base - tol):
+    if (value > base + tol.allowed(base)) if higher else (value < base - tol.allowed(base)):
         text += "; better than the baseline by more than the tolerance, refresh it with --ampgate-update"
     return Check(mm.mode, name, PASS, text, measured=value, threshold=limit, baseline=base)
 
@@ -272,18 +273,18 @@ def same_run_checks(j: Judging, name: str) -> list[Check]:
     mm, ref = m.modes[name], m.reference
     checks = []
     metric = mm.metric_name
-    tol = config.same_run_tolerance if tolerance is None else tolerance
+    tol = as_tolerance(tolerance, metric, config.same_run_tolerance, "same_run_tolerance")
     if mm.metric is not None and ref.metric is not None and math.isfinite(ref.metric):
         value, base = mm.metric, ref.metric
         higher = mm.higher_is_better
-        limit = base - tol if higher else base + tol
+        limit = tol.limit(base, higher)
         ok = math.isfinite(value) and (value >= limit if higher else value <= limit)
         text = (
             f"{name} {metric} {_fmt_metric(value) if math.isfinite(value) else value} vs {ref.mode} "
-            f"{_fmt_metric(base)} in this run ({'higher' if higher else 'lower'} is better, tol {tol:g})"
+            f"{_fmt_metric(base)} in this run ({'higher' if higher else 'lower'} is better, {tol.text()})"
         )
         if not ok:
-            text += f": {'below' if higher else 'above'} {_fmt_metric(limit)}"
+            text += f": {'below' if higher else 'above'} {_fmt_metric(limit)}{tol.relief(value, base, higher)}"
         checks.append(
             Check(name, CheckName.SAME_RUN, PASS if ok else FAIL, text, measured=value if math.isfinite(value) else None, threshold=limit)
         )

@@ -33,6 +33,7 @@ from .errors import ConfigError, WorkloadError
 from .gpu_noise import NoiseReadings
 from .known_state import measured_from_known_state
 from .memory import CPU_PROFILER_BUSY, cuda_requested, memory_pass, oom_message, warm_libraries
+from .metrics import HeldOut, accuracy_fit_problem, describe_output, metric_of, misplaced_prediction, prediction_of
 from .mode_runner import ModeRunner, prepare
 from .modes import PrecisionMode, require_device, resolve_mode, unsupported_reason
 from .precision_coverage import measure_precision_coverage
@@ -42,7 +43,7 @@ from .results import Comparison, Measurements, ModeMeasurement
 from .stats import abba_order, estimate_ratio, round_ratios
 from .timing import BlockTiming, default_timer, device_context, no_cyclic_gc, read_losses, synchronize, timed_block
 from .workload_checks import build_model
-from .workloads import Workload, accuracy_fit_problem, describe_output, get_workload, metric_of, prediction_of
+from .workloads import Workload, get_workload
 
 
 def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:
@@ -82,9 +83,15 @@ def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDatas
 
 
 def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch.Tensor, dataset: DeviceDataset) -> None:
-    """Before training: the model's output must fit the metric (shapes named), and a custom metric
-    must return one number, so a misfit is not found after every mode has trained."""
+    """Before training: the model's output must fit the metric (shapes named), and the metric must
+    return one real number within its bounds, so a misfit is not found after every mode has trained.
+    The metric sees a :class:`~pytest_ampgate.metrics.HeldOut` here as after training."""
     where = f"workload {workload.name!r}"
+    metric = metric_of(workload)
+    if workload.prediction is None:
+        misplaced = misplaced_prediction(out, int(getattr(dataset, "num_classes", 0) or 0))
+        if misplaced:
+            raise WorkloadError(f"{where}: {misplaced}")
     if workload.metric is None:
         try:
             pred = (workload.prediction or prediction_of)(out)
@@ -94,10 +101,8 @@ def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch
         if problem:
             raise WorkloadError(
                 f"{where}: the model's output {describe_output(out)} does not fit the default metric, accuracy, "
-                f"against targets {tuple(y.shape)} {y.dtype}: {problem}"
+                f"against targets {tuple(y.shape)} {y.dtype}: {problem}; or give the Workload a metric"
             )
-        return
-    metric = metric_of(workload)
     x_test, y_test = next(iter(dataset.test_batches(min(32, dataset.n_test))))
     param = next(model.parameters(), None)
     if param is not None:
@@ -106,7 +111,9 @@ def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch
     model.eval()
     try:
         with torch.no_grad():
-            value = metric.fn(model, [(x_test, y_test)])
+            value = metric.fn(model, HeldOut([(x_test, y_test)]))
+    except WorkloadError as exc:
+        raise WorkloadError(f"{where}: metric {metric.name!r}: {exc}") from None
     except Exception as exc:
         raise WorkloadError(
             f"{where}: its metric {metric.name!r} failed on a held-out batch (input {tuple(x_test.shape)} {x_test.dtype}, "
@@ -121,7 +128,7 @@ def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch
 def _evaluate_metric(slot: _Slot, workload: Workload, dataset: DeviceDataset) -> None:
     """The workload's metric for one mode, recorded under its name."""
     metric = metric_of(workload)
-    value = slot.runner.evaluate(dataset.test_batches(workload.eval_batch_size), metric)
+    value = slot.runner.evaluate(HeldOut(lambda: dataset.test_batches(workload.eval_batch_size)), metric)
     slot.m.set_metric(metric.name, metric.check_value(value, workload.name), metric.higher_is_better)
 
 

@@ -201,7 +201,7 @@ class ModeRunner:
             loss.backward()
             self.optimizer.step()
         self.steps_taken += 1
-        return loss.detach()
+        return loss.detach().reshape(())  # a loss of shape (1,) is legal: read back one number per step
 
     def _master_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Apex O2's step: scaled backward in float16, unscale into the fp32 masters, step them unless
@@ -217,7 +217,7 @@ class ModeRunner:
             master.copy_to_model()
         master.update(skipped)
         self.steps_taken += 1
-        return loss.detach()
+        return loss.detach().reshape(())  # a loss of shape (1,) is legal: read back one number per step
 
     def note_scale(self) -> None:
         """Read the loss scale (a host sync: call it between timed blocks only)."""
@@ -266,7 +266,9 @@ class ModeRunner:
         self.model.eval()
         try:
             with self.autocast():
-                return metric.fn(self.model, ((self.cast_input(x), y) for x, y in batches))
+                from .metrics import HeldOut
+
+                return metric.fn(self.model, HeldOut(batches, cast=self.cast_input))
         finally:
             self.model.train(was_training)
 

@@ -204,7 +204,7 @@ class TestGate:
             config = build_config(("defaults", {}), ("run(modes=...)", {"modes": modes}))
             config = dataclasses.replace(self.config, modes=config.modes)
         metric = metric_of(workload)
-        tolerances = dict(metric_tolerance=metric.tolerance, same_run_tolerance=metric.same_run_tolerance)
+        tolerances = metric.tolerances(config)  # refuses a setting outside this metric's limits before training
         env = self.session.environment()
         env_key = env.key()
         if world_size is not None:

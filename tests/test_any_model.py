@@ -108,7 +108,7 @@ def test_int64_token_ids_stay_unchanged_under_amp_bf16_and_bf16(monkeypatch):
     for mode in ("amp_bf16", "bf16"):
         inputs = seen[mode]
         assert inputs and all(x.dtype == torch.int64 for x in inputs)
-        first = inputs[1]  # step 0's batch (input 0 is the fit check's)
+        first = inputs[2]  # step 0's batch (inputs 0 and 1 are the pre-flight forward and metric)
         assert torch.equal(first, train_x[: first.shape[0]]), f"{mode} changed token ids"
     # What a pure-bf16 cast would have done to the same ids: most of them change.
     assert (train_x.to(torch.bfloat16).long() != train_x).float().mean() > 0.5
@@ -367,7 +367,7 @@ def test_custom_lower_is_better_metric_is_gated_and_baselined_under_its_name(pyt
     again.assert_outcomes(passed=1)
     again.stdout.fnmatch_lines(
         [
-            "*amp_bf16 mse * vs baseline * (tol 0.02, lower is better)*",
+            "*amp_bf16 mse * vs baseline * (tol 0.1 relative, lower is better)*",
             "*metric (baseline)*",
             "*test_reg.py::test_regression*amp_bf16*mse *(*)*pass*",
         ]
@@ -409,7 +409,9 @@ def test_metric_chart_names_the_metric(tmp_path):
     (row,) = chart_rows([result])
     assert row.metric_name == "perplexity" and not row.higher_is_better and row.baseline_metric == 2.0
     assert row.metric == pytest.approx(m.modes["amp_bf16"].metric) and row.reference_metric == pytest.approx(m.reference.metric)
-    assert row.metric_outcome == PASS
+    # The metric panel shows the worst of the metric's checks: same-run passed, no stored baseline (warn).
+    same_run = next(c for c in result.verdict.checks if c.metric == "same_run")
+    assert same_run.outcome == PASS and row.metric_outcome == "inconclusive"
     assert write_chart([result], tmp_path / "c.png").stat().st_size > 1000
 
 
@@ -480,7 +482,10 @@ def test_a_mode_at_chance_fails_the_same_run_check_on_a_first_run(pytester):
     result = pytester.runpytest(*CPU, "--ampgate-update")
     result.assert_outcomes(failed=1)
     text = result.stdout.str()
-    line = re.search(r"amp_bf16 accuracy ([\d.]+) vs fp32 ([\d.]+) in this run \(higher is better, tol 0\.08\): below \S+ FAILED", text)
+    line = re.search(
+        r"amp_bf16 accuracy ([\d.]+) vs fp32 ([\d.]+) in this run \(higher is better, tol 0\.08\): below \S+ \(same_run_tolerance=0\.\d+ would pass this run\) FAILED",
+        text,
+    )
     assert line, text
     assert float(line.group(1)) < 0.4 and float(line.group(2)) > 0.9
     result.stdout.fnmatch_lines(
@@ -498,8 +503,14 @@ def test_same_run_tolerance_has_an_ini_twin_and_is_validated(pytester):
     pytester.runpytest(*CPU).assert_outcomes(passed=1)
     from pytest_ampgate.config import build_config
 
-    with pytest.raises(ConfigError, match="ini option ampgate_same_run_tolerance: same_run_tolerance must be <= 1, got 2.0"):
-        build_config(("ini option ampgate_<name>", {"same_run_tolerance": "2"}))
+    with pytest.raises(ConfigError, match="ini option ampgate_same_run_tolerance: same_run_tolerance must be >= 0, got -1.0"):
+        build_config(("ini option ampgate_<name>", {"same_run_tolerance": "-1"}))
+    # Its upper limit follows the metric: 1 for a share (absolute), none for a relative one; refused before training.
+    pytester.makeini("[pytest]\nampgate_same_run_tolerance = 2\n")
+    refused = pytester.runpytest(*CPU)
+    refused.assert_outcomes(failed=1)
+    refused.stdout.fnmatch_lines(["*same_run_tolerance=2 is too large for accuracy, a share in ?0, 1?*"])
+    assert "loss finite" not in refused.stdout.str()  # nothing trained
 
 
 def test_same_run_check_follows_a_lower_is_better_metric():

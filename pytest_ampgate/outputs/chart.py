@@ -1,6 +1,8 @@
 """The run as a chart (``--ampgate-plot PATH``): per test and mode, the speedup with its interval
-against its floor, the peak-memory ratio against its limit, and the held-out metric (under its own
-name) against fp32's in the same run and the stored baseline.
+against its floor, the peak-memory ratio against its limit, the held-out metric (under its own
+name) against fp32's in the same run and the stored baseline, and every other check that did not
+pass (precision coverage, finite loss, ...).  Every failed check is red, and so is the label of a
+mode with one.
 
 A table says whether each check passed; the chart shows how close each one came, which is what
 someone deciding whether to relax a margin or chase a regression needs.  matplotlib is an optional
@@ -58,6 +60,14 @@ class ChartRow:
     baseline_metric: float | None = None
     higher_is_better: bool = True
     metric_outcome: str = "skipped"
+    metric_limit: float | None = None
+    """The same-run check's limit (fp32's value less the tolerance), drawn as a gated tick."""
+    other_checks: tuple[tuple[str, str], ...] = ()
+    """(check name, outcome) of the mode's checks no panel draws (precision coverage, finite loss, ...)."""
+
+
+PANEL_CHECKS = frozenset(("speedup", "memory", "same_run"))
+"""Checks a panel of their own draws; the metric's baseline check colours the metric panel too."""
 
 
 def drawable(results) -> bool:
@@ -82,6 +92,9 @@ def chart_rows(results) -> list[ChartRow]:
             speed = checks.get((f.mode, "speedup"))
             memory = checks.get((f.mode, "memory"))
             same_run = checks.get((f.mode, "same_run"))
+            metric_checks = [c for c in (same_run, checks.get((f.mode, f.metric_name))) if c is not None]
+            shown = PANEL_CHECKS | {f.metric_name}
+            others = tuple((str(c.metric), str(c.outcome)) for c in r.verdict.checks if c.mode == f.mode and c.metric not in shown)
             floor_gated = speed is not None and speed.threshold is not None
             memory_gated = memory is not None and memory.threshold is not None
             rows.append(
@@ -104,10 +117,24 @@ def chart_rows(results) -> list[ChartRow]:
                     reference_metric=finite(reference.metric),
                     baseline_metric=finite(f.baseline_metric),
                     higher_is_better=f.higher_is_better,
-                    metric_outcome=same_run.outcome if same_run is not None else "skipped",
+                    metric_outcome=_worst([str(c.outcome) for c in metric_checks]),
+                    metric_limit=same_run.threshold if same_run is not None else None,
+                    other_checks=others,
                 )
             )
     return rows
+
+
+WORST_FIRST = ("fail", "inconclusive", "pass", "skipped")
+
+
+def _worst(outcomes: list[str]) -> str:
+    return next((o for o in WORST_FIRST if o in outcomes), "skipped")
+
+
+def _row_failed(row: ChartRow) -> bool:
+    outcomes = [row.speed_outcome, row.memory_outcome, row.metric_outcome] + [o for _n, o in row.other_checks]
+    return "fail" in outcomes
 
 
 def _label(row: ChartRow, short: bool) -> str:
@@ -125,31 +152,92 @@ def _threshold(ax, x: float, y: float, gated: bool, zorder: int) -> None:
 
 
 def _draw_metric(ax, rows: list[ChartRow], ys: list[int]) -> None:
-    """Each mode's held-out metric, named, beside fp32's from the same run (a tick) and the stored baseline (a diamond)."""
+    """Each mode's held-out metric, named, beside fp32's from the same run (a hollow triangle), the
+    same-run limit (a floor/limit tick) and the stored baseline (a diamond).  Metrics of different
+    kinds are not put on one scale: with more than one metric, each is drawn as its change against
+    its own fp32 value (percent), and labelled with its value."""
     names = sorted({row.metric_name for row in rows})
+    relative = len(names) > 1
+
+    def change(row: ChartRow, v: float | None) -> float | None:
+        ref = row.reference_metric
+        return None if v is None or not ref else (v / ref - 1) * 100
+
+    limits = [abs(c) for row in rows for c in (change(row, row.metric_limit),) if c is not None]
+    window = max(3 * max(limits, default=0), 5.0)
+    """Percent changes beyond this are drawn at the edge as an arrow, so one collapse does not flatten the rest."""
+
+    def x_of(row: ChartRow, v: float | None) -> float | None:
+        if v is None or not relative:
+            return v
+        x = change(row, v)
+        return None if x is None else max(-window, min(window, x))
+
     for y, row in zip(ys, rows):
         colour = COLOURS.get(row.metric_outcome, COLOURS["skipped"])
-        if row.metric is None:
+        x = x_of(row, row.metric)
+        if x is None:
             ax.text(
                 0.03, y, f"{row.metric_name} not measured", va="center", fontsize=8, color="#555555", transform=ax.get_yaxis_transform()
             )
             continue
-        ax.plot([row.metric], [y], "o", color=colour, markersize=7, zorder=3)
-        label = f"{row.metric:.3g}" if len(names) == 1 else f"{row.metric_name} {row.metric:.3g}"
-        ax.annotate(label, (row.metric, y), xytext=(0, 8), textcoords="offset points", fontsize=8, ha="center", color="#333333")
-        if row.reference_metric is not None:
-            ax.plot([row.reference_metric], [y], "|", color="#444444", markersize=16, markeredgewidth=2, zorder=2)
-        if row.baseline_metric is not None:
-            ax.plot([row.baseline_metric], [y], "D", markerfacecolor="none", color="#444444", markersize=6, zorder=2)
-    values = [v for row in rows for v in (row.metric, row.reference_metric, row.baseline_metric) if v is not None]
+        clipped = relative and abs(x) >= window
+        ax.plot([x], [y], (">" if x > 0 else "<") if clipped else "o", color=colour, markersize=8 if clipped else 7, zorder=3)
+        label = f"{row.metric:.3g}" if not relative else f"{row.metric_name} {row.metric:.3g}"
+        ha = "center" if not clipped else ("right" if x > 0 else "left")
+        ax.annotate(label, (x, y), xytext=(0, 8), textcoords="offset points", fontsize=8, ha=ha, color=colour)
+        ref = x_of(row, row.reference_metric)
+        if ref is not None:
+            ax.plot([ref], [y], "^", markerfacecolor="none", color="#444444", markersize=8, zorder=2)
+        limit = x_of(row, row.metric_limit)
+        if limit is not None:
+            _threshold(ax, limit, y, True, zorder=2)
+        base = x_of(row, row.baseline_metric)
+        if base is not None:
+            ax.plot([base], [y], "D", markerfacecolor="none", color="#444444", markersize=6, zorder=2)
+    values = [
+        v
+        for row in rows
+        for v in (x_of(row, w) for w in (row.metric, row.reference_metric, row.baseline_metric, row.metric_limit))
+        if v is not None
+    ]
     if values:
         low, high = min(values), max(values)
         pad = (high - low) * 0.25 or max(abs(high) * 0.1, 0.05)
         ax.set_xlim(low - pad, high + pad)
     directions = {row.higher_is_better for row in rows}
     direction = "" if len(directions) != 1 else (" (higher is better)" if directions.pop() else " (lower is better)")
-    ax.set_xlabel((names[0] if len(names) == 1 else "metric") + direction)
-    ax.set_title(f"{names[0] if len(names) == 1 else 'Metric'} vs fp32 (same run)", fontsize=11, loc="left")
+    if relative:
+        ax.axvline(0.0, color="#bbbbbb", linewidth=1, zorder=1)
+        ax.set_xlabel(f"change vs fp32, same run (%; arrow: beyond {window:.0f}%)")
+        ax.set_title("Metrics vs fp32 (same run), each on its own scale", fontsize=11, loc="left")
+    else:
+        ax.set_xlabel(names[0] + direction)
+        ax.set_title(f"{names[0]} vs fp32 (same run)", fontsize=11, loc="left")
+
+
+def _draw_other_checks(ax, rows: list[ChartRow], ys: list[int]) -> None:
+    """The checks no other panel draws (precision coverage, finite loss, loss scale, ...): every
+    one that did not pass is named in its outcome's colour, so a failed test never looks healthy."""
+    ax.set_xlim(0, 1)
+    ax.set_xticks([])
+    for y, row in zip(ys, rows):
+        bad = [(n, o) for n, o in row.other_checks if o in ("fail", "inconclusive")]
+        if not bad:
+            text = f"{len(row.other_checks)} passed" if row.other_checks else "none"
+            ax.text(0.03, y, text, va="center", fontsize=8, color=COLOURS["pass"] if row.other_checks else "#555555")
+            continue
+        for i, (name, outcome) in enumerate(bad[:3]):
+            ax.text(
+                0.03,
+                y + 0.18 - 0.18 * i,
+                f"{name.replace('_', ' ')}: {outcome.upper()}",
+                va="center",
+                fontsize=8,
+                color=COLOURS[outcome],
+                fontweight="bold" if outcome == "fail" else "normal",
+            )
+    ax.set_title("Other checks", fontsize=11, loc="left")
 
 
 def write(results, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -172,9 +260,9 @@ def png(results, title: str | None = None) -> bytes:
     names = [row.test_id.rsplit("::", 1)[-1] for row in rows]
     short = len(set(names)) == len({row.test_id for row in rows})
     n = len(rows)
-    fig = Figure(figsize=(15, 1.9 + 0.62 * n), dpi=110, layout="constrained")
+    fig = Figure(figsize=(17, 1.9 + 0.62 * n), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_speed, ax_mem, ax_metric = fig.subplots(1, 3, sharey=True, gridspec_kw={"width_ratios": [1.35, 1, 1]})
+    ax_speed, ax_mem, ax_metric, ax_other = fig.subplots(1, 4, sharey=True, gridspec_kw={"width_ratios": [1.35, 1, 1, 0.55]})
     ys = list(range(n))[::-1]
 
     # Speedup with its interval, against the floor.
@@ -234,10 +322,15 @@ def png(results, title: str | None = None) -> bytes:
     ax_mem.set_xlim(0, max(mems) * 1.25)
 
     _draw_metric(ax_metric, rows, ys)
+    _draw_other_checks(ax_other, rows, ys)
 
     ax_speed.set_yticks(ys, [_label(row, short) for row in rows], fontsize=9)
+    for tick, row in zip(ax_speed.get_yticklabels(), rows):
+        if _row_failed(row):  # the row of a mode with any failed check is labelled in red
+            tick.set_color(COLOURS["fail"])
+            tick.set_fontweight("bold")
     ax_speed.set_ylim(-0.7, n - 0.3)
-    for ax in (ax_speed, ax_mem, ax_metric):
+    for ax in (ax_speed, ax_mem, ax_metric, ax_other):
         ax.grid(axis="x", color="#eeeeee", zorder=0)
         ax.spines[["top", "right"]].set_visible(False)
 
@@ -247,9 +340,9 @@ def png(results, title: str | None = None) -> bytes:
         Line2D([], [], color="black", linewidth=2.2, label="floor / limit (gated)"),
         Line2D([], [], color="black", linewidth=2.2, linestyle=DASHED, label="configured, not gated here"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=8, fontsize=8, frameon=False)
-    handles.append(Line2D([], [], color="#444444", marker="|", markersize=12, linestyle="", label="fp32, same run"))
+    handles.append(Line2D([], [], color="#444444", marker="^", markerfacecolor="none", linestyle="", label="fp32, same run"))
     handles.append(Line2D([], [], color="#444444", marker="D", markerfacecolor="none", linestyle="", label="stored baseline"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=8, fontsize=8, frameon=False)
     envs = sorted({r.env_key for r in results})
     heading = title or "pytest-ampgate: " + "; ".join(envs)
     if on_cpu(results):
