@@ -264,7 +264,7 @@ def measure(
             noise = NoiseReadings(before, gpu_noise.noise_report(device), window)
 
     reference = slots[0].m
-    comparisons = {s.mode.name: _compare(reference, s.m, config) for s in slots[1:]}
+    comparisons = {s.mode.name: compare_modes(reference, s.m, config) for s in slots[1:]}
     return Measurements(
         workload=workload.name,
         device=str(device),
@@ -409,7 +409,10 @@ def _start(
         slot.fail(device, exc, phase)
 
 
-def _compare(reference: ModeMeasurement, m: ModeMeasurement, config: MeasureConfig) -> Comparison:
+def compare_modes(reference: ModeMeasurement, m: ModeMeasurement, config: MeasureConfig) -> Comparison:
+    """One mode against the reference: the speedup from per-round ratios, the memory ratio, or why neither.
+
+    Public because every producer of a Measurements compares the same way (the distributed merge too)."""
     comparison = Comparison(mode=m.mode, reference=reference.mode)
     if not m.ok:
         comparison.note = m.unsupported_reason or m.error

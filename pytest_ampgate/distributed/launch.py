@@ -49,7 +49,7 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from ..config import MeasureConfig
-    from ..measurement import _compare
+    from ..measurement import compare_modes
     from ..modes import parse_device
     from ..results import ModeMeasurement
 
@@ -87,7 +87,7 @@ def measure_distributed(
     for name in names:
         if name in unsupported:
             merged.modes[name] = ModeMeasurement(name, supported=False, unsupported_reason=unsupported[name])
-            merged.comparisons[name] = _compare(merged.reference, merged.modes[name], config)
+            merged.comparisons[name] = compare_modes(merged.reference, merged.modes[name], config)
     merged.modes = {n: merged.modes[n] for n in names if n in merged.modes}
     merged.comparisons = {n: merged.comparisons[n] for n in names if n in merged.comparisons}
     merged.distributed["modes"] = {n: distributed_mode(n).description for n in [config.reference_mode, *names]}

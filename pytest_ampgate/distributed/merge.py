@@ -22,7 +22,7 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
     """
     import math
 
-    from ..measurement import _compare
+    from ..measurement import compare_modes
     from ..modes import MODES
     from ..results import Measurements, ModeMeasurement
 
@@ -58,7 +58,7 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
 
     reference = merged_mode(base.reference.mode)
     modes = {name: merged_mode(name) for name in base.modes}
-    comparisons = {name: _compare(reference, m, config) for name, m in modes.items()}
+    comparisons = {name: compare_modes(reference, m, config) for name, m in modes.items()}
     rank_records = []
     for r, (raw, m) in enumerate(zip(ranks, per_rank, strict=True)):
         rank_records.append(
