@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import AmpGateError
 from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
+from .agreement import read_step_record, stopped_first
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
 
@@ -286,7 +287,16 @@ def _hang_message(timeout_s, world_size, job_dir: Path, stacks: dict[int, str], 
         else:
             parts.append(f"rank {r}: no stack (not running); last step: {note}")
     head = f"distributed run hung: no result within distributed_timeout={timeout_s:g} s"
-    if culprits and len(culprits) < world_size:
+    records = {r: rec for r in range(world_size) if (rec := read_step_record(job_dir / f"rank{r}.steps"))}
+    first = stopped_first(records)
+    if first is not None:  # from the ranks' own step records: whose steps stopped first
+        entered, finished, at = records[first]
+        others = max(rec[0] for r, rec in records.items() if r != first)
+        head += (
+            f"; rank {first} stopped first: it finished {finished} training steps and entered {entered}, while the others "
+            f"entered {others} (its last step {time.time() - at:.0f} s ago; last progress: {_read(job_dir / f'rank{first}.progress')})"
+        )
+    elif culprits and len(culprits) < world_size:
         head += f"; rank {', '.join(map(str, culprits))} stopped responding while the others waited for it"
     text = head + "\n  " + "\n  ".join(parts)
     text += "\n  " + (f"all {world_size} ranks and the launcher were killed" if not leftover else f"processes still alive: {leftover}")

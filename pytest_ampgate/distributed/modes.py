@@ -115,8 +115,39 @@ def mode_unsupported_reason(name: str, device: str) -> str | None:
         if isinstance(api, str):
             return api
         if dmode.param_dtype:
-            return unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
+            reason = unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
+            if reason or dmode.param_dtype != "float16":
+                return reason
+            return fsdp2_fp16_reason()
     return None
+
+
+def fsdp2_fp16_reason() -> str | None:
+    """Why FSDP2 with float16 parameters cannot be loss-scaled in this torch, or None.
+
+    float16 gradients underflow without loss scaling, so fsdp2_fp16 trains with ``torch.amp.GradScaler``
+    (the recipe torch's own FSDP2 grad-scaler test uses).  That needs DTensor to unscale its gradients
+    and to all-reduce the scaler's inf check, so every rank skips the same steps: DTensor's custom handler
+    for ``aten._amp_foreach_non_finite_check_and_unscale_``, feature-detected here (absent in torch 2.4).
+    """
+    import torch
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return f"this torch {torch.__version__} has no DTensor, which FSDP2 needs"
+    handlers = getattr(getattr(DTensor, "_op_dispatcher", None), "_custom_op_handlers", {})
+    unscale = getattr(torch.ops.aten, "_amp_foreach_non_finite_check_and_unscale_", None)
+    if unscale is not None and unscale.default in handlers:
+        return None
+    return (
+        f"fsdp2_fp16 needs loss scaling, and this torch {torch.__version__} cannot unscale FSDP2's DTensor gradients "
+        "with an inf check agreed across ranks (GradScaler support for DTensor came in a later torch); "
+        "training float16 parameters without it lets small gradients underflow to zero: use fsdp2_bf16, or a newer torch"
+    )
 
 
 def env_key(base_key: str, world_size: int, device: str) -> str:
