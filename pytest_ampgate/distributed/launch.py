@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import AmpGateError
-from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
 from .agreement import read_step_record, stopped_first
+from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
 

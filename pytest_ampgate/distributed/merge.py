@@ -37,7 +37,9 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
         out.unsupported_reason = next((m.unsupported_reason for m in ms if m.unsupported_reason), "")
         errors = {r: m.error for r, m in enumerate(ms) if m.error}
         # After the ranks' agreement every rank holds the same message, naming the rank that failed.
-        out.error = next(iter(errors.values())) if len(set(errors.values())) == 1 else "; ".join(f"rank {r}: {e}" for r, e in errors.items())
+        out.error = (
+            next(iter(errors.values())) if len(set(errors.values())) == 1 else "; ".join(f"rank {r}: {e}" for r, e in errors.items())
+        )
         out.failed_phase = next((m.failed_phase for m in ms if m.failed_phase), out.failed_phase)
         rounds = min(len(m.step_times_s) for m in ms)
         out.step_times_s = [max(m.step_times_s[i] for m in ms) for i in range(rounds)]

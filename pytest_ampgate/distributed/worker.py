@@ -97,7 +97,8 @@ def _runner_factory(device, plants: list, made: dict, agreement, steps):
             if dmode.comm_hook:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                runner.model.register_comm_hook(state=None, hook=getattr(default_hooks, dmode.comm_hook))
+                # state: the hook's process group (None would all-reduce on the world group, outside the mode's)
+                runner.model.register_comm_hook(state=agreement.group(mode.name), hook=getattr(default_hooks, dmode.comm_hook))
         else:
             fully_shard, policy_type = fsdp2_api()
             from torch.distributed.device_mesh import DeviceMesh
