@@ -131,3 +131,9 @@ class Agreement:
             self.drop(mode)
         self.failed[mode] = describe_failure(mode, failures)
         return self.failed[mode]
+
+    def close(self) -> None:
+        """Every group this run made, destroyed (a pytest that is one rank of a job runs many tests on one job)."""
+        for mode in list(self.groups):
+            self.drop(mode)
+        self._dist.destroy_process_group(self.control)

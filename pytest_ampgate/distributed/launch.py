@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import AmpGateError
 from .agreement import read_step_record, stopped_first
+from .in_job import job_rank, job_world_size, local_ranks, run_in_job
 from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
@@ -58,7 +59,8 @@ def measure_distributed(
     config = config or MeasureConfig()
     device_type = parse_device(device).type
     say = progress or (lambda _msg: None)
-    reason = unavailable_reason(world_size, device)
+    world_size = job_world_size(world_size)
+    reason = unavailable_reason(local_ranks(world_size), device)
     if reason:
         raise DistributedError(reason)
     names = [distributed_mode(m).name for m in modes]
@@ -79,11 +81,16 @@ def measure_distributed(
         plants=list(plants if plants is not None else plants_from_env()),
         job_dir=str(job_dir),
     )
-    say(f"{workload}: launching {world_size} ranks ({job.backend}) for {config.reference_mode}, {', '.join(job.modes)}")
-    try:
-        ranks = launch(job, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
-    finally:
+    if job_rank() is not None:  # pytest is one rank of a job (torchrun on every node): run across it, here
         shutil.rmtree(job_dir, ignore_errors=True)
+        say(f"{workload}: rank {job_rank()} of a {world_size}-rank job ({job.backend}): {config.reference_mode}, {', '.join(job.modes)}")
+        ranks = run_in_job(job, timeout_s=timeout_s, say=say)
+    else:
+        say(f"{workload}: launching {world_size} ranks ({job.backend}) for {config.reference_mode}, {', '.join(job.modes)}")
+        try:
+            ranks = launch(job, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
     merged = merge(ranks, config, job)
     for name in names:
         if name in unsupported:

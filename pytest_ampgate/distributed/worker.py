@@ -171,7 +171,10 @@ def _compare_replicas(made: dict, order: list[str], world_size: int) -> dict:
     return replicas
 
 
-def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say, steps) -> RankResult:
+def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say, steps, *, join: bool = True) -> RankResult:
+    """This rank's part of the job: join the process group (unless ``join`` is False: pytest is itself a
+    rank of a job that joined already), measure every mode on its own group with the ranks' agreement,
+    compare replicas; the groups made for the run are destroyed at the end."""
     import torch
     import torch.distributed as dist
 
@@ -185,8 +188,9 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say, steps) 
     options = {"timeout": datetime.timedelta(seconds=job.pg_timeout_s)}
     if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         options["device_id"] = device  # NCCL binds this rank's GPU at once (torch >= 2.3), not guessed at the first collective
-    dist.init_process_group(job.backend, **options)
-    say("joined the process group")
+    if join:
+        dist.init_process_group(job.backend, **options)
+        say("joined the process group")
     workload = load_workload(job.workload, job.workload_options)
     config = job.measure
     if job.download and local_rank != 0:
@@ -219,6 +223,7 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say, steps) 
     say("comparing replicas")
     order = [n for n in [config.reference_mode, *job.modes] if n in made]
     replicas = _compare_replicas(made, order, world_size)
+    agreement.close()
     return RankResult(rank, world_size, socket.gethostname(), str(device), m.to_dict(), replicas)
 
 

@@ -299,6 +299,10 @@ class AmpGatePlugin:
             collected = {**state.collection.to_worker_output(), "run_locks": sorted(state.run_locks)}
             self.config.workeroutput["ampgate_collected"] = collected
             return
+        from ..distributed.in_job import writes_outputs
+
+        if not writes_outputs():  # one rank of a torch.distributed job: global rank 0 writes for the job
+            return
         self._report_device_skips(session)
         if self.gate.options.update:
             self._write_baselines(session, exitstatus)
