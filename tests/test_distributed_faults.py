@@ -124,3 +124,27 @@ def test_merge_keeps_every_ranks_noise_and_launch_diagnosis_and_names_the_slowes
     assert merged.noise.untrusted_reason() != "" and merged.distributed["noisy_ranks"] == [1]
     assert merged.distributed["ranks"][1]["noise"]["before"]["throttle_reasons"] == ["thermal"]
     assert merged.distributed["slowest_rank"]["amp_bf16"] == {"rank": 1, "step_time_s": pytest.approx(0.0155)}
+
+
+def test_world_size_on_gpus_locks_every_gpu_in_one_order(tmp_path):
+    from pytest_ampgate.errors import AmpGateError
+    from pytest_ampgate.gpu_lock import DeviceLock, DeviceLocks, lock_keys
+
+    # torch.cuda.is_available() is False here, so GPUs are named by index (cuda0, cuda1, ...)
+    assert lock_keys("cuda", 3) == ["cuda0", "cuda1", "cuda2"]
+    assert lock_keys("cuda:1", None) == ["cuda1"] and lock_keys("cuda", 4, local_rank=2) == ["cuda2"]
+    assert lock_keys("cpu", 2, run_id="r") == ["cpu-r"]
+    other = DeviceLock("cuda1", tmp_path, timeout=0.2)
+    hold = other.acquire("another gate")
+    both = DeviceLocks(lock_keys("cuda", 2), tmp_path, timeout=0.2)
+    with pytest.raises(AmpGateError):
+        both.acquire("this gate")  # cuda1 is taken: wait, time out, and let go of cuda0 again
+    zero = DeviceLock("cuda0", tmp_path, timeout=0.2)
+    zero.release(zero.acquire("a third gate"))
+    other.release(hold)
+    held = both.acquire("this gate")
+    assert held.key == "cuda0+cuda1"
+    with pytest.raises(AmpGateError):
+        DeviceLock("cuda1", tmp_path, timeout=0.2).acquire("another gate")
+    both.release(held)
+    DeviceLock("cuda1", tmp_path, timeout=0.2).acquire("another gate")

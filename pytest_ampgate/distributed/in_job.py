@@ -51,6 +51,21 @@ def local_ranks(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
 
 
+def gpus_for(gate, test_id: str, config=None) -> tuple[int | None, int | None]:
+    """(world_size, local_rank) of a gated test, for its device locks: the ranks it launches, or this
+    process's own GPU when it is one rank of a job.  A marker that does not parse locks one device
+    (the test then reports the error itself)."""
+    from ..errors import AmpGateError
+
+    if job_rank() is not None:
+        return None, int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        config = config if config is not None else gate.config_for(test_id)
+    except AmpGateError:
+        return None, None
+    return config.world_size, None
+
+
 def writes_outputs() -> bool:
     """Only global rank 0 of a job writes reports and baselines (every process does outside a job)."""
     return job_rank() in (None, 0)
