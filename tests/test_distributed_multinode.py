@@ -172,3 +172,13 @@ def test_two_nodes_on_loopback_gate_ddp_and_fsdp2_and_survive_a_dead_node(tmp_pa
         for path in node.rglob("*.json"):
             json.loads(path.read_text())  # nothing half-written
         assert not [p for p in node.rglob("*.tmp") if "tmp" not in p.relative_to(node).parts[:1]]
+
+
+@pytest.mark.parametrize(("rank", "writes"), [("1", False), ("0", True)])
+def test_only_global_rank_0_of_a_job_writes_reports(pytester, monkeypatch, rank, writes):
+    for name, value in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400"}.items():
+        monkeypatch.setenv(name, value)  # what torchrun or a scheduler sets for every rank
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = pytester.runpytest("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider", "--ampgate-json", "report.json")
+    result.assert_outcomes(passed=1)
+    assert (pytester.path / "report.json").exists() is writes
