@@ -115,9 +115,12 @@ class Agreement:
         if group is None:
             return
         gc.collect()  # the model, its DDP reducer and hooks hold the group through reference cycles
-        if self.backend == "nccl" and hasattr(group, "abort"):
-            group.abort()  # NCCL: the documented way to end the peers' pending collectives
-        self._dist.destroy_process_group(group)
+        try:
+            if self.backend == "nccl" and hasattr(group, "abort"):
+                group.abort()  # NCCL: the documented way to end the peers' pending collectives
+            self._dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - a group already broken by the failure is gone either way
+            pass
 
     def __call__(self, mode: str, phase: str, failure: dict | None) -> str | None:
         if failure is not None:
