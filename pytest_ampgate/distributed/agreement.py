@@ -119,7 +119,7 @@ class Agreement:
             if self.backend == "nccl" and hasattr(group, "abort"):
                 group.abort()  # NCCL: the documented way to end the peers' pending collectives
             self._dist.destroy_process_group(group)
-        except Exception:  # noqa: BLE001 - a group already broken by the failure is gone either way
+        except Exception:  # a group already broken by the failure is gone either way
             pass
 
     def __call__(self, mode: str, phase: str, failure: dict | None) -> str | None:
