@@ -19,6 +19,8 @@ Steps, each a subprocess with its own time limit (so one hung step cannot eat th
    the tolerance, the memory plant, the forced-fp32 layer (and the other numerics plants).
 5. ``xdist``: ``pytest -n 2`` with a planted slowdown beside a worker that holds a CUDA context;
    the planted test must FAIL, not turn INCONCLUSIVE.
+6. ``distributed`` (``benchmarks/distributed_acceptance.py``): DDP with a compression hook and FSDP2
+   at ``world_size`` 1 on NCCL (and 2 where two GPUs are visible), then a planted fault.
 
 It writes ``acceptance.json`` (every figure, each step's command, output tail and exit status)
 and ``acceptance.md`` (the summary) into DIR, prints the summary, and exits 1 when a required
@@ -369,6 +371,7 @@ def main(argv=None) -> int:
             None,
         ),
     ]
+    steps, checks = __import__("distributed_acceptance").extend(args, out, run, pytest_cmd, steps, checks)  # 6. distributed
     result = {
         "smoke": args.smoke,
         "device": args.device,

@@ -83,7 +83,7 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{name} must be a non-empty list of precision modes, got {value!r}")
-    from .distributed import DISTRIBUTED_ONLY
+    from .parallel_modes import DISTRIBUTED_ONLY
 
     try:
         resolved = tuple(

@@ -105,6 +105,54 @@ class DeviceLock:
         self.lock.release()
 
 
+def lock_keys(device: str, world_size: int | None = None, run_id: str | None = None, local_rank: int | None = None) -> list[str]:
+    """The device locks a gated test needs: one per GPU its ranks use, sorted.
+
+    ``world_size=N`` on CUDA launches N ranks on ``cuda:0`` .. ``cuda:N-1``, so it takes all N locks;
+    a process that is itself one rank of a job (``local_rank``) locks only its own GPU.  Sorted, so every
+    gate takes them in one order and two gates wanting overlapping GPUs never hold one each and wait.
+    """
+    kind = device.partition(":")[0]
+    if kind == "cuda" and local_rank is not None:
+        return [device_key(f"cuda:{local_rank}", run_id)]
+    if kind != "cuda" or not world_size or world_size <= 1:
+        return [device_key(device, run_id)]
+    return sorted({device_key(f"cuda:{i}", run_id) for i in range(world_size)})
+
+
+class DeviceLocks:
+    """Exclusive locks on several devices, taken in the order given (see :func:`lock_keys`), released in reverse."""
+
+    def __init__(self, keys: list[str], directory: str | os.PathLike | None = None, timeout: float | None = None):
+        self.locks = [DeviceLock(key, directory, timeout=timeout) for key in keys]
+        self.key = "+".join(keys)
+        self.path = self.locks[0].path
+        self._holds: list[Hold] = []
+
+    def holder(self) -> str:
+        return self.locks[0].holder()
+
+    def acquire(self, holder: str, on_wait: Callable[[str], None] | None = None) -> Hold:
+        """Every lock, or none (a timeout on one releases those already held); one Hold for them all."""
+        requested = time.time()
+        try:
+            for lock in self.locks:
+                self._holds.append(lock.acquire(holder, on_wait))
+        except BaseException:
+            self._release_held()
+            raise
+        return Hold(self.key, self.path, holder, os.getpid(), requested_at=requested, acquired_at=time.time())
+
+    def _release_held(self) -> None:
+        while self._holds:
+            hold = self._holds.pop()
+            next(lock for lock in self.locks if lock.key == hold.key).release(hold)
+
+    def release(self, hold: Hold) -> None:
+        hold.released_at = time.time()
+        self._release_held()
+
+
 @contextmanager
 def hold_device(
     device: str,

@@ -139,6 +139,8 @@ class _Slot:
         self.mode = mode
         self.m = measurement
         self.runner: ModeRunner | None = None
+        self.failure: dict | None = None
+        """How this mode failed in this process: exception type, message, user frame, phase, ``time.time()``."""
 
     def block(self, dataset: DeviceDataset, batch: int, steps: int, device: torch.device, phase: str, timer=None) -> BlockTiming | None:
         """One block of training steps, its losses recorded; its timing, or None if the mode failed in it."""
@@ -155,9 +157,45 @@ class _Slot:
         oom = isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
         self.m.error = oom_message(device, exc) if oom else f"{type(exc).__name__}: {exc}"
         self.m.failed_phase = phase
+        self.failure = failure_summary(exc, phase)
         self.runner = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def settle(self, phase: str, after_phase=None) -> bool:
+        """After a phase: whether the mode goes on.  ``after_phase(mode, phase, failure or None)`` is the
+        distributed ranks' agreement (one collective): a message means a process failed this mode, so
+        it stops here too, with that message, and no process pairs a collective of it with another mode's."""
+        if after_phase is not None:
+            message = after_phase(self.mode.name, phase, self.failure if self.runner is None else None)
+            if message:
+                if self.runner is not None:
+                    self.m.failed_phase = phase
+                self.m.error = message
+                self.runner = None
+        return self.runner is not None
+
+
+def failure_summary(exc: BaseException, phase: str) -> dict:
+    """What a report says about an exception: type, first line, and the innermost frame of the user's
+    code (else of this package, else any); no traceback object is kept (it would keep the model alive)."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    package_dir = os.path.dirname(__file__)
+    outside_torch = [f for f in frames if not f.filename.startswith(torch_dir)]
+    user = [f for f in outside_torch if not f.filename.startswith(package_dir)]
+    frame = (user or outside_torch or frames or [None])[-1]
+    text = str(exc).strip().splitlines()
+    return {
+        "type": type(exc).__name__,
+        "message": text[0] if text else "",
+        "where": f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame else "",
+        "phase": phase,
+        "time": time.time(),
+    }
 
 
 _DATASETS: OrderedDict = OrderedDict()
@@ -203,6 +241,7 @@ def measure(
     progress: Callable[[str], None] | bool | None = True,
     timer=None,
     runner_factory: Callable[..., ModeRunner] | None = None,
+    after_phase: Callable[[str, str, dict | None], str | None] | None = None,
 ) -> Measurements:
     """Train ``workload`` under the reference mode and each of ``modes``; measure and compare them.
 
@@ -214,7 +253,10 @@ def measure(
     timing source (CUDA events, ``perf_counter``): tests pass a fake one.
 
     ``runner_factory`` replaces :func:`mode_runner.prepare` (same arguments): the distributed ranks use it
-    to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.
+    to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.  ``after_phase(mode, phase,
+    failure)`` is called after every phase of every running mode (set-up, warm-up, memory pass, each
+    block, evaluation) with this process's failure summary or None; the ranks agree there, and a
+    message it returns fails the mode in this process too (see :meth:`_Slot.settle`).
 
     Without ``config``, the protocol suits the device: GPU defaults on CUDA, the CPU profile
     (``profiles.CPU_PROFILE``, the one ``pytest --ampgate-device cpu`` uses) on the CPU, where a
@@ -267,11 +309,12 @@ def measure(
                     say,
                     timer or default_timer(device),
                     runner_factory or prepare,
+                    after_phase,
                 )
             noise = NoiseReadings(before, gpu_noise.noise_report(device), window)
 
     reference = slots[0].m
-    comparisons = {s.mode.name: _compare(reference, s.m, config) for s in slots[1:]}
+    comparisons = {s.mode.name: compare_modes(reference, s.m, config) for s in slots[1:]}
     return Measurements(
         workload=workload.name,
         device=str(device),
@@ -316,7 +359,7 @@ def _cost_line(workload: Workload, slots, device: torch.device, config: MeasureC
 
 
 def _run(
-    workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, runner_factory=prepare
+    workload, slots, initial_model, dataset, device, config: MeasureConfig, say, timer, runner_factory=prepare, after_phase=None
 ) -> gpu_noise.WindowNoise:
     """Set-up, lead-in, the interleaved timed rounds, balance blocks and evaluation; what NVML saw during the rounds."""
     batch = workload.batch_size
@@ -324,7 +367,7 @@ def _run(
     for slot in slots:
         if slot.m.supported:
             say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
-            _start(slot, workload, initial_model, dataset, device, config, timer, runner_factory)
+            _start(slot, workload, initial_model, dataset, device, config, timer, runner_factory, after_phase)
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
     lead = order[-1][-1] if order and order[0] else None
@@ -336,6 +379,7 @@ def _run(
         # first timed block comes straight after another mode's warm-up.  The other modes take
         # their matching block after the rounds, so every mode trains for the same steps.
         slots[lead].block(dataset, batch, steps, device, "lead-in block", timer)
+        slots[lead].settle("lead-in block", after_phase)
     noise_window = gpu_noise.open_noise_window(device)
     for round_index, positions in enumerate(order):
         say(f"{workload.name}: timed round {round_index + 1}/{config.rounds}: {', '.join(slots[i].mode.name for i in positions)}")
@@ -344,6 +388,8 @@ def _run(
             if slot.runner is None:
                 continue
             timing = slot.block(dataset, batch, steps, device, f"timed round {round_index + 1}", timer)
+            if not slot.settle(f"timed round {round_index + 1}", after_phase):
+                continue  # the agreement is also the start line: every rank begins the next block together
             if timing is not None:
                 slot.runner.note_scale()
                 slot.m.step_times_s.append(timing.seconds / steps)
@@ -353,6 +399,7 @@ def _run(
     for index, slot in enumerate(slots):
         if slot.runner is not None and order and index != lead:
             slot.block(dataset, batch, steps, device, "balance block", timer)
+            slot.settle("balance block", after_phase)
 
     for slot in slots:
         if slot.runner is None:
@@ -364,6 +411,7 @@ def _run(
             slot.m.scaler = slot.runner.scaler_stats()
         except Exception as exc:  # any exception fails this mode only
             slot.fail(device, exc, "evaluation")
+        slot.settle("evaluation", after_phase)
         slot.runner = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -371,24 +419,37 @@ def _run(
 
 
 def _start(
-    slot: _Slot, workload: Workload, initial_model, dataset: DeviceDataset, device, config: MeasureConfig, timer, runner_factory=prepare
+    slot: _Slot,
+    workload: Workload,
+    initial_model,
+    dataset: DeviceDataset,
+    device,
+    config: MeasureConfig,
+    timer,
+    runner_factory=prepare,
+    after_phase=None,
 ) -> None:
-    """Set-up, precision-coverage step, warm-up (its last steps probe launch-boundness) and the memory pass."""
+    """Set-up, precision-coverage step, warm-up (its last steps probe launch-boundness) and the memory pass.
+
+    Each phase ends with :meth:`_Slot.settle` (the ranks' agreement, under torch.distributed), so a
+    mode that failed anywhere stops everywhere before its next phase."""
     batch = workload.batch_size
-    phase = "set-up"
-    try:
-        base = None
+    losses: list = []
+    base = []
+
+    def set_up() -> None:
         if device.type == "cuda":
             synchronize(device)
-            base = cuda_requested(device, "current")
-        runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
-        slot.runner = runner
-        with numerics_policy(slot.mode):
-            losses = []
-            if config.precision_coverage:
+            base.append(cuda_requested(device, "current"))
+        slot.runner = runner = runner_factory(slot.mode, initial_model, workload.optimizer_factory, workload.loss_fn, device)
+        if config.precision_coverage:
+            with numerics_policy(slot.mode):
                 x, y = dataset.batch(runner.steps_taken, batch)
                 slot.m.precision_coverage = measure_precision_coverage(lambda: losses.append(runner.step(x, y)), model=runner.model)
-            phase = "warm-up"
+
+    def warm_up() -> None:
+        runner = slot.runner
+        with numerics_policy(slot.mode):
             probe = min(5, config.warmup_steps // 2)
             begin = time.perf_counter()
             for _ in range(config.warmup_steps - probe):
@@ -400,26 +461,36 @@ def _start(
                     slot.m.busy_step_s, probe_losses = timer.busy(
                         runner, lambda: [runner.step(*dataset.batch(runner.steps_taken, batch)) for _ in range(probe)], probe, host_step
                     )
-                losses += probe_losses
+                losses.extend(probe_losses)
             slot.m.record_losses(read_losses(losses))
         runner.note_scale()
+
+    def memory() -> None:
         if config.memory_steps == 0:
             slot.m.memory_note = "memory pass disabled (memory_steps=0)"
             return
-        phase = "memory pass"
-        figures, losses = memory_pass(runner, dataset, batch, config.memory_steps, device, base)
-        slot.m.record_losses(read_losses(losses))
+        figures, memory_losses = memory_pass(slot.runner, dataset, batch, config.memory_steps, device, base[0] if base else None)
+        slot.m.record_losses(read_losses(memory_losses))
         if figures is None:
             slot.m.memory_note = CPU_PROFILER_BUSY
             return
         slot.m.memory = figures
         slot.m.peak_memory_bytes = figures["peak_bytes"]
         slot.m.activation_memory_bytes = figures["activation_bytes"]
-    except Exception as exc:  # any exception fails this mode only; KeyboardInterrupt still stops the run
-        slot.fail(device, exc, phase)
+
+    for phase, run in (("set-up", set_up), ("warm-up", warm_up), ("memory pass", memory)):
+        try:
+            run()
+        except Exception as exc:  # any exception fails this mode only; KeyboardInterrupt still stops the run
+            slot.fail(device, exc, phase)
+        if not slot.settle(phase, after_phase):
+            return
 
 
-def _compare(reference: ModeMeasurement, m: ModeMeasurement, config: MeasureConfig) -> Comparison:
+def compare_modes(reference: ModeMeasurement, m: ModeMeasurement, config: MeasureConfig) -> Comparison:
+    """One mode against the reference: the speedup from per-round ratios, the memory ratio, or why neither.
+
+    Public because every producer of a Measurements compares the same way (the distributed merge too)."""
     comparison = Comparison(mode=m.mode, reference=reference.mode)
     if not m.ok:
         comparison.note = m.unsupported_reason or m.error

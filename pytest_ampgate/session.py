@@ -138,8 +138,9 @@ class GateSession:
         if config.world_size is None:
             return None
         from .distributed import unavailable_reason
+        from .distributed.in_job import local_ranks
 
-        return unavailable_reason(config.world_size, self.options.device)
+        return unavailable_reason(local_ranks(config.world_size), self.options.device)
 
     def environment(self):
         if self._env is None:
@@ -185,7 +186,9 @@ class TestGate:
         options = self.session.options
         check_dataset(dataset)
         by_name = isinstance(workload, str) and workload in BUILTIN
-        world_size = self.config.world_size
+        from .distributed.in_job import job_world_size
+
+        world_size = job_world_size(self.config.world_size)  # under torchrun on every node: the whole job
         if world_size is not None:  # the ranks build the workload from its reference (see distributed.py)
             from .distributed import workload_reference
 

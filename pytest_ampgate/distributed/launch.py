@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import AmpGateError
+from .agreement import read_step_record, stopped_first
+from .in_job import job_rank, job_world_size, local_ranks, run_in_job
 from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
@@ -49,7 +51,7 @@ def measure_distributed(
     ``timeout_s`` (then every process of the run is killed).
     """
     from ..config import MeasureConfig
-    from ..measurement import _compare
+    from ..measurement import compare_modes
     from ..modes import parse_device
     from ..results import ModeMeasurement
 
@@ -57,7 +59,8 @@ def measure_distributed(
     config = config or MeasureConfig()
     device_type = parse_device(device).type
     say = progress or (lambda _msg: None)
-    reason = unavailable_reason(world_size, device)
+    world_size = job_world_size(world_size)
+    reason = unavailable_reason(local_ranks(world_size), device)
     if reason:
         raise DistributedError(reason)
     names = [distributed_mode(m).name for m in modes]
@@ -78,16 +81,21 @@ def measure_distributed(
         plants=list(plants if plants is not None else plants_from_env()),
         job_dir=str(job_dir),
     )
-    say(f"{workload}: launching {world_size} ranks ({job.backend}) for {config.reference_mode}, {', '.join(job.modes)}")
-    try:
-        ranks = launch(job, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
-    finally:
+    if job_rank() is not None:  # pytest is one rank of a job (torchrun on every node): run across it, here
         shutil.rmtree(job_dir, ignore_errors=True)
+        say(f"{workload}: rank {job_rank()} of a {world_size}-rank job ({job.backend}): {config.reference_mode}, {', '.join(job.modes)}")
+        ranks = run_in_job(job, timeout_s=timeout_s, say=say)
+    else:
+        say(f"{workload}: launching {world_size} ranks ({job.backend}) for {config.reference_mode}, {', '.join(job.modes)}")
+        try:
+            ranks = launch(job, world_size=world_size, timeout_s=timeout_s, job_dir=job_dir, progress=say)
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
     merged = merge(ranks, config, job)
     for name in names:
         if name in unsupported:
             merged.modes[name] = ModeMeasurement(name, supported=False, unsupported_reason=unsupported[name])
-            merged.comparisons[name] = _compare(merged.reference, merged.modes[name], config)
+            merged.comparisons[name] = compare_modes(merged.reference, merged.modes[name], config)
     merged.modes = {n: merged.modes[n] for n in names if n in merged.modes}
     merged.comparisons = {n: merged.comparisons[n] for n in names if n in merged.comparisons}
     merged.distributed["modes"] = {n: distributed_mode(n).description for n in [config.reference_mode, *names]}
@@ -286,7 +294,16 @@ def _hang_message(timeout_s, world_size, job_dir: Path, stacks: dict[int, str], 
         else:
             parts.append(f"rank {r}: no stack (not running); last step: {note}")
     head = f"distributed run hung: no result within distributed_timeout={timeout_s:g} s"
-    if culprits and len(culprits) < world_size:
+    records = {r: rec for r in range(world_size) if (rec := read_step_record(job_dir / f"rank{r}.steps"))}
+    first = stopped_first(records)
+    if first is not None:  # from the ranks' own step records: whose steps stopped first
+        entered, finished, at = records[first]
+        others = max(rec[0] for r, rec in records.items() if r != first)
+        head += (
+            f"; rank {first} stopped first: it finished {finished} training steps and entered {entered}, while the others "
+            f"entered {others} (its last step {time.time() - at:.0f} s ago; last progress: {_read(job_dir / f'rank{first}.progress')})"
+        )
+    elif culprits and len(culprits) < world_size:
         head += f"; rank {', '.join(map(str, culprits))} stopped responding while the others waited for it"
     text = head + "\n  " + "\n  ".join(parts)
     text += "\n  " + (f"all {world_size} ranks and the launcher were killed" if not leftover else f"processes still alive: {leftover}")

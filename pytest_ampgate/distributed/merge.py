@@ -22,9 +22,9 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
     """
     import math
 
-    from ..measurement import _compare
+    from ..measurement import compare_modes
     from ..modes import MODES
-    from ..results import Measurements, ModeMeasurement
+    from ..results import Measurements, ModeMeasurement, noise_dict
 
     ranks = [r if isinstance(r, RankResult) else from_dict(RankResult, r) for r in ranks]
     job = job if isinstance(job, Job) else from_dict(Job, job)
@@ -35,9 +35,21 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
         ms = [m.reference if m.reference.mode == name else m.modes[name] for m in per_rank]
         out = ModeMeasurement(name, supported=all(m.supported for m in ms))
         out.unsupported_reason = next((m.unsupported_reason for m in ms if m.unsupported_reason), "")
-        out.error = "; ".join(f"rank {r}: {m.error}" for r, m in enumerate(ms) if m.error)
+        errors = {r: m.error for r, m in enumerate(ms) if m.error}
+        # After the ranks' agreement every rank holds the same message, naming the rank that failed.
+        out.error = (
+            next(iter(errors.values())) if len(set(errors.values())) == 1 else "; ".join(f"rank {r}: {e}" for r, e in errors.items())
+        )
+        out.failed_phase = next((m.failed_phase for m in ms if m.failed_phase), out.failed_phase)
         rounds = min(len(m.step_times_s) for m in ms)
+        # The ranks start each timed block together (their agreement after the previous phase is the
+        # start line), so a round's slowest rank is the round's time, without start skew.
         out.step_times_s = [max(m.step_times_s[i] for m in ms) for i in range(rounds)]
+        host_rounds = min(len(m.host_times_s) for m in ms)
+        out.host_times_s = [max(m.host_times_s[i] for m in ms) for i in range(host_rounds)]
+        busy = [m.busy_step_s for m in ms]
+        out.busy_step_s = None if any(b is None for b in busy) else max(busy)  # the launch-bound probe of the slowest rank
+        out.block_seconds = max(m.block_seconds for m in ms)
         peaks = [m.peak_memory_bytes for m in ms]
         out.peak_memory_bytes = None if any(p is None for p in peaks) else max(peaks)
         out.memory_note = ms[0].memory_note
@@ -58,7 +70,7 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
 
     reference = merged_mode(base.reference.mode)
     modes = {name: merged_mode(name) for name in base.modes}
-    comparisons = {name: _compare(reference, m, config) for name, m in modes.items()}
+    comparisons = {name: compare_modes(reference, m, config) for name, m in modes.items()}
     rank_records = []
     for r, (raw, m) in enumerate(zip(ranks, per_rank, strict=True)):
         rank_records.append(
@@ -66,9 +78,13 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
                 "rank": r,
                 "host": raw.host,
                 "device": raw.device,
+                "noise": noise_dict(m.noise),
                 "modes": {
                     mm.mode: {
                         "step_time_s": mm.step_time_s,
+                        "step_times_s": mm.step_times_s,
+                        "host_times_s": mm.host_times_s,
+                        "busy_step_s": mm.busy_step_s,
                         "peak_memory_bytes": mm.peak_memory_bytes,
                         "first_nonfinite_step": mm.first_nonfinite_step,
                         "nonfinite_steps": mm.nonfinite_steps,
@@ -80,6 +96,13 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
                 },
             }
         )
+    slowest = {}
+    for name in [base.reference.mode, *base.modes]:
+        medians = {r: _median(rec["modes"][name]["step_times_s"]) for r, rec in enumerate(rank_records) if name in rec["modes"]}
+        medians = {r: t for r, t in medians.items() if t is not None}
+        if medians:
+            slowest[name] = {"rank": max(medians, key=medians.get), "step_time_s": max(medians.values())}
+    noisy = [r for r, m in enumerate(per_rank) if m.noise.untrusted_reason()]
     return Measurements(
         workload=base.workload,
         device=job.device_type,
@@ -90,8 +113,10 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
         reference=reference,
         modes=modes,
         comparisons=comparisons,
-        noise=base.noise,
+        noise=per_rank[noisy[0]].noise if noisy else base.noise,  # any rank's noise makes the run's timing untrusted
         distributed={
+            "slowest_rank": slowest,
+            "noisy_ranks": noisy,
             "world_size": len(ranks),
             "backend": job.backend,
             "launcher": LAUNCHER,
@@ -101,6 +126,12 @@ def merge(ranks: Sequence[RankResult | Mapping], config, job: Job | Mapping):
             "plants": job.plants,
         },
     )
+
+
+def _median(values):
+    import statistics
+
+    return statistics.median(values) if values else None
 
 
 # --- the checks only several ranks have -------------------------------------------------------------

@@ -11,62 +11,9 @@ Nothing here imports torch at module level: the mode table is read when markers 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DistributedMode:
-    """How one distributed mode wraps the model: the data-parallel strategy and its precision knobs."""
-
-    name: str
-    strategy: str
-    """'ddp' (DistributedDataParallel) or 'fsdp2' (``fully_shard``)."""
-    precision: str = "fp32"
-    """The single-device precision mode each rank trains in (autocast, scaler, parameter dtype)."""
-    comm_hook: str | None = None
-    """A DDP communication hook from ``torch.distributed.algorithms.ddp_comm_hooks.default_hooks``."""
-    param_dtype: str | None = None
-    """FSDP2 ``MixedPrecisionPolicy.param_dtype``: the dtype parameters are all-gathered and computed in."""
-    reduce_dtype: str | None = None
-    """FSDP2 ``MixedPrecisionPolicy.reduce_dtype``: the dtype gradients are reduce-scattered in."""
-    description: str = ""
-
-
-DISTRIBUTED_ONLY: dict[str, DistributedMode] = {
-    m.name: m
-    for m in (
-        DistributedMode(
-            "fp16_compress_hook",
-            "ddp",
-            comm_hook="fp16_compress_hook",
-            description="DDP, fp32 training, gradients all-reduced in float16 (fp16_compress_hook)",
-        ),
-        DistributedMode(
-            "bf16_compress_hook",
-            "ddp",
-            comm_hook="bf16_compress_hook",
-            description="DDP, fp32 training, gradients all-reduced in bfloat16 (bf16_compress_hook)",
-        ),
-        DistributedMode("fsdp2", "fsdp2", description="FSDP2 fully_shard, float32 throughout"),
-        DistributedMode(
-            "fsdp2_bf16",
-            "fsdp2",
-            param_dtype="bfloat16",
-            reduce_dtype="float32",
-            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)",
-        ),
-        DistributedMode(
-            "fsdp2_fp16",
-            "fsdp2",
-            param_dtype="float16",
-            reduce_dtype="float32",
-            description="FSDP2 fully_shard, MixedPrecisionPolicy(param_dtype=float16, reduce_dtype=float32)",
-        ),
-    )
-}
-"""Modes that exist only with ``world_size``; every single-device precision mode also runs under DDP."""
+from ..parallel_modes import DISTRIBUTED_ONLY, DistributedMode
 
 
 def distributed_mode(name: str) -> DistributedMode:
@@ -208,8 +155,39 @@ def mode_unsupported_reason(name: str, device: str) -> str | None:
             if reason:
                 return reason
         if dmode.param_dtype:
-            return unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
+            reason = unsupported_reason(MODES["bf16" if dmode.param_dtype == "bfloat16" else "fp16"], device)
+            if reason or dmode.param_dtype != "float16":
+                return reason
+            return fsdp2_fp16_reason()
     return None
+
+
+def fsdp2_fp16_reason() -> str | None:
+    """Why FSDP2 with float16 parameters cannot be loss-scaled in this torch, or None.
+
+    float16 gradients underflow without loss scaling, so fsdp2_fp16 trains with ``torch.amp.GradScaler``
+    (the recipe torch's own FSDP2 grad-scaler test uses).  That needs DTensor to unscale its gradients
+    and to all-reduce the scaler's inf check, so every rank skips the same steps: DTensor's custom handler
+    for ``aten._amp_foreach_non_finite_check_and_unscale_``, feature-detected here (absent in torch 2.4).
+    """
+    import torch
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return f"this torch {torch.__version__} has no DTensor, which FSDP2 needs"
+    handlers = getattr(getattr(DTensor, "_op_dispatcher", None), "_custom_op_handlers", {})
+    unscale = getattr(torch.ops.aten, "_amp_foreach_non_finite_check_and_unscale_", None)
+    if unscale is not None and unscale.default in handlers:
+        return None
+    return (
+        f"fsdp2_fp16 needs loss scaling, and this torch {torch.__version__} cannot unscale FSDP2's DTensor gradients "
+        "with an inf check agreed across ranks (GradScaler support for DTensor came in a later torch); "
+        "training float16 parameters without it lets small gradients underflow to zero: use fsdp2_bf16, or a newer torch"
+    )
 
 
 def env_key(base_key: str, world_size: int, device: str) -> str:

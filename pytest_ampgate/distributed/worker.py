@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..file_safety import write_atomic
 from ..records import from_dict
+from .agreement import Agreement, StepRecord
 from .job import Job, RankError, RankResult, load_workload, write_record
 from .modes import distributed_mode, fsdp2_api
 
@@ -72,12 +73,15 @@ def _plant(p: dict, x=None, where: str = "start"):
     return x
 
 
-def _runner_factory(device, plants: list, made: dict):
+def _runner_factory(device, plants: list, made: dict, agreement, steps):
     """``measurement.measure``'s runner factory: the single-device set-up (:func:`mode_runner.prepare`), then the
-    model wrapped in DDP, or sharded by FSDP2 (whose parameters then need a fresh optimizer)."""
+    model wrapped in DDP, or sharded by FSDP2 (whose parameters then need a fresh optimizer), on the mode's
+    own process group (:class:`.agreement.Agreement`); every step counted in the rank's step record."""
+    import dataclasses
+
     import torch
 
-    from ..mode_runner import prepare
+    from ..mode_runner import ModeRunner, prepare
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,13 +91,19 @@ def _runner_factory(device, plants: list, made: dict):
         if dmode.strategy == "ddp":  # DDP keeps the module's parameters, so the optimizer built on them stays valid
             from torch.nn.parallel import DistributedDataParallel
 
-            runner.model = DistributedDataParallel(runner.model, device_ids=[device.index] if device.type == "cuda" else None)
+            runner.model = DistributedDataParallel(
+                runner.model, device_ids=[device.index] if device.type == "cuda" else None, process_group=agreement.group(mode.name)
+            )
             if dmode.comm_hook:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                runner.model.register_comm_hook(state=None, hook=getattr(default_hooks, dmode.comm_hook))
+                # state: the hook's process group (None would all-reduce on the world group, outside the mode's)
+                runner.model.register_comm_hook(state=agreement.group(mode.name), hook=getattr(default_hooks, dmode.comm_hook))
         else:
             fully_shard, policy_type = fsdp2_api()
+            from torch.distributed.device_mesh import DeviceMesh
+
+            mesh = DeviceMesh.from_group(agreement.group(mode.name), device.type)
             # Outputs in float32, so the loss is computed in float32 as under autocast.
             policy = policy_type(
                 param_dtype=dtypes.get(dmode.param_dtype), reduce_dtype=dtypes.get(dmode.reduce_dtype), output_dtype=torch.float32
@@ -101,9 +111,13 @@ def _runner_factory(device, plants: list, made: dict):
             model = runner.model
             for child in model.children():  # one all-gather unit per layer that has parameters, then the root
                 if any(True for _ in child.parameters()):
-                    fully_shard(child, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
-            runner.optimizer = optimizer_factory(model.parameters())  # sharding replaced the parameters (DTensors)
+                    fully_shard(child, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            # Sharding replaced the parameters (DTensors): a fresh optimizer; fp16 parameters get a loss scaler
+            # (the GradScaler unscales DTensor gradients and all-reduces its inf check; see modes.fsdp2_fp16_reason).
+            scaled = dataclasses.replace(mode, grad_scaler=dmode.param_dtype == "float16")
+            runner = ModeRunner(scaled, model, optimizer_factory(model.parameters()), loss_fn, device)
+        runner.step = steps.counted(runner.step)
         mine = [p for p in plants if p["kind"] in ("nan", "hang", "raise", "die") and p.get("mode") in (None, mode.name)]
         made[mode.name] = (dmode, _with_plants(runner, mine))
         return runner
@@ -157,7 +171,10 @@ def _compare_replicas(made: dict, order: list[str], world_size: int) -> dict:
     return replicas
 
 
-def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> RankResult:
+def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say, steps, *, join: bool = True) -> RankResult:
+    """This rank's part of the job: join the process group (unless ``join`` is False: pytest is itself a
+    rank of a job that joined already), measure every mode on its own group with the ranks' agreement,
+    compare replicas; the groups made for the run are destroyed at the end."""
     import torch
     import torch.distributed as dist
 
@@ -171,8 +188,9 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> Rank
     options = {"timeout": datetime.timedelta(seconds=job.pg_timeout_s)}
     if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         options["device_id"] = device  # NCCL binds this rank's GPU at once (torch >= 2.3), not guessed at the first collective
-    dist.init_process_group(job.backend, **options)
-    say("joined the process group")
+    if join:
+        dist.init_process_group(job.backend, **options)
+        say("joined the process group")
     workload = load_workload(job.workload, job.workload_options)
     config = job.measure
     if job.download and local_rank != 0:
@@ -182,6 +200,8 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> Rank
         dist.barrier()
     modes = [MODES[n] if n in MODES else PrecisionMode(n, distributed_mode(n).description) for n in job.modes]
     made: dict = {}
+    names = [config.reference_mode, *[n for n in job.modes if n != config.reference_mode]]
+    agreement = Agreement(names, job.backend, options["timeout"], release=lambda name: made.pop(name, None))
     m = measure(
         workload,
         modes,
@@ -189,7 +209,8 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> Rank
         config=config,
         dataset=_shard(dataset, rank, world_size),
         progress=say,
-        runner_factory=_runner_factory(device, plants, made),
+        runner_factory=_runner_factory(device, plants, made, agreement, steps),
+        after_phase=agreement,
     )
     for p in plants:
         if p["kind"] == "perturb":
@@ -202,6 +223,7 @@ def run_rank(job: Job, rank: int, world_size: int, local_rank: int, say) -> Rank
     say("comparing replicas")
     order = [n for n in [config.reference_mode, *job.modes] if n in made]
     replicas = _compare_replicas(made, order, world_size)
+    agreement.close()
     return RankResult(rank, world_size, socket.gethostname(), str(device), m.to_dict(), replicas)
 
 
@@ -226,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         # @record: torchrun's error file then names this rank and its exception in the launcher's summary.
-        write_record(job_dir / f"rank{rank}.json", record(run_rank)(job, rank, world_size, local_rank, say))
+        steps = StepRecord(job_dir / f"rank{rank}.steps")
+        write_record(job_dir / f"rank{rank}.json", record(run_rank)(job, rank, world_size, local_rank, say, steps))
         say("done")
     except BaseException as exc:
         frames = traceback.extract_tb(exc.__traceback__)

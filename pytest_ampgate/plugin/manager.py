@@ -27,7 +27,7 @@ WORKERINPUT_KEY = "ampgate_gated_ids_dir"
 if TYPE_CHECKING:
     from ..config import GateConfig
     from ..gate import GateResult
-    from ..gpu_lock import DeviceLock, Hold
+    from ..gpu_lock import DeviceLock, DeviceLocks, Hold
     from ..session import GateSession, TestGate
 
 REPORT_ATTR = "ampgate"
@@ -45,7 +45,7 @@ class ItemState:
     """Defaults, ini and marker settings, worked out at collection."""
     gate: TestGate | None = None
     """What its fixture handed out, once it did."""
-    lock: DeviceLock | None = None
+    lock: DeviceLock | DeviceLocks | None = None
     hold: Hold | None = None
     unmeasured: bool = False
     skipped: bool = False
@@ -195,11 +195,13 @@ class AmpGatePlugin:
         """
         if not self._needs_device_lock(item):
             return
-        from ..gpu_lock import DeviceLock, device_key
+        from ..distributed.in_job import gpus_for
+        from ..gpu_lock import DeviceLocks, lock_keys
 
         workerinput = getattr(item.config, "workerinput", None)
         run_id = workerinput.get("testrunuid") if workerinput else f"pid{os.getpid()}"
-        lock = DeviceLock(device_key(self.gate.options.device, run_id), timeout=self.settings.lock_timeout)
+        world_size, local_rank = gpus_for(self.gate, test_id(item), item_state(item).config)  # every GPU the test's ranks use
+        lock = DeviceLocks(lock_keys(self.gate.options.device, world_size, run_id, local_rank), timeout=self.settings.lock_timeout)
         state = item_state(item)
         state.hold = lock.acquire(test_id(item), self.gate.progress)
         state.lock = lock
@@ -328,6 +330,10 @@ class AmpGatePlugin:
         if self.worker:  # an xdist worker: the controller writes
             collected = {**state.collection.to_worker_output(), "run_locks": sorted(state.run_locks)}
             self.config.workeroutput["ampgate_collected"] = collected
+            return
+        from ..distributed.in_job import writes_outputs
+
+        if not writes_outputs():  # one rank of a torch.distributed job: global rank 0 writes for the job
             return
         self._report_device_skips(session)
         if self.gate.options.update:
