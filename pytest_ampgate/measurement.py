@@ -103,6 +103,7 @@ def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch
                 f"{where}: the model's output {describe_output(out)} does not fit the default metric, accuracy, "
                 f"against targets {tuple(y.shape)} {y.dtype}: {problem}; or give the Workload a metric"
             )
+        return  # the default accuracy needs nothing more than fitting scores: its value is always in [0, 1]
     x_test, y_test = next(iter(dataset.test_batches(min(32, dataset.n_test))))
     param = next(model.parameters(), None)
     if param is not None:

@@ -331,7 +331,7 @@ class Metric:
         low, high = self.bounds
         return low is not None and high is not None and low >= 0 and high <= 1
 
-    def tolerances(self, config) -> dict[str, Tolerance]:
+    def tolerances(self, config) -> dict[str, Tolerance | None]:
         """The baseline and same-run tolerances for this metric under ``config`` (a GateConfig):
         its own, else the gate's setting, else the default for its kind.  A setting outside the
         limits of this metric's kind is refused here, before anything trains."""
@@ -349,8 +349,11 @@ class Metric:
         base_setting = f"Metric({self.name!r}, tolerance=...)" if not self.share or self.tolerance is not None else "accuracy_tolerance"
         same = self.same_run_tolerance if self.same_run_tolerance is not None else configured
         same_setting = "same_run_tolerance" if self.same_run_tolerance is None else f"Metric({self.name!r}, same_run_tolerance=...)"
+        own_or_relative = not self.share or self.tolerance is not None  # else the checks read accuracy_tolerance themselves
         return dict(
-            metric_tolerance=Tolerance(self.tolerance if self.tolerance is not None else base_default, not self.share, base_setting),
+            metric_tolerance=Tolerance(self.tolerance if self.tolerance is not None else base_default, not self.share, base_setting)
+            if own_or_relative
+            else None,
             same_run_tolerance=Tolerance(same if same is not None else same_default, not self.share, same_setting),
         )
 
