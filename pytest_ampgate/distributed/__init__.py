@@ -13,8 +13,13 @@ measurement protocol as a single-device run.  One step per module:
 * :mod:`.launch`: :func:`measure_distributed`: torchrun started, watched and stopped, failures named;
 * :mod:`.worker`: one rank (``python -m pytest_ampgate.distributed.worker``), each mode's model
   wrapped in DDP or FSDP2 around :func:`pytest_ampgate.measurement.measure`;
-* :mod:`.merge`: the ranks merged into one Measurements for the ordinary gate, and the checks only
-  several ranks have (the rank that went non-finite first, replica drift).
+* :mod:`.agreement`: a process group per mode and the ranks' agreement after every phase, so a rank
+  that raises fails that mode on every rank at once, named; step records that name a hung rank;
+* :mod:`.merge`: the ranks merged into one Measurements for the ordinary gate (every rank's noise and
+  timings, the slowest rank per mode), and the checks only several ranks have (the rank that went
+  non-finite first, replica drift);
+* :mod:`.in_job`: pytest that is itself one rank of a job (torchrun on every node, or a scheduler):
+  the test runs across the whole job in this process, and only global rank 0 writes.
 
 Nothing here imports torch at module level: the mode table is read when markers are validated.
 """
