@@ -163,7 +163,10 @@ class GateResult:
 
     @property
     def failed(self) -> bool:
-        return self.verdict.outcome == FAIL or (self.strict and self.verdict.outcome == INCONCLUSIVE)
+        """A FAIL; under strict also an INCONCLUSIVE, or a gate that gated nothing (no requested mode could run)."""
+        if self.verdict.outcome == FAIL:
+            return True
+        return self.strict and (self.verdict.outcome == INCONCLUSIVE or self.verdict.no_mode_ran)
 
     @property
     def passed(self) -> bool:

@@ -459,9 +459,11 @@ def _start(
             host_step = (time.perf_counter() - begin) / max(1, config.warmup_steps - probe)
             if probe:
                 with no_cyclic_gc():
-                    slot.m.busy_step_s, probe_losses = timer.busy(
+                    found, probe_losses = timer.busy(
                         runner, lambda: [runner.step(*dataset.batch(runner.steps_taken, batch)) for _ in range(probe)], probe, host_step
                     )
+                if found is not None:
+                    slot.m.busy_step_s, slot.m.probe_host_step_s = found.busy_s, found.host_s
                 losses.extend(probe_losses)
             slot.m.record_losses(read_losses(losses))
         runner.note_scale()

@@ -39,6 +39,8 @@ class ModeMeasurement:
     """Seconds the host took to enqueue one step, one value per timed round (CUDA; equal to the step time on the CPU)."""
     busy_step_s: float | None = None
     """Device time of one step with every kernel queued in advance (CUDA launch-bound probe), or None."""
+    probe_host_step_s: float | None = None
+    """Host time to launch one step while that probe held the device busy (launch cost alone), or None."""
     block_seconds: float = 0.0
     """Device seconds of every block of training steps timed in this mode (lead-in, rounds, balance)."""
     peak_memory_bytes: int | None = None

@@ -63,6 +63,16 @@ class BlockTiming:
     host_s: float
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What the device-idle probe measured per step: the device's own work, and the host's launch cost."""
+
+    busy_s: float
+    """Device time per step with every kernel queued in advance."""
+    host_s: float
+    """Host time to enqueue one step while the device was held busy: launching alone, never waiting on the device."""
+
+
 class CpuTimer:
     """The CPU: the host does the work, so elapsed and host time are one ``perf_counter`` reading."""
 
@@ -72,7 +82,7 @@ class CpuTimer:
         seconds = time.perf_counter() - begin
         return BlockTiming(seconds, seconds), losses
 
-    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[float | None, list]:
+    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[Probe | None, list]:
         """No launch queue on the CPU: nothing to probe."""
         return None, run()
 
@@ -94,13 +104,14 @@ class CudaTimer:
             end.synchronize()
             return BlockTiming(start.elapsed_time(end) / 1000.0, host), losses
 
-    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[float | None, list]:
+    def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[Probe | None, list]:
         """Device time of ``steps`` steps with every kernel queued before the device starts them.
 
         A ``torch.cuda._sleep`` kernel keeps the device busy while the host enqueues the steps; the
         time from an event after the sleep to one after the steps is then the device's own work,
-        without the gaps where it waited for the host.  If the sleep ended before the host finished
-        (a host sync in the step, a full launch queue), the probe says nothing: None.
+        without the gaps where it waited for the host, and the host's time to enqueue them is its
+        launch cost alone (it never blocked on the device).  If the sleep ended before the host
+        finished (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
         from .delays import gpu_cycles_per_second
 
@@ -111,13 +122,15 @@ class CudaTimer:
             after_sleep, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(max(1, int(sleep_s * gpu_cycles_per_second(index))))
             after_sleep.record()
+            begin = time.perf_counter()
             losses = run()
+            host = time.perf_counter() - begin
             end.record()
             covered = not after_sleep.query()
             end.synchronize()
             if not covered:
                 return None, losses
-            return after_sleep.elapsed_time(end) / 1000.0 / steps, losses
+            return Probe(after_sleep.elapsed_time(end) / 1000.0 / steps, host / steps), losses
 
 
 def default_timer(device: torch.device):
@@ -158,7 +171,7 @@ class LaunchBound:
     step_s: float
     """Device time per step in the timed rounds (median)."""
     host_s: float
-    """Host time to enqueue one step (median)."""
+    """Host time to launch one step: the probe's where it measured one, else the timed rounds' median."""
     busy_s: float
     """Device time per step when its kernels were all queued in advance (the device's own work)."""
 
@@ -181,24 +194,28 @@ def launch_bound(mm: ModeMeasurement) -> LaunchBound | None:
     """The launch-bound diagnosis of one measured mode, or None where it could not be probed (CPU, host syncs)."""
     if mm.busy_step_s is None or not mm.step_times_s or not mm.host_times_s:
         return None
-    return LaunchBound(mm.mode, median(mm.step_times_s), median(mm.host_times_s), mm.busy_step_s)
+    host = mm.probe_host_step_s if mm.probe_host_step_s is not None else median(mm.host_times_s)
+    return LaunchBound(mm.mode, median(mm.step_times_s), host, mm.busy_step_s)
 
 
 def launch_diagnosis(reference: ModeMeasurement, mm: ModeMeasurement, device: str, floor: float) -> str:
-    """Why a speedup ``floor`` is out of reach for ``mm`` on this device at this size, or ''.
+    """Why a speedup ``floor`` against the reference is out of reach for ``mm`` on this device at this size, or ''.
 
-    Two ways to know: the reference leaves the device idle a large share of each step (it is
-    waiting for the host, so no mode can beat the host's launch time, and AMP launches more); or
-    the mode's own launch time already exceeds what the floor allows (a block cannot end before
-    its last kernel is launched).  The second needs the mode's probe to have worked (no host
-    sync in its step: a GradScaler's sync puts device time into the host time).
+    Two ways to know, both from the device-idle probe: the reference leaves the device idle a
+    large share of each step (it is waiting for the host, so no mode can beat the host's launch
+    time, and AMP launches more); or the mode's own launch cost, as the probe measured it with the
+    device held busy, already exceeds what the floor allows (a block cannot end before its last
+    kernel is launched).  Never from the timed blocks' host time: that grows with any host-side
+    regression (an extra cast, a new ``.item()``) and with the host blocking on a full launch queue,
+    exactly what the gate exists to catch.  Only the floor against the reference may be excused so;
+    the stored baseline is gated whatever this says (see :func:`pytest_ampgate.checks.speedup_check`).
     """
     bound = launch_bound(reference)
     if bound is not None and bound.bound:
         return bound.describe()
-    if not device.startswith("cuda") or mm.busy_step_s is None or not mm.host_times_s or not reference.step_times_s:
+    if not device.startswith("cuda") or mm.busy_step_s is None or mm.probe_host_step_s is None or not reference.step_times_s:
         return ""
-    ref_step, host = median(reference.step_times_s), median(mm.host_times_s)
+    ref_step, host = median(reference.step_times_s), mm.probe_host_step_s
     ceiling = ref_step / host if host > 0 else float("inf")
     if ceiling >= floor:
         return ""

@@ -87,6 +87,10 @@ UPDATE_COMMAND = "pytest --ampgate --ampgate-update"
 """The one command that records or refreshes baselines (the baseline store's messages say it too)."""
 UPDATE_HINT = f"accept a deliberate change with: {UPDATE_COMMAND}"
 RECORD_HINT = f"record one with: {UPDATE_COMMAND}"
+STRICT_NOTHING_GATED = (
+    "--ampgate-strict fails a gated test that gated nothing: request a mode this device supports "
+    "(see the reasons above), or run the gate on a device that has the mode"
+)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class Verdict:
         lines = [f"{test_id} - {head}" if test_id else head]
         lines += ["  " + c.line() for c in sorted(self.checks, key=lambda c: SEVERITY.index(c.outcome))]
         failed = self.of(FAIL)
+        if self.no_mode_ran and strict:
+            lines.append(f"  {STRICT_NOTHING_GATED}")
         if self.workload_at_fault:
             return "\n".join(lines)  # a broken workload is not cured by a new baseline or a relaxed margin
         if any(c.baseline is not None for c in failed):

@@ -25,7 +25,7 @@ from pytest_ampgate.gpu_noise import GpuProcess, NoiseReport, WindowNoise, open_
 from pytest_ampgate.measurement import MeasureConfig, measure
 from pytest_ampgate.records import from_dict, to_dict
 from pytest_ampgate.stats import abba_order, balance_counts
-from pytest_ampgate.timing import BlockTiming, CudaTimer, launch_bound
+from pytest_ampgate.timing import BlockTiming, CudaTimer, Probe, launch_bound
 from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS, SKIPPED
 from pytest_ampgate.workloads import Workload
 
@@ -50,18 +50,20 @@ def tiny_workload(model=None, optimizer=None, n=128, features=8, batch=16):
 
 
 class FakeTimer:
-    """A CUDA-like timing source: per mode, (device time per step, host enqueue time per step, busy time per step)."""
+    """A CUDA-like timing source: per mode, (device time per step, host enqueue time per step, busy time per step
+    [, host launch time per step while the probe held the device busy: the timed host time unless given])."""
 
     def __init__(self, per_mode):
         self.per_mode = per_mode
 
     def time(self, runner, run):
         losses = run()
-        step, host, _busy = self.per_mode[runner.mode.name]
+        step, host, *_probe = self.per_mode[runner.mode.name]
         return BlockTiming(step * len(losses), host * len(losses)), losses
 
     def busy(self, runner, run, steps, host_step_s):
-        return self.per_mode[runner.mode.name][2], run()
+        _step, host, busy, *probe_host = self.per_mode[runner.mode.name]
+        return Probe(busy, probe_host[0] if probe_host else host), run()
 
 
 def as_if_on_cuda(m):
@@ -301,8 +303,9 @@ def test_events_and_the_probe_run_on_cuda_n(monkeypatch):
     timer = CudaTimer(torch.device("cuda:1"))
     timing, losses = timer.time(runner, lambda: [1, 2])
     assert fake.events == [1, 1] and timing.host_s >= 0 and losses == [1, 2]
-    busy, _ = timer.busy(runner, lambda: [1], 1, 1e-4)
-    assert fake.events[2:] == [1, 1] and fake.sleeps and all(d == 1 for d, _ in fake.sleeps) and busy is not None
+    probe, _ = timer.busy(runner, lambda: [1], 1, 1e-4)
+    assert fake.events[2:] == [1, 1] and fake.sleeps and all(d == 1 for d, _ in fake.sleeps) and probe is not None
+    assert probe.busy_s >= 0 and probe.host_s >= 0
     assert fake.current == 0  # left as found
 
 

@@ -140,7 +140,7 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
     if not gate.results and not state.summary and not state.unmeasured and not state.not_recorded and not state.prune_line:
         return  # a plain run: nothing to say, and nothing heavy (torch) imported to say it
     from ..outputs.table import format_table, table_columns, table_rows
-    from ..verdict import FAIL, INCONCLUSIVE
+    from ..verdict import FAIL, INCONCLUSIVE, SKIPPED
 
     write_sep("=", "ampgate summary")
     if gate.results:
@@ -155,6 +155,8 @@ def terminal_summary(write_sep: Callable, write_line: Callable, plugin) -> None:
         elif update and r.update is None and r.test_id in state.not_recorded:
             write_line(f"baseline NOT recorded for {r.test_id}: {state.not_recorded[r.test_id]}", red=True)
         for check in r.verdict.checks:
+            if r.strict and check.metric == "speedup" and check.outcome == SKIPPED:  # strict: nothing ungated goes unsaid
+                write_line(f"SKIPPED SPEED CHECK {r.test_id}: {check.why}", yellow=True)
             if check.metric == "known_state":
                 write_line(f"LEAKED STATE {r.test_id}: {check.why}", yellow=True)
     if state.unmeasured:
