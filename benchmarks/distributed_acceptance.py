@@ -59,6 +59,11 @@ def _outcomes(report: Path) -> dict:
 def run_step(args, out: Path, run, pytest_cmd) -> dict:
     """Every world size's healthy and faulty runs: ``{"steps": [...], "checks": [(name, value, required, ok)], "figures": {...}}``."""
     steps, checks, figures = [], [], {}
+    from pytest_ampgate.distributed import mode_unsupported_reason
+
+    reason = mode_unsupported_reason("fsdp2_bf16", args.device)
+    if reason is not None:  # e.g. torch 2.4 on a CPU: FSDP2 cannot run here, so this step cannot judge
+        return {"steps": [], "checks": [("distributed step not run", reason, False, True)], "figures": {}}
     small = args.smoke or args.device == "cpu"
     for world in world_sizes(args.device):
         project = out / f"distributed_world{world}"
