@@ -97,6 +97,9 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
         else:  # the margin is excused, the same machine's baseline is not
             floor, source = base_floor, f"{baseline_source}; {statement}"
             args["threshold"] = floor
+    unobserved = m.noise.unobserved_reason()
+    if unobserved:  # said, never guessed: the timings decide
+        source += f"; {unobserved}"
     too_few = _too_few_rounds(est, config)
     if too_few:
         return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from . import nvml
+from . import gpu_identity, nvml
 from .errors import ConfigError
-from .modes import DeviceLike, parse_device
+from .modes import DeviceLike, cuda_index, parse_device
 
 __all__ = [
     "BusyProcess",
@@ -231,6 +231,8 @@ class BusyProcess:
     sm_percent: int
     memory_percent: int
     name: str | None = None
+    role: str = ""
+    """What it is to this run where known, e.g. "xdist worker of this run" (real noise all the same)."""
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,12 @@ class WindowNoise:
     """What disturbed the GPU during the timed rounds, as NVML counted it over that window.
 
     Only processes that *used* the GPU during the window count (per-process utilisation samples
-    since the window began), never this run's own processes (its xdist workers hold CUDA contexts
-    but wait for the device lock).  Throttling is read from NVML's cumulative violation counters
+    since the window began), never this process, recognised in NVML's terms by
+    :func:`pytest_ampgate.gpu_identity.identify` (``identified_by`` says how).  This run's xdist
+    workers that wait for the device lock run no kernel and are never sampled busy; one that runs
+    CUDA work meanwhile is real noise and counts, named as such.  Where NVML's samples cannot be
+    attributed (a container whose PIDs it cannot match, MPS, per-process utilisation unsupported on
+    MIG or vGPU), ``cannot_tell`` says why and the window is neither busy nor quiet.  Throttling is read from NVML's cumulative violation counters
     at both ends of the window, so a limit that held the clocks back in the middle is seen even if
     it was gone when the window ended.
     """
@@ -251,6 +257,10 @@ class WindowNoise:
     throttled_s: dict[str, float] = field(default_factory=dict)
     ignored_own_pids: tuple[int, ...] = ()
     unreadable: tuple[str, ...] = ()
+    identified_by: str = ""
+    """How this process was found among NVML's: "pid", "context", "memory" (see gpu_identity)."""
+    cannot_tell: str = ""
+    """Why the samples could not be attributed to this process or others; '' when they could."""
 
     @property
     def throttle(self) -> dict[str, float]:
@@ -259,18 +269,22 @@ class WindowNoise:
 
     @property
     def noisy(self) -> bool:
-        """Another process used the GPU during the window, or a limit held its clocks back."""
-        return self.available and (bool(self.busy_processes) or bool(self.throttle))
+        """Another process used the GPU during the window, or a limit held its clocks back (never a guess)."""
+        return self.available and ((bool(self.busy_processes) and not self.cannot_tell) or bool(self.throttle))
 
     def describe(self) -> str:
         """One line for reports, as :meth:`NoiseReport.describe` but over the timed window."""
         if not self.available:
             return f"NVML not available: {self.reason}"
         parts = []
-        if self.busy_processes:
-            who = ", ".join(
-                f"pid {p.pid}{' ' + p.name if p.name else ''} (SM {p.sm_percent}%, memory {p.memory_percent}%)" for p in self.busy_processes
-            )
+        who = ", ".join(
+            f"pid {p.pid}{' ' + p.name if p.name else ''}{', ' + p.role if p.role else ''} (SM {p.sm_percent}%, memory {p.memory_percent}%)"
+            for p in self.busy_processes
+        )
+        if self.cannot_tell:
+            seen = f"; NVML sampled {who}" if who else ""
+            parts.append(f"{CANNOT_TELL}: {self.cannot_tell}{seen}")
+        elif self.busy_processes:
             parts.append(
                 f"{len(self.busy_processes)} other process{'es' if len(self.busy_processes) > 1 else ''} used the GPU during the timed rounds: {who}"
             )
@@ -279,41 +293,28 @@ class WindowNoise:
         return _one_line(parts, "quiet during the timed rounds", self.unreadable)
 
 
-def own_run_pids() -> set[int]:
-    """This process and the other processes of the same pytest run (its xdist workers and controller).
+CANNOT_TELL = "cannot tell who used the GPU during the timed rounds"
 
-    pytest-xdist gives every worker of one run the same ``PYTEST_XDIST_TESTRUNUID``; processes
-    whose environment carries ours (readable for processes of the same user) are this run's.
-    Without xdist, only this process.
-    """
-    pids = {os.getpid()}
-    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not uid:
-        return pids
-    pids.add(os.getppid())  # the controller
-    needle = f"PYTEST_XDIST_TESTRUNUID={uid}".encode()
+
+def own_run_pids() -> set[int]:
+    """This process and the other processes of the same pytest run (its xdist controller and sibling workers)."""
+    return set(gpu_identity.run_processes())
+
+
+def _own_gpu_bytes(index: int) -> int | None:
+    """What this process's allocator holds on the GPU (NVML counts it, plus the context), or None."""
     try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return pids
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.add(int(entry))
-        except OSError:
-            continue
-    return pids
+        return int(torch.cuda.memory_reserved(index)) if torch.cuda.is_initialized() else None
+    except Exception:
+        return None
 
 
 class NoiseWindow:
     """Open at the start of the timed rounds, :meth:`close` at their end: what disturbed the GPU in between."""
 
-    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: set[int] | None = None):
+    def __init__(self, pynvml: Any = None, handle: Any = None, reason: str = "", own_pids: set[int] | None = None, index: int = 0):
         self.pynvml, self.handle, self.reason = pynvml, handle, reason
-        self.own_pids = own_pids
+        self.own_pids, self.index = own_pids, index
         self.started = time.perf_counter()
         self.since_us = int(time.time() * 1e6)
         self.counters = _violations(pynvml, handle)[0] if handle is not None else {}
@@ -333,14 +334,23 @@ class NoiseWindow:
         pynvml, handle = self.pynvml, self.handle
         window_s = time.perf_counter() - self.started
         unreadable = []
-        own = self.own_pids if self.own_pids is not None else own_run_pids()
+        cannot_tell = ""
         samples, err = nvml.call(getattr(pynvml, "nvmlDeviceGetProcessUtilization", None), handle, self.since_us)
-        busy: dict[int, tuple[int, int]] = {}
-        ignored = set()
         # NVML answers "not found" (pynvml sometimes raises "Success") when no process has a
-        # sample since the timestamp: nobody used the GPU.
+        # sample since the timestamp: nobody used the GPU.  Any other refusal (NVML_ERROR_NOT_SUPPORTED
+        # on a MIG or vGPU handle) means noise could not be observed, which is not "quiet".
         if err is not None and "not found" not in err.lower() and "success" not in err.lower():
             unreadable.append("per-process utilisation")
+            cannot_tell = f"NVML gives no per-process utilisation for this GPU ({err}; MIG and vGPU do not support it)"
+        sampled = {int(getattr(x, "pid", -1)) for x in samples or ()}
+        if self.own_pids is not None:
+            identity = gpu_identity.Identity(frozenset(self.own_pids), "pid")
+        else:
+            identity = gpu_identity.identify(pynvml, handle, index=self.index, own_bytes=_own_gpu_bytes(self.index), sample_pids=sampled)
+        own = identity.pids
+        roles = gpu_identity.run_processes()
+        busy: dict[int, tuple[int, int]] = {}
+        ignored = set()
         for sample in samples or ():
             pid = int(getattr(sample, "pid", -1))
             sm, mem = int(getattr(sample, "smUtil", 0) or 0), int(getattr(sample, "memUtil", 0) or 0)
@@ -352,16 +362,22 @@ class NoiseWindow:
                 continue
             old = busy.get(pid, (0, 0))
             busy[pid] = (max(old[0], sm), max(old[1], mem))
+        if busy and identity.unknown and not cannot_tell:
+            cannot_tell = identity.unknown
         after, bad = _violations(pynvml, handle)
         unreadable += bad
         throttled = {name: max(0.0, (after[name] - self.counters[name]) / 1e9) for name in after if name in self.counters}
         return WindowNoise(
             available=True,
             window_s=window_s,
-            busy_processes=tuple(BusyProcess(pid, sm, mem, nvml.process_name(pynvml, pid)) for pid, (sm, mem) in sorted(busy.items())),
+            busy_processes=tuple(
+                BusyProcess(pid, sm, mem, nvml.process_name(pynvml, pid), roles.get(pid, "")) for pid, (sm, mem) in sorted(busy.items())
+            ),
             throttled_s=throttled,
             ignored_own_pids=tuple(sorted(ignored)),
             unreadable=tuple(unreadable),
+            identified_by="" if identity.unknown else identity.how,
+            cannot_tell=cannot_tell,
         )
 
 
@@ -387,13 +403,45 @@ def open_noise_window(device: DeviceLike = "cuda", *, pynvml: Any = None, own_pi
     if pynvml is not None:
         try:
             index = parse_device(device).index
-            return NoiseWindow(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index or 0), own_pids=own_pids)
+            return NoiseWindow(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index or 0), own_pids=own_pids, index=index or 0)
         except ConfigError as exc:
             return NoiseWindow(reason=str(exc))
         except Exception as exc:
             return NoiseWindow(reason=f"NVML has no handle for this GPU: {nvml.error_text(exc)}")
     pynvml, handle, why = nvml.open_device(device)
-    return NoiseWindow(pynvml, handle, own_pids=own_pids) if handle is not None else NoiseWindow(reason=why)
+    if handle is None:
+        return NoiseWindow(reason=why)
+    return NoiseWindow(pynvml, handle, own_pids=own_pids, index=_index(device))
+
+
+def _index(device: DeviceLike) -> int:
+    try:
+        return cuda_index(parse_device(device))
+    except Exception:
+        return 0
+
+
+def note_own_context(device: DeviceLike) -> None:
+    """Create this process's CUDA context on ``device`` if it has none yet, noting the NVML PID that
+    appeared with it (:func:`pytest_ampgate.gpu_identity.note_context`): in a container that PID is
+    this process's, where its own is absent from NVML's lists.  Does nothing where a context exists
+    or NVML cannot be read (the measurement creates the context anyway)."""
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    index = _index(device)
+    try:
+        if has_context is None or has_context(index):
+            return
+    except Exception:
+        return
+    pynvml, handle, _why = nvml.open_device(device)
+    if handle is None:
+        return
+    try:
+        gpu_identity.note_context(pynvml, handle, index, lambda: torch.empty(1, device=torch.device("cuda", index)))
+    except Exception:  # advisory: the measurement creates the context and says what fails
+        pass
+    finally:
+        nvml.shutdown(pynvml)
 
 
 # --- one measurement's readings, and what they say about its timings -------------------------------
@@ -422,3 +470,11 @@ class NoiseReadings:
             return f"during timing: {self.window.describe()}" if self.window.noisy else ""
         snapshots = (("before", self.before), ("after", self.after))
         return "; ".join(f"{when} timing: {report.describe()}" for when, report in snapshots if report is not None and report.noisy)
+
+    def unobserved_reason(self) -> str:
+        """Why it could not be told who used the GPU while timing (container, MPS, MIG), or ''.
+
+        Said beside the verdict, which stands on the timings alone: a regression still fails.
+        """
+        window = self.window
+        return f"{CANNOT_TELL}: {window.cannot_tell}" if window is not None and window.available and window.cannot_tell else ""

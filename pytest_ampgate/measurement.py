@@ -286,6 +286,8 @@ def measure(
     dataset_info: dict = {}
     noise = NoiseReadings()
     if any(s.m.supported for s in slots):
+        if device.type == "cuda":  # before anything creates the context: NVML then shows which PID is ours
+            gpu_noise.note_own_context(device)
         with device_context(device):
             if dataset is not None:
                 dataset = dataset.to(device)

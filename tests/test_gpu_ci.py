@@ -3,6 +3,10 @@ and launch-bound workloads that must never excuse a regression."""
 
 from __future__ import annotations
 
+import os
+import time
+import types
+
 import pytest
 from test_reliability import CPU, HELPERS, _assert_clean
 
@@ -116,3 +120,195 @@ def test_gated(ampgate):
     strict.assert_outcomes(passed=1)
     out = _assert_clean(strict)
     assert "SKIPPED SPEED CHECK test_gated.py::test_gated: amp_bf16 speedup not gated on cpu" in out, out
+
+
+# --- who used the GPU: containers, MPS, MIG, xdist siblings (issue 20, points 1-3) ----------------------
+
+HOST_PID, NEIGHBOUR_PID = 4_190_001, 4_190_002
+"""PIDs of another PID namespace (the host's), as NVML reports them inside a container: not visible here."""
+MPS_PID = 4_190_003
+MIB = 2**20
+
+
+class NotSupported(Exception):
+    """pynvml's NVMLError_NotSupported: its str() is "Not Supported"."""
+
+    def __str__(self):
+        return "Not Supported"
+
+
+class ContainerNVML:
+    """A fake NVML that reports what the real driver reports, one case per ``kind``.
+
+    * ``plain``: NVML lists this process under its own PID (no PID namespace in between).
+    * ``container``: NVML is not PID-namespace aware: the compute-process list and the per-process
+      utilisation samples carry host PIDs, this process's own PID is absent and it appears under a
+      host PID (NVIDIA/nvidia-docker #179 and #1483; Project-HAMi/HAMi-core #112 shows the two
+      lists disagreeing on driver 560).  ``usedGpuMemory`` is this process's allocator memory plus
+      its CUDA context, as ``nvmlDeviceGetComputeRunningProcesses`` documents (NVML API reference,
+      nvmlProcessInfo_t).
+    * ``mps``: under the Multi-Process Service every client's work appears under the PID of
+      ``nvidia-cuda-mps-server`` (NVML API reference, nvmlDeviceGetMPSComputeRunningProcesses).
+    * ``mig``: ``nvmlDeviceGetProcessUtilization`` is not supported on MIG device handles and
+      raises NVMLError_NotSupported (NVML API reference: "not supported on MIG-enabled devices";
+      vGPU guests likewise).
+    """
+
+    NVML_PERF_POLICY_POWER, NVML_PERF_POLICY_THERMAL, NVML_PERF_POLICY_RELIABILITY = 0, 1, 5
+
+    def __init__(self, kind, processes, samples):
+        self.kind, self.processes, self.samples = kind, list(processes), list(samples)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in self.processes]
+
+    def nvmlDeviceGetProcessUtilization(self, handle, since_us):
+        if self.kind == "mig":
+            raise NotSupported()
+        return [
+            types.SimpleNamespace(pid=pid, smUtil=sm, memUtil=5, timeStamp=int(time.time() * 1e6) + 10_000_000) for pid, sm in self.samples
+        ]
+
+    def nvmlDeviceGetViolationStatus(self, handle, policy):
+        return types.SimpleNamespace(violationTime=0)
+
+    def nvmlSystemGetProcessName(self, pid):
+        return b"/usr/bin/nvidia-cuda-mps-server" if pid == MPS_PID else b"python"
+
+    def nvmlShutdown(self):
+        pass
+
+
+@pytest.fixture
+def holds_1gib(monkeypatch):
+    """This process's allocator holds 1 GiB on the GPU (torch.cuda.memory_reserved at the hardware boundary)."""
+    import torch
+
+    from pytest_ampgate import gpu_identity
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index=None: 1024 * MIB)
+    monkeypatch.setattr(gpu_identity, "_context_pids", {})
+
+
+def _window(kind, processes, samples):
+    from pytest_ampgate.gpu_noise import open_noise_window
+
+    window = open_noise_window("cuda:0", pynvml=ContainerNVML(kind, processes, samples))
+    return window.close()
+
+
+def _speed_of(window):
+    from test_gpu_verdicts import failing_measurement
+
+    from pytest_ampgate.config import build_config
+    from pytest_ampgate.gate import evaluate
+
+    verdict = evaluate(failing_measurement(window), build_config(("test", {"modes": ["amp_fp16"], "missing_baseline": "ignore"})))
+    return next(c for c in verdict.checks if c.metric == "speedup")
+
+
+def test_plain_case_this_process_by_its_pid_is_not_noise_another_is(holds_1gib):
+    from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
+
+    me = os.getpid()
+    quiet = _window("plain", [(me, 1500 * MIB)], [(me, 95)])
+    assert quiet.identified_by == "pid" and not quiet.noisy and not quiet.cannot_tell
+    assert quiet.describe() == "quiet during the timed rounds" and _speed_of(quiet).outcome == FAIL
+    busy = _window("plain", [(me, 1500 * MIB), (NEIGHBOUR_PID, 8000 * MIB)], [(me, 60), (NEIGHBOUR_PID, 40)])
+    assert busy.noisy and [p.pid for p in busy.busy_processes] == [NEIGHBOUR_PID]
+    assert _speed_of(busy).outcome == INCONCLUSIVE
+
+
+def test_container_this_process_under_a_host_pid_is_found_by_its_memory_and_a_regression_fails(holds_1gib):
+    from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
+
+    processes = [(HOST_PID, 1024 * MIB + 500 * MIB), (NEIGHBOUR_PID, 30_000 * MIB)]  # 500 MiB: the CUDA context
+    alone = _window("container", processes, [(HOST_PID, 95)])
+    assert alone.identified_by == "memory" and alone.ignored_own_pids == (HOST_PID,) and not alone.noisy, alone
+    speed = _speed_of(alone)
+    assert speed.outcome == FAIL and "other process" not in speed.why, speed.why  # the regression is not excused
+    shared = _window("container", processes, [(HOST_PID, 60), (NEIGHBOUR_PID, 40)])
+    assert shared.noisy and [p.pid for p in shared.busy_processes] == [NEIGHBOUR_PID]
+    assert _speed_of(shared).outcome == INCONCLUSIVE
+
+
+def test_container_this_process_found_by_the_pid_that_appeared_with_its_context(holds_1gib):
+    from pytest_ampgate import gpu_identity
+
+    nvml = ContainerNVML("container", [(NEIGHBOUR_PID, 1400 * MIB)], [(HOST_PID, 95)])
+    gpu_identity.note_context(nvml, "gpu0", 0, lambda: nvml.processes.append((HOST_PID, 1300 * MIB)))
+    from pytest_ampgate.gpu_noise import NoiseWindow
+
+    window = NoiseWindow(nvml, "gpu0").close()  # both processes fit 1 GiB + context by memory; the context decides
+    assert window.identified_by == "context" and not window.noisy and window.ignored_own_pids == (HOST_PID,), window
+
+
+def test_container_where_memory_cannot_tell_says_so_and_never_busy_or_quiet(holds_1gib):
+    from pytest_ampgate.gpu_noise import NoiseReadings
+    from pytest_ampgate.records import to_dict
+    from pytest_ampgate.results import noise_dict
+    from pytest_ampgate.verdict import FAIL
+
+    twins = [(HOST_PID, 1400 * MIB), (NEIGHBOUR_PID, 1450 * MIB)]  # an xdist sibling in the same container, say
+    window = _window("container", twins, [(HOST_PID, 95), (NEIGHBOUR_PID, 20)])
+    assert window.cannot_tell and not window.noisy
+    text = window.describe()
+    assert text.startswith("cannot tell who used the GPU") and "nvidia-docker #179" in text and "quiet" not in text, text
+    speed = _speed_of(window)
+    assert speed.outcome == FAIL and "cannot tell who used the GPU" in speed.why and "busy" not in speed.why, speed.why
+    assert "another PID namespace" in noise_dict(NoiseReadings(window=window))["window"]["cannot_tell"]  # the JSON says it too
+    assert to_dict(window)["identified_by"] == ""
+
+
+def test_mps_every_client_under_the_server_pid_cannot_tell(holds_1gib):
+    from pytest_ampgate.verdict import FAIL
+
+    window = _window("mps", [(MPS_PID, 3000 * MIB)], [(MPS_PID, 95)])
+    assert window.cannot_tell and "MPS server" in window.cannot_tell and not window.noisy
+    speed = _speed_of(window)
+    assert speed.outcome == FAIL and "cannot tell who used the GPU" in speed.why, speed.why
+
+
+def test_mig_without_per_process_utilisation_is_not_quiet(holds_1gib):
+    from pytest_ampgate.gpu_noise import NoiseReadings
+    from pytest_ampgate.results import noise_dict
+
+    window = _window("mig", [(os.getpid(), 1500 * MIB)], [])
+    assert window.cannot_tell and "Not Supported" in window.cannot_tell and "MIG" in window.cannot_tell
+    assert "quiet" not in window.describe() and "cannot tell who used the GPU" in window.describe()
+    assert "MIG" in noise_dict(NoiseReadings(window=window))["window"]["cannot_tell"]
+    assert "cannot tell who used the GPU" in _speed_of(window).why
+
+
+def test_a_real_xdist_run_each_worker_finds_its_siblings_and_controller(pytester):
+    out = pytester.mkdir("siblings")
+    pytester.makepyfile(
+        test_siblings=f"""
+import json, os, time
+from pathlib import Path
+from pytest_ampgate.gpu_noise import own_run_pids
+
+def test_find_siblings():
+    out = Path({str(out)!r})
+    (out / f"{{os.getpid()}}.ready").write_text("")
+    deadline = time.time() + 120
+    while len(list(out.glob("*.ready"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    run = sorted(own_run_pids())
+    (out / f"{{os.getpid()}}.json").write_text(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "run": run}}))
+"""
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:cacheprovider", timeout=240)
+    result.assert_outcomes(passed=2)
+    import json
+
+    workers = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(workers) == 2 and workers[0]["ppid"] == workers[1]["ppid"], workers
+    controller = workers[0]["ppid"]
+    for me, sibling in (workers, workers[::-1]):
+        assert {me["pid"], sibling["pid"], controller} <= set(me["run"]), (me, sibling)
+        assert os.getpid() not in me["run"]  # this outer pytest is not of that run
