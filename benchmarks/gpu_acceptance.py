@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, installed or not
 GOAL_WALL_S = 15.0
 GOAL_WALL_OVER_DEVICE = 2.0
 MEMORY_ORDER_TOLERANCE = 0.02
@@ -48,18 +50,41 @@ BUDGET_S = 470.0
 DEADLINE = [float("inf")]
 
 
+def plugin_environment() -> dict:
+    """Load the plugin from this checkout in every pytest the steps start, when the package is not installed.
+
+    An installed package registers ``pytest_ampgate.plugin`` under its ``pytest11`` entry point; a
+    bare checkout has no entry point, so pytest would not know ``--ampgate``.  ``PYTEST_PLUGINS``
+    reaches nested runs (xdist workers, torchrun ranks) too.  Never both: pluggy refuses one module
+    registered under two names.
+    """
+    from importlib.metadata import entry_points
+
+    installed = any(ep.value == "pytest_ampgate.plugin" for ep in entry_points(group="pytest11"))
+    return {} if installed else {"PYTEST_PLUGINS": "pytest_ampgate.plugin"}
+
+
 def run(name: str, cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> dict:
-    """One step as a subprocess: exit status, wall time, the tail of its output."""
+    """One step as a subprocess in its own process group: exit status, wall time, the tail of its output.
+
+    On timeout the whole group is killed (a pytest with xdist workers, a torchrun with its ranks),
+    so nothing it started keeps the GPU busy for the steps after it."""
     started = time.perf_counter()
     timeout = max(5.0, min(timeout, DEADLINE[0] - started))
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **(env or {})}
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    environ = {**os.environ, "PYTHONPATH": pythonpath, **plugin_environment(), **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environ)
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
         rc = "timeout"
-        out = (exc.stdout or b"").decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-    lines = [line for line in out.splitlines() if not line.startswith(("USDT:", "ERROR:20"))]  # profiler chatter
+    lines = [line for line in (out or "").splitlines() if not line.startswith(("USDT:", "ERROR:20"))]  # profiler chatter
     return {
         "step": name,
         "command": " ".join(cmd),

@@ -19,7 +19,7 @@ import torch
 from .data import DeviceDataset
 from .mode_runner import ModeRunner
 from .modes import cuda_bf16_supported, cuda_index
-from .precision_policy import numerics_policy
+from .precision_policy import heuristic_conv_algorithms, numerics_policy
 from .timing import synchronize
 
 MEMORY_COVERS = (
@@ -234,7 +234,7 @@ def memory_pass(
     state = state_bytes(runner)
     losses, peaks, activations, totals = [], [], [], []
     busy = False
-    with numerics_policy(runner.mode):
+    with numerics_policy(runner.mode), heuristic_conv_algorithms():
         for k in range(steps):
             runner.optimizer.zero_grad(set_to_none=True)
             x, y = dataset.batch(runner.steps_taken, batch_size)
@@ -261,14 +261,16 @@ def memory_pass(
         "step_peak_bytes": max(peaks),
         "peak_bytes": max(totals) if totals else state["state_bytes"] + max(peaks),
         "activation_bytes": max(activations) if activations else None,
-        "method": "torch.cuda.memory_stats requested bytes" if device.type == "cuda" else "torch.profiler CPU allocation events",
+        "method": "torch.cuda.memory_stats requested bytes, cuDNN algorithms by heuristics"
+        if device.type == "cuda"
+        else "torch.profiler CPU allocation events",
         "covers": MEMORY_COVERS,
     }
     return figures, losses
 
 
 def warm_libraries(device: torch.device) -> None:
-    """One small matmul per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
+    """A small matmul and a Linear with bias per dtype before any mode is measured, so cuBLAS/cuBLASLt workspaces exist already.
 
     Their first call in a process allocates the workspace through the caching allocator; warmed
     here, it is charged to no mode, whichever test or mode runs first.
@@ -278,7 +280,11 @@ def warm_libraries(device: torch.device) -> None:
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cuda_bf16_supported(cuda_index(device)) else [])
     for dtype in dtypes:
         a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.ones(64, device=device, dtype=dtype, requires_grad=True)
         (a @ a).sum().backward()
+        # a Linear with bias goes through cuBLASLt's fused epilogue (addmm -> gemm_and_bias); on
+        # releases without the unified cuBLAS/cuBLASLt workspace its workspace is allocated there first
+        torch.nn.functional.linear(a, a, bias).sum().backward()
     synchronize(device)
 
 

@@ -193,3 +193,22 @@ def cudnn_benchmark(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
+def heuristic_conv_algorithms() -> Iterator[None]:
+    """cuDNN picks convolution algorithms by its heuristics, not by timing, for the memory pass.
+
+    With autotuning (``benchmark``) the algorithm, and so its workspace, is whichever ran fastest in
+    this process, and two processes can pick differently: the same model's peak memory would move
+    between runs.  ``deterministic`` is part of ATen's cuDNN cache key (``ConvolutionParams``), so
+    with it on and autotuning off the warm-up's timed choices are not reused and the choice depends
+    only on the shapes and the GPU.  The user's settings are restored afterwards.
+    """
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved

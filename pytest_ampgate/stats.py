@@ -15,8 +15,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pytest_benchmark.stats import Stats
-
 from .records import from_dict, to_dict
 
 MIN_ROUNDS_FOR_CONFIDENCE = 6
@@ -118,7 +116,12 @@ def estimate_ratio(samples: Sequence[float], confidence: float = 0.95, noise_thr
 
 
 def summarize_times(times: Sequence[float]) -> dict:
-    """pytest-benchmark's summary of per-step times (seconds): min, max, mean, stddev, median, iqr, outliers..."""
+    """pytest-benchmark's summary of per-step times (seconds): min, max, mean, stddev, median, iqr, outliers...
+
+    Imported here, not at the top: the engine runs without pytest-benchmark loaded (a script, a
+    torchrun worker), and only the report's per-step summary needs it."""
+    from pytest_benchmark.stats import Stats
+
     stats = Stats()
     for t in times:
         stats.update(t)

@@ -312,3 +312,37 @@ def test_find_siblings():
     for me, sibling in (workers, workers[::-1]):
         assert {me["pid"], sibling["pid"], controller} <= set(me["run"]), (me, sibling)
         assert os.getpid() not in me["run"]  # this outer pytest is not of that run
+
+
+# --- memory that two processes agree on (issue 20, point 6) ------------------------------------------------
+
+
+def test_the_memory_pass_picks_convolution_algorithms_by_heuristics_and_restores_the_users_settings():
+    """cuDNN's flags are process globals, readable on the CPU: what the step saw is what cuDNN would be told."""
+    import dataclasses
+
+    import torch
+    from test_gpu_verdicts import TINY, tiny_workload
+
+    from pytest_ampgate.measurement import measure
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+            return self.net(x)
+
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False
+    try:
+        measure(tiny_workload(model=Recording), ["amp_bf16"], device="cpu", config=dataclasses.replace(TINY, memory_steps=2))
+        after = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False
+    assert (True, False) in seen, "warm-up and timed steps autotune"
+    assert (False, True) in seen, "the memory pass must not reuse timed (autotuned) algorithm choices"
+    assert after == (False, False), "the user's cuDNN settings are restored"
