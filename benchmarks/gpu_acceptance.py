@@ -18,9 +18,17 @@ Steps, each a subprocess with its own time limit (so one hung step cannot eat th
 4. ``gate_quality``: ``benchmarks/gate_quality.py`` reduced: A/A, planted slowdowns at 1.5x and 2x
    the tolerance, the memory plant, the forced-fp32 layer (and the other numerics plants).
 5. ``xdist``: ``pytest -n 2`` with a planted slowdown beside a worker that holds a CUDA context;
-   the planted test must FAIL, not turn INCONCLUSIVE.
+   the planted test must FAIL, not turn INCONCLUSIVE.  The plant is sized from the clean speedup
+   step 2 measured, so the planted speedup lands at half the floor on any card.
 6. ``distributed`` (``benchmarks/distributed_acceptance.py``): DDP with a compression hook and FSDP2
    at ``world_size`` 1 on NCCL (and 2 where two GPUs are visible), then a planted fault.
+7. ``identity``: this process in NVML's terms on the real driver (in a container NVML shows host
+   PIDs): recognised, and nobody counted busy on the idle lent GPU.
+8. ``strict``: ``--ampgate-strict`` with only a mode the device lacks must fail, naming why.
+
+It runs from a checkout with or without ``pip install --no-deps --no-build-isolation -e .`` (the
+steps get the checkout on ``PYTHONPATH`` and, without the install, the plugin by
+``PYTEST_PLUGINS``); each step runs in its own process group, killed whole on timeout.
 
 It writes ``acceptance.json`` (every figure, each step's command, output tail and exit status)
 and ``acceptance.md`` (the summary) into DIR, prints the summary, and exits 1 when a required
@@ -158,6 +166,7 @@ def _gate_figures(report: Path) -> dict:
         "failed_tests": [],
         "verdicts": {},
         "memory_ratios": {},
+        "speedups": {},
         "statements": [],
         "measure_wall_s": 0.0,
         "device_s": 0.0,
@@ -171,6 +180,8 @@ def _gate_figures(report: Path) -> dict:
             figures["device_s"] += m.get("device_seconds") or 0.0
             if m["memory_ratio"] is not None:
                 figures["memory_ratios"].setdefault(test["test_id"], {})[m["mode"]] = m["memory_ratio"]
+            if m.get("speedup"):
+                figures["speedups"].setdefault(test["test_id"], {})[m["mode"]] = m["speedup"]["median"]
         figures["statements"] += [
             f"{test['test_id']}: {c['why']} [{c['outcome']}]" for c in test["checks"] if c["metric"] in ("speedup", "memory")
         ]
@@ -190,6 +201,8 @@ from pytest_ampgate import testing
 from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
 
 SMOKE = os.environ.get("AMPGATE_ACCEPTANCE_SMOKE") == "1"
+PLANT = float(os.environ["AMPGATE_ACCEPTANCE_PLANT"])
+FLOOR = float(os.environ["AMPGATE_ACCEPTANCE_FLOOR"])
 
 
 def test_holds_a_cuda_context():
@@ -199,7 +212,7 @@ def test_holds_a_cuda_context():
     time.sleep(2 if SMOKE else 20)
 
 
-@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=0.6, missing_baseline="ignore",
+@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=FLOOR, missing_baseline="ignore",
                             **({"rounds": 6, "steps_per_block": 3, "warmup_steps": 1, "memory_steps": 0} if SMOKE else {}))
 def test_planted_slowdown(ampgate):
     time.sleep(1)  # let the other worker create its context first
@@ -207,19 +220,46 @@ def test_planted_slowdown(ampgate):
         workload = cifar_cnn()
     else:
         workload = mnist_mlp(64).with_options(data_options={"n_train": 1024, "n_test": 256})
-    # amp_bf16 four times as slow: its speedup falls to a quarter, far below the 0.6 floor (calibrated
-    # against the measured drop on CUDA; in the CPU smoke run a fixed spin of 3 x 2 ms per step)
+    # amp_bf16 slowed so its speedup lands at half the floor, sized from the clean speedup the own-gate
+    # step measured (calibrated against the measured drop on CUDA; in the CPU smoke run a fixed spin of
+    # PLANT x 2 ms per step)
     step = 2e-3 if SMOKE and not ampgate.device.startswith("cuda") else None
-    ampgate.run(testing.slow_down(workload, 3.0, modes=["amp_bf16"], device=ampgate.device, step_time_s=step))
+    ampgate.run(testing.slow_down(workload, PLANT, modes=["amp_bf16"], device=ampgate.device, step_time_s=step))
 '''
 
 
-def xdist(args, out: Path) -> dict:
+XDIST_FLOOR = 0.6
+"""The planted test's speedup floor; the plant puts its speedup at half of it, whatever the GPU."""
+
+
+def plant_for(clean_speedup: float | None) -> tuple[float, str]:
+    """The slowdown (fraction of the AMP step) that puts the planted speedup at half the floor.
+
+    A fixed plant is a coin flip on a fast GPU: 4x slower against a clean 2.4x speedup lands at 0.6,
+    right on the floor.  Sized from the clean speedup measured in this run (``clean / (1 + f) =
+    floor / 2``), never below 3x, it lands far below the floor on any card."""
+    if clean_speedup is None or not clean_speedup > 0:
+        return 3.0, "clean speedup not measured: the default plant (3x the step) is used"
+    fraction = max(3.0, 2 * clean_speedup / XDIST_FLOOR - 1)
+    planted = clean_speedup / (1 + fraction)
+    return (
+        fraction,
+        f"clean speedup {clean_speedup:.2f}x: a plant of {fraction:.1f}x the step puts it near {planted:.2f}x, floor {XDIST_FLOOR}x",
+    )
+
+
+def xdist(args, out: Path, clean_speedup: float | None) -> dict:
+    fraction, sizing = plant_for(clean_speedup)
     project = Path(tempfile.mkdtemp(prefix="ampgate-xdist-"))
     (project / "test_planted.py").write_text(XDIST_PROJECT)
     (project / "pytest.ini").write_text("[pytest]\n")
     report = out / "xdist.json"
-    env = {"AMPGATE_ACCEPTANCE_SMOKE": "1" if args.smoke else "0", "PYTEST_AMPGATE_LOCK_DIR": str(project / "locks")}
+    env = {
+        "AMPGATE_ACCEPTANCE_SMOKE": "1" if args.smoke else "0",
+        "AMPGATE_ACCEPTANCE_PLANT": repr(fraction),
+        "AMPGATE_ACCEPTANCE_FLOOR": repr(XDIST_FLOOR),
+        "PYTEST_AMPGATE_LOCK_DIR": str(project / "locks"),
+    }
     step = run(
         "xdist -n 2 planted slowdown",
         pytest_cmd("-n", "2", "--ampgate", "--ampgate-device", args.device, "--ampgate-json", str(report)),
@@ -234,8 +274,78 @@ def xdist(args, out: Path) -> dict:
                 planted = next((c for c in test["checks"] if c["metric"] == "speedup" and c["mode"] == "amp_bf16"), None)
     shutil.rmtree(project, ignore_errors=True)
     step["planted_check"] = planted
+    step["plant"] = sizing
     step["ok"] = planted is not None and planted["outcome"] == "fail"
     return step
+
+
+# --- 7. this process in NVML's terms, on the real driver ------------------------------------------------
+
+IDENTITY_PROBE = r"""
+import json, os, time
+import torch
+from pytest_ampgate import gpu_noise
+
+gpu_noise.note_own_context("cuda")  # as the measurement does, before anything creates the context
+window = gpu_noise.open_noise_window("cuda")
+x = torch.randn(4096, 4096, device="cuda")
+end = time.perf_counter() + 2.0
+while time.perf_counter() < end:
+    (x @ x).sum().item()
+w = window.close()
+print("IDENTITY " + json.dumps({"available": w.available, "reason": w.reason, "identified_by": w.identified_by,
+    "cannot_tell": w.cannot_tell, "busy": [p.pid for p in w.busy_processes], "own_pid": os.getpid(),
+    "noisy": w.noisy, "describe": w.describe()}))
+"""
+
+
+def identity(args) -> dict:
+    """Is this process told apart from others by NVML on this machine (a container shows host PIDs)?"""
+    if args.device != "cuda":
+        return {"step": "identity", "rc": None, "ok": None, "command": "", "wall_s": 0.0, "tail": "", "why": "needs CUDA and NVML"}
+    step = run("identity", [sys.executable, "-c", IDENTITY_PROBE], 60)
+    found = [line[len("IDENTITY ") :] for line in step["tail"].splitlines() if line.startswith("IDENTITY ")]
+    step["window"] = json.loads(found[-1]) if found else None
+    w = step["window"] or {}
+    # required: NVML read, this process recognised (by PID, by its context's PID or by its memory),
+    # and nobody counted busy on a lent, otherwise idle GPU
+    step["ok"] = bool(w.get("available")) and bool(w.get("identified_by")) and not w.get("cannot_tell") and not w.get("busy")
+    return step
+
+
+# --- 8. --ampgate-strict where no requested mode can run -----------------------------------------------
+
+STRICT_PROJECT = """
+import pytest
+from pytest_ampgate.workloads import mnist_mlp
+
+
+@pytest.mark.amp_regression(modes=["tf32"], missing_baseline="ignore")
+def test_only_an_unsupported_mode(ampgate):
+    ampgate.run(mnist_mlp(64).with_options(data_options={"n_train": 256, "n_test": 64}))
+"""
+
+
+def strict(args) -> dict:
+    """tf32 on the CPU (it exists only on NVIDIA GPUs): under --ampgate-strict the run must fail, naming why."""
+    project = Path(tempfile.mkdtemp(prefix="ampgate-strict-"))
+    (project / "test_strict.py").write_text(STRICT_PROJECT)
+    (project / "pytest.ini").write_text("[pytest]\n")
+    step = run(
+        "strict, only an unsupported mode", pytest_cmd("--ampgate", "--ampgate-strict", "--ampgate-device", "cpu", "-rA"), 120, cwd=project
+    )
+    shutil.rmtree(project, ignore_errors=True)
+    step["ok"] = step["rc"] == 1 and "tf32 exists only on NVIDIA GPUs" in step["tail"] and "--ampgate-strict" in step["tail"]
+    return step
+
+
+def _identity_value(step: dict) -> str:
+    if step.get("why"):
+        return f"not run: {step['why']}"
+    w = step.get("window")
+    if not w:
+        return f"no reading (exit {step['rc']})"
+    return f"identified by {w['identified_by'] or '-'}; {w['describe']}"
 
 
 # --- the summary ----------------------------------------------------------------------------------------
@@ -261,6 +371,14 @@ def summarize(result: dict) -> str:
         "- memory ratio spread between the two orders: "
         + (", ".join(f"{k} {v:.2%}" for k, v in gate["memory_order_spread"].items()) or "none measured")
     )
+    wall, device = gate.get("measure_wall_s"), gate.get("device_s")
+    if wall and device:
+        lines.append(
+            f"- default gate: {wall:.1f} s wall for {device:.1f} s of device time in its steps ({wall / device:.2f}x; goal <= {GOAL_WALL_OVER_DEVICE:g}x)"
+        )
+    for step in result["steps"]:
+        if step.get("plant"):
+            lines.append(f"- {step['step']}: {step['plant']}")
     lines.append("")
     lines.append("## Steps")
     for step in result["steps"]:
@@ -365,9 +483,16 @@ def main(argv=None) -> int:
     quality = run("gate_quality reduced", quality_cmd, args.step_timeout * (1 if args.smoke else 1.4))
     steps.append(quality)
 
-    # 5. -n 2 with a planted slowdown
-    parallel = xdist(args, out)
+    # 5. -n 2 with a planted slowdown, sized from the clean speedup the own gate measured
+    workload_test = "tests/test_amp_gate.py::test_cifar_cnn" if args.device == "cuda" else "tests/test_amp_gate.py::test_mnist_mlp"
+    clean = gate["orders"]["forward"].get("speedups", {}).get(workload_test, {}).get("amp_bf16")
+    parallel = xdist(args, out, clean)
     steps.append(parallel)
+
+    # 7. this process in NVML's terms; 8. strict with only an unsupported mode
+    who = identity(args)
+    strict_run = strict(args)
+    steps += [who, strict_run]
 
     wall = gate.get("measure_wall_s")
     ratio = gate.get("wall_over_device")
@@ -388,6 +513,13 @@ def main(argv=None) -> int:
             True,
             parallel["ok"],
         ),
+        (
+            "NVML tells this process apart (container: host PIDs)",
+            _identity_value(who),
+            args.device == "cuda",
+            who["ok"] if args.device == "cuda" else None,
+        ),
+        ("--ampgate-strict with only an unsupported mode fails, naming why", f"exit {strict_run['rc']}", True, strict_run["ok"]),
         (f"default gate wall time <= {GOAL_WALL_S:g} s (goal)", "n/a" if wall is None else f"{wall:.1f} s", False, None),
         (
             f"wall time <= {GOAL_WALL_OVER_DEVICE:g}x device time of its steps (goal)",

@@ -74,3 +74,55 @@ def test_the_noise_window_reads_nvml_and_ignores_this_process():
     if not result.available:
         pytest.skip(f"NVML not available here: {result.reason}")
     assert os.getpid() not in [p.pid for p in result.busy_processes]
+    # in a container NVML shows host PIDs: this process must still be recognised, or the window says why not
+    assert result.identified_by in ("pid", "context", "memory") or result.cannot_tell, result
+    assert not (result.cannot_tell and result.noisy), "a window that cannot tell is neither busy nor quiet"
+
+
+LT_PROBE = """
+import torch
+from pytest_ampgate.memory import warm_libraries
+
+device = torch.device("cuda")
+warm_libraries(device)
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated(device)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    x = torch.ones(256, 128, device=device, dtype=dtype, requires_grad=True)
+    layer = torch.nn.Linear(128, 64, device=device, dtype=dtype)
+    layer(x).sum().backward()
+    del x, layer
+torch.cuda.synchronize()
+print(torch.cuda.memory_allocated(device) - before)
+"""
+
+
+def test_after_the_library_warm_up_a_first_linear_with_bias_allocates_no_workspace():
+    """In a fresh process: cuBLASLt's workspace (on releases without the unified one) is already there."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LT_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 0, "a library workspace was allocated after warm_libraries"
+
+
+def test_the_memory_pass_gives_the_same_peak_in_two_processes_with_autotuning_on():
+    """cuDNN's autotuner may pick different algorithms per process; the memory pass must not follow it."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, torch\n"
+        "from pytest_ampgate.measurement import MeasureConfig, measure\n"
+        "from pytest_ampgate.workloads import cifar_cnn\n"
+        "m = measure(cifar_cnn(), ['amp_bf16'], device='cuda', config=MeasureConfig(warmup_steps=6, rounds=2, steps_per_block=5, memory_steps=2))\n"
+        "print(json.dumps({m.reference.mode: m.reference.peak_memory_bytes, **{k: v.peak_memory_bytes for k, v in m.modes.items()}}))\n"
+    )
+    peaks = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert peaks[0] == peaks[1]
