@@ -23,7 +23,7 @@ from .precision_policy import heuristic_conv_algorithms, numerics_policy
 from .timing import synchronize
 
 MEMORY_COVERS = (
-    "one training step's peak: parameters, buffers, optimizer state, gradients, activations, the input batch "
+    "one training step's peak: parameters, buffers, fp32 master weights, optimizer state, gradients, activations, the input batch "
     "(a fresh copy in every mode, as a data loader delivers it, plus its casts) and temporaries; requested "
     "bytes, without allocator rounding, library workspaces or other modes' memory"
 )
@@ -48,20 +48,27 @@ def _storage_bytes(tensors, seen: set) -> int:
 
 
 def state_bytes(runner: ModeRunner) -> dict:
-    """Bytes the mode holds between steps: parameters, buffers, optimizer state; and its gradients' size."""
+    """Bytes the mode holds between steps: parameters, buffers, fp32 master weights, optimizer state; and its gradients' size.
+
+    The masters (fp16_master, Apex O2) are float32 copies the runner keeps beside the model, not
+    model parameters: they are counted here, once (a BatchNorm parameter that is its own master is
+    not counted twice)."""
     seen: set = set()
     params = list(runner.model.parameters())
     parameter_bytes = _storage_bytes(params, seen)
     buffer_bytes = _storage_bytes(runner.model.buffers(), seen)
+    master = getattr(runner, "master", None)
+    master_bytes = _storage_bytes(master.masters, seen) if master is not None else 0
     optimizer_tensors = [v for state in runner.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     optimizer_bytes = _storage_bytes(optimizer_tensors, seen)
     gradient_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     return {
         "parameter_bytes": parameter_bytes,
         "buffer_bytes": buffer_bytes,
+        "master_weight_bytes": master_bytes,
         "optimizer_state_bytes": optimizer_bytes,
         "gradient_bytes": gradient_bytes,
-        "state_bytes": parameter_bytes + buffer_bytes + optimizer_bytes,
+        "state_bytes": parameter_bytes + buffer_bytes + master_bytes + optimizer_bytes,
     }
 
 
@@ -198,21 +205,45 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
         stack.extend(node.children)
         fields_ = getattr(node, "extra_fields", None)
         if hasattr(fields_, "alloc_size") and str(getattr(fields_, "device", "cpu")).startswith("cpu"):
-            allocations.append((node.start_time_ns, int(fields_.alloc_size)))
+            allocations.append((node.start_time_ns, int(fields_.alloc_size), int(getattr(fields_, "ptr", 0) or 0)))
         elif node.name.startswith("ampgate::forward_"):
             marks[node.name.rsplit("_", 1)[1]] = node.start_time_ns
-    allocations.sort()
+    peak, at = window_peak(sorted(allocations), marks)
+    return peak, _activation_bytes(at, batch), loss
+
+
+def window_peak(allocations: list[tuple[int, int, int]], marks: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
+    """(peak, live bytes at each mark) of what the window itself allocated, from time-ordered (time, size, address) events.
+
+    A free (negative size) counts only where the window allocated that address: freeing a tensor
+    that existed before the window (last step's retained activation, a tensor the garbage collector
+    happened to release now) must not lower the figure, or a retained activation or a planted
+    memory regression would cancel out and two runs of one workload would differ by what the
+    collector did.  A free of an unknown address (no ``ptr`` in older profilers: 0) counts as before.
+    """
     live = peak = 0
-    at = {}
-    for t, size in allocations:
-        for what, when in marks.items():
+    owned: dict[int, int] = {}
+    at: dict[str, int] = {}
+    for t, size, ptr in allocations:
+        for what, when in (marks or {}).items():
             if what not in at and when < t:
                 at[what] = live
-        live += size
+        if size >= 0:
+            if ptr:
+                owned[ptr] = owned.get(ptr, 0) + size
+            live += size
+        elif not ptr:
+            live += size
+        elif ptr in owned:
+            freed = min(-size, owned[ptr])
+            owned[ptr] -= freed
+            if not owned[ptr]:
+                del owned[ptr]
+            live -= freed
         peak = max(peak, live)
-    for what in marks:
+    for what in marks or {}:
         at.setdefault(what, live)
-    return peak, _activation_bytes(at, batch), loss
+    return peak, at
 
 
 def memory_pass(

@@ -23,6 +23,7 @@ MEMORY_PARTS = (
     "peak_bytes",
     "parameter_bytes",
     "buffer_bytes",
+    "master_weight_bytes",
     "optimizer_state_bytes",
     "gradient_bytes",
     "activation_bytes",

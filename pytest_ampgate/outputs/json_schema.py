@@ -98,6 +98,7 @@ _MODE = {
                 "peak_bytes": {"type": "integer", "minimum": 0},
                 "parameter_bytes": {"type": "integer", "minimum": 0},
                 "buffer_bytes": _INT,
+                "master_weight_bytes": _INT,
                 "optimizer_state_bytes": {"type": "integer", "minimum": 0},
                 "gradient_bytes": {"type": "integer", "minimum": 0},
                 "activation_bytes": _INT,
