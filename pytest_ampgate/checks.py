@@ -15,7 +15,7 @@ from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
 from .metrics import Tolerance, as_tolerance
 from .results import Measurements, ModeMeasurement
-from .stats import MIN_ROUNDS_FOR_CONFIDENCE
+from .stats import MIN_ROUNDS_FOR_CONFIDENCE, estimate_ratio
 from .timing import launch_diagnosis
 from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, CheckName
 
@@ -157,6 +157,87 @@ def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline |
         threshold=limit,
         baseline=base.memory_ratio if base else None,
     )
+
+
+def _own_baseline_figure(j: Judging, mm: ModeMeasurement, field: str, metric: CheckName, what: str) -> tuple[object, list[Check]]:
+    """This mode's stored figure, or the checks to return instead: none without a baseline (the other
+    checks say how to record one), SKIPPED where the baseline predates the figure."""
+    if j.baseline is None:
+        return None, []
+    base = j.stored(mm.mode)
+    value = getattr(base, field, None) if base is not None else None
+    if value is None:
+        why = f"{mm.mode} {what} not gated against the baseline: the stored baseline has no {what} for {mm.mode}; {RECORD_HINT}"
+        return None, [Check(mm.mode, metric, SKIPPED, why)]
+    return value, []
+
+
+def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """This mode's own step time against its stored baseline (same machine key), every mode the reference too.
+
+    The ratios to fp32 cannot see a slowdown that hits every mode alike (a slower data path, a new
+    sync in the shared training loop): this can.  Across processes step time is noisier than a
+    ratio within one run, so the tolerance is wider (``step_time_tolerance``, from the measured
+    spread between processes in BENCHMARKS.md); the interval of this run's per-round step times
+    must lie wholly beyond the limit to FAIL (and a fresh run must agree), wholly within it to PASS.
+    ``check_step_time=False`` turns it off where runs land on different machines under one key.
+    """
+    device_type = j.measurements.device.split(":")[0]
+    if not (j.config.check_step_time and j.config.timing_applies(device_type)) or not mm.step_times_s:
+        return []
+    stored, instead = _own_baseline_figure(j, mm, "step_time_s", CheckName.STEP_TIME, "step time")
+    if stored is None:
+        return instead
+    tol = j.config.step_time_tolerance
+    limit = stored * (1 + tol)
+    est = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
+    text = f"{mm.mode} step time {_fmt_seconds(est.median)} [{est.confidence:.0%} CI {_fmt_seconds(est.low)}-{_fmt_seconds(est.high)}]"
+    source = f"baseline {_fmt_seconds(stored)} on {j.env_label}, tol +{tol:.0%}"
+    args = dict(measured=est.median, threshold=limit, baseline=stored)
+    too_few = _too_few_rounds(est, j.config)
+    if too_few:
+        return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, f"{text} vs limit {_fmt_seconds(limit)} ({source}): {too_few}", **args)]
+    if est.high <= limit:
+        return [Check(mm.mode, CheckName.STEP_TIME, PASS, f"{text} <= limit {_fmt_seconds(limit)} ({source})", **args)]
+    if est.low > limit:
+        noise = j.measurements.noise.untrusted_reason()
+        if noise:
+            why = f"{text} > limit {_fmt_seconds(limit)} ({source}), but the GPU was busy: {noise}"
+            return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
+        return [Check(mm.mode, CheckName.STEP_TIME, FAIL, f"{text} > limit {_fmt_seconds(limit)} ({source})", **args)]
+    noisy = f"; {est.note}" if est.noisy else ""
+    why = f"{text} straddles limit {_fmt_seconds(limit)} ({source}{noisy}); on shared runners check_step_time=False turns this gate off"
+    return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
+
+
+def peak_memory_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """This mode's own peak memory against its stored baseline, every mode the reference too.
+
+    A change that grows every mode (an activation kept for logging) improves the AMP/fp32 ratio
+    and so passes the ratio check; the figure itself does not.  The memory pass is deterministic
+    (requested bytes; cuDNN algorithms by heuristics on CUDA, the window's own allocations on the
+    CPU), so a tight relative tolerance (``peak_memory_tolerance``) holds.
+    """
+    if not j.config.memory_applies(j.measurements.device.split(":")[0]):
+        return []
+    stored, instead = _own_baseline_figure(j, mm, "peak_memory_bytes", CheckName.PEAK_MEMORY, "peak memory")
+    if stored is None:
+        return instead
+    if mm.peak_memory_bytes is None:
+        return [Check(mm.mode, CheckName.PEAK_MEMORY, SKIPPED, f"{mm.mode} peak memory: {mm.memory_note or 'not measured'}")]
+    tol = j.config.peak_memory_tolerance
+    limit = stored * (1 + tol)
+    outcome = PASS if mm.peak_memory_bytes <= limit else FAIL
+    change = mm.peak_memory_bytes / stored - 1 if stored else math.inf
+    why = (
+        f"{mm.mode} peak memory {_fmt_bytes(mm.peak_memory_bytes)} ({change:+.1%}) {'<=' if outcome == PASS else '>'} "
+        f"limit {_fmt_bytes(limit)} (baseline {_fmt_bytes(stored)} on {j.env_label}, tol +{tol:.0%})"
+    )
+    return [Check(mm.mode, CheckName.PEAK_MEMORY, outcome, why, measured=mm.peak_memory_bytes, threshold=limit, baseline=stored)]
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
 def finite_loss_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
@@ -403,7 +484,7 @@ def _env_label(environment: dict) -> str:
 
 ModeCheck = Callable[[Judging, ModeMeasurement], list[Check]]
 ComparedCheck = Callable[[Judging, str], list[Check]]
-MODE_CHECKS: tuple[ModeCheck, ...] = (finite_loss_check, scaler_checks, coverage_check, metric_check)
+MODE_CHECKS: tuple[ModeCheck, ...] = (finite_loss_check, scaler_checks, coverage_check, metric_check, step_time_check, peak_memory_check)
 """Checks of one mode's own run, in the order a failure text lists them."""
 COMPARED_CHECKS: tuple[ComparedCheck, ...] = (same_run_checks, speedup_check, memory_check)
 """Checks of a compared mode against the reference."""

@@ -162,6 +162,14 @@ class GateConfig:
     the batch) above it (1.17x measured on the CPU); see BENCHMARKS.md.  Regressions beyond that
     are caught against the stored baseline (``memory_tolerance``)."""
     memory_tolerance: float = 0.05
+    step_time_tolerance: float = 0.25
+    """Each mode's step time against its own stored baseline, measured in another process: about 4.5x
+    the worst cross-process deviation measured on a quiet CPU (5.4%, benchmarks/step_time_spread.py,
+    BENCHMARKS.md), so unchanged code does not fail and a common-mode slowdown of half again is seen."""
+    peak_memory_tolerance: float = 0.05
+    """Each mode's peak memory against its own stored baseline: the memory pass is deterministic
+    (the same figure in two processes), so 5% leaves room for library versions' workspaces only."""
+    check_step_time: bool = True
     accuracy_tolerance: float = 0.02
     same_run_tolerance: float | None = None
     """None: the metric's default (0.08 absolute for a share such as accuracy, 0.10 relative for loss,
@@ -207,6 +215,18 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "speedup_tolerance": (_number(0, 1), "how far (relative) the speedup may fall below the stored baseline's"),
     "max_memory_ratio": (_number(0, low_open=True), "largest peak-memory ratio mode / fp32"),
     "memory_tolerance": (_number(0), "how far (absolute) the memory ratio may rise above the stored baseline's"),
+    "step_time_tolerance": (
+        _number(0),
+        "how far (relative) each mode's step time may rise above that mode's stored baseline (timed where speed is gated)",
+    ),
+    "peak_memory_tolerance": (
+        _number(0),
+        "how far (relative) each mode's peak memory may rise above that mode's stored baseline (where memory is gated)",
+    ),
+    "check_step_time": (
+        _flag,
+        "gate each mode's step time against its stored baseline; turn off on shared runners whose runs land on different machines",
+    ),
     "accuracy_tolerance": (
         _number(0, 1),
         "how far (absolute) held-out accuracy, or another share, may fall below the stored baseline's",

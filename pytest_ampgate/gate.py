@@ -89,16 +89,21 @@ def decide(
         if c in timing_failures:
             c2 = again.get((c.mode, c.metric))
             if c2 is not None and c2.outcome == FAIL:
-                c = Check(
-                    c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {c2.measured:.2f}x", c.measured, c.threshold, c.baseline
-                )
+                c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {_figure(c2)}", c.measured, c.threshold, c.baseline)
             else:
-                second_text = f"{c2.measured:.2f}x ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
+                second_text = f"{_figure(c2)} ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
                 c = Check(
                     c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline
                 )
         checks.append(c)
     return first, Verdict(checks, confirmed=True, reference=verdict.reference)
+
+
+def _figure(check: Check) -> str:
+    """A timing check's measured figure as its text gives it: a speedup in x, a step time in ms."""
+    if check.metric == CheckName.STEP_TIME:
+        return f"{check.measured * 1e3:.3g} ms"
+    return f"{check.measured:.2f}x"
 
 
 def baseline_from(measurements: Measurements, test_id: str, env_key: str, settings: dict) -> Baseline:

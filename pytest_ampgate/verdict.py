@@ -63,12 +63,14 @@ class CheckName(_StrEnum):
     SAME_RUN_LOSS = "same_run_loss"
     SPEEDUP = "speedup"
     MEMORY = "memory"
+    STEP_TIME = "step_time"
+    PEAK_MEMORY = "peak_memory"
     KNOWN_STATE = "known_state"
 
 
 WORKLOAD_METRICS = (CheckName.RAN, CheckName.FINITE_LOSS)
 """Checks that, failing in the full-precision reference, mean the workload itself is broken."""
-TIMING_METRICS = (CheckName.SPEEDUP,)
+TIMING_METRICS = (CheckName.SPEEDUP, CheckName.STEP_TIME)
 """Checks that meet timing noise: confirmed by a fresh measurement before a failure stands."""
 MARGIN_SETTING = {
     CheckName.SPEEDUP: "min_speedup",

@@ -29,6 +29,7 @@ INI_TYPES = {
     "check_memory": "bool",
     "confirm": "bool",
     "strict": "bool",
+    "check_step_time": "bool",
     "missing_baseline": "string",
     "warmup_steps": "int",
     "rounds": "int",
