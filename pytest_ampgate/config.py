@@ -163,9 +163,9 @@ class GateConfig:
     are caught against the stored baseline (``memory_tolerance``)."""
     memory_tolerance: float = 0.05
     step_time_tolerance: float = 0.25
-    """Each mode's step time against its own stored baseline, measured in another process: about 4.5x
-    the worst cross-process deviation measured on a quiet CPU (5.4%, benchmarks/step_time_spread.py,
-    BENCHMARKS.md), so unchanged code does not fail and a common-mode slowdown of half again is seen."""
+    """Each mode's step time against its own stored baseline, measured in another process, so wider than
+    the speedup's: for a dedicated GPU (spread between processes to be measured there with
+    benchmarks/step_time_spread.py); a CPU VM drifts more (5-42% measured, docs/baseline-gates.md)."""
     peak_memory_tolerance: float = 0.05
     """Each mode's peak memory against its own stored baseline: the memory pass is deterministic
     (the same figure in two processes), so 5% leaves room for library versions' workspaces only."""
