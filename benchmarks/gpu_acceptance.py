@@ -25,6 +25,8 @@ Steps, each a subprocess with its own time limit (so one hung step cannot eat th
 7. ``identity``: this process in NVML's terms on the real driver (in a container NVML shows host
    PIDs): recognised, and nobody counted busy on the idle lent GPU.
 8. ``strict``: ``--ampgate-strict`` with only a mode the device lacks must fail, naming why.
+9. ``common-mode``: a baseline recorded, then every mode slowed 2x and every mode grown by 30% of
+   fp32's peak: the ratios to fp32 do not move (or improve), each mode's own baseline check FAILs.
 
 It runs from a checkout with or without ``pip install --no-deps --no-build-isolation -e .`` (the
 steps get the checkout on ``PYTHONPATH`` and, without the install, the plugin by
@@ -313,6 +315,91 @@ def identity(args) -> dict:
     return step
 
 
+# --- 9. a regression common to every mode, against each mode's own baseline -----------------------------
+
+COMMON_PROJECT = """
+import json
+import os
+
+import pytest
+
+from pytest_ampgate import testing
+from pytest_ampgate.workloads import cifar_cnn, mnist_mlp
+
+PLANT = os.environ.get("AMPGATE_ACCEPTANCE_COMMON", "none")
+SMOKE = os.environ.get("AMPGATE_ACCEPTANCE_SMOKE") == "1"
+BASELINE = json.loads(os.environ.get("AMPGATE_ACCEPTANCE_BASELINE", "{}"))
+MODES = ["fp32", "amp_bf16"]
+
+
+@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, check_memory=True, min_speedup=0.01, max_memory_ratio=100.0,
+                            missing_baseline="ignore",
+                            **({"rounds": 6, "steps_per_block": 3, "warmup_steps": 1, "memory_steps": 1} if SMOKE else {}))
+def test_common(ampgate):
+    cuda = ampgate.device.startswith("cuda")
+    workload = cifar_cnn() if cuda else mnist_mlp(64).with_options(data_options={"n_train": 1024, "n_test": 256})
+    if PLANT == "time":  # every mode twice as slow: the speedup does not move, each mode's step time doubles
+        step = None if cuda else {m: BASELINE["step_s"][m] for m in MODES}
+        workload = testing.slow_down(workload, 1.0, modes=MODES, device=ampgate.device, step_time_s=step)
+    elif PLANT == "memory":  # every mode keeps 30% of fp32's peak more: the AMP/fp32 ratio improves
+        workload = testing.retain_activation(workload, int(0.3 * BASELINE["peak_bytes"]["fp32"]), modes=MODES)
+    ampgate.run(workload)
+"""
+
+
+def common_mode(args, out: Path) -> dict:
+    """Record a baseline, then plant a slowdown and a memory growth in every mode: each must FAIL its per-mode check."""
+    project = Path(tempfile.mkdtemp(prefix="ampgate-common-"))
+    (project / "test_common.py").write_text(COMMON_PROJECT)
+    (project / "pytest.ini").write_text("[pytest]\n")
+    base = {"AMPGATE_ACCEPTANCE_SMOKE": "1" if args.smoke else "0", "PYTEST_AMPGATE_LOCK_DIR": str(project / "locks")}
+    cmd = ["--ampgate", "--ampgate-device", args.device, "--ampgate-baseline-dir", str(project / "baselines")]
+    record = run(
+        "common-mode: record the baseline",
+        pytest_cmd(*cmd, "--ampgate-update", "--ampgate-json", str(out / "common_base.json")),
+        args.step_timeout,
+        cwd=project,
+        env=base,
+    )
+    result = {
+        "step": "common-mode regressions vs each mode's baseline",
+        "rc": record["rc"],
+        "command": record["command"],
+        "wall_s": record["wall_s"],
+        "tail": record["tail"],
+        "plants": {},
+    }
+    figures = {"step_s": {}, "peak_bytes": {}}
+    report = out / "common_base.json"
+    if record["rc"] == 0 and report.exists():
+        for m in json.loads(report.read_text())["tests"][0]["modes"]:
+            figures["step_s"][m["mode"]] = (m.get("step_time") or {}).get("median_s")
+            figures["peak_bytes"][m["mode"]] = m.get("peak_memory_bytes")
+    for plant, metric in (("time", "step_time"), ("memory", "peak_memory")):
+        if record["rc"] != 0 or None in figures["step_s"].values() or None in figures["peak_bytes"].values():
+            result["plants"][plant] = {"ok": False, "why": "no baseline recorded"}
+            continue
+        env = {**base, "AMPGATE_ACCEPTANCE_COMMON": plant, "AMPGATE_ACCEPTANCE_BASELINE": json.dumps(figures)}
+        planted_report = out / f"common_{plant}.json"
+        step = run(
+            f"common-mode {plant} plant", pytest_cmd(*cmd, "--ampgate-json", str(planted_report)), args.step_timeout, cwd=project, env=env
+        )
+        outcomes = {}
+        if planted_report.exists():
+            checks = json.loads(planted_report.read_text())["tests"][0]["checks"]
+            outcomes = {c["mode"]: c["outcome"] for c in checks if c["metric"] == metric}
+        result["plants"][plant] = {
+            "rc": step["rc"],
+            "outcomes": outcomes,
+            "ok": step["rc"] == 1 and outcomes.get("fp32") == "fail" and outcomes.get("amp_bf16") == "fail",
+            "tail": step["tail"],
+        }
+        result["wall_s"] += step["wall_s"]
+    shutil.rmtree(project, ignore_errors=True)
+    result["ok"] = all(p["ok"] for p in result["plants"].values()) and bool(result["plants"])
+    return result
+
+
 # --- 8. --ampgate-strict where no requested mode can run -----------------------------------------------
 
 STRICT_PROJECT = """
@@ -492,7 +579,8 @@ def main(argv=None) -> int:
     # 7. this process in NVML's terms; 8. strict with only an unsupported mode
     who = identity(args)
     strict_run = strict(args)
-    steps += [who, strict_run]
+    common = common_mode(args, out)
+    steps += [who, strict_run, common]
 
     wall = gate.get("measure_wall_s")
     ratio = gate.get("wall_over_device")
@@ -520,6 +608,12 @@ def main(argv=None) -> int:
             who["ok"] if args.device == "cuda" else None,
         ),
         ("--ampgate-strict with only an unsupported mode fails, naming why", f"exit {strict_run['rc']}", True, strict_run["ok"]),
+        (
+            "a slowdown and a memory growth common to every mode FAIL each mode's baseline",
+            "; ".join(f"{plant}: {p.get('outcomes') or p.get('why')}" for plant, p in common["plants"].items()),
+            True,
+            common["ok"],
+        ),
         (f"default gate wall time <= {GOAL_WALL_S:g} s (goal)", "n/a" if wall is None else f"{wall:.1f} s", False, None),
         (
             f"wall time <= {GOAL_WALL_OVER_DEVICE:g}x device time of its steps (goal)",

@@ -38,7 +38,12 @@ def test_smoke_run_on_the_cpu_passes_and_writes_its_summary(tmp_path):
         "xdist -n 2 planted slowdown",
         "identity",
         "strict, only an unsupported mode",
+        "common-mode regressions vs each mode's baseline",
     }
+    assert (
+        "a slowdown and a memory growth common to every mode FAIL each mode's baseline | time: {'fp32': 'fail', 'amp_bf16': 'fail'}; "
+        "memory: {'fp32': 'fail', 'amp_bf16': 'fail'} | yes" in summary
+    )
     assert "--ampgate-strict with only an unsupported mode fails, naming why | exit 1 | yes" in summary
     assert "NVML tells this process apart (container: host PIDs) | not run: needs CUDA and NVML | reported" in summary
     assert "a plant of 3.0x the step" in summary, "the -n 2 plant says how it was sized"
