@@ -9,7 +9,7 @@ installed, and importing torch there would slow down runs that never ask for ``-
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _EXPORTS = {
     "AmpGateError": "errors",

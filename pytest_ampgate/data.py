@@ -446,3 +446,25 @@ def synthetic(
         num_classes=num_classes,
         note=f"synthetic {name} data of shape {shape}, {num_classes} classes, seed {seed}",
     )
+
+
+def check_dataset(dataset, where: str = "run(dataset=...)") -> None:
+    """A dataset handed to ``run(dataset=...)`` is a DeviceDataset whose tensors hold data."""
+    if dataset is None:
+        return
+    if not isinstance(dataset, DeviceDataset):
+        raise WorkloadError(
+            f"{where} takes a pytest_ampgate.data.DeviceDataset, got {type(dataset).__name__}; build one with "
+            "pytest_ampgate.data.from_tensors(name, train_x, train_y, test_x, test_y), or give the workload "
+            "its data with Workload(data=(train_x, train_y, test_x, test_y))"
+        )
+    check_not_meta(dataset.name, {k: getattr(dataset, k) for k in ("train_x", "train_y", "test_x", "test_y")})
+
+
+def check_not_meta(name: str, tensors: dict) -> None:
+    meta = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if meta:
+        raise WorkloadError(
+            f"dataset {name!r}: {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes "
+            "only, no data); build the tensors on 'cpu' (or the GPU) with real values"
+        )

@@ -9,7 +9,6 @@ counted in thread CPU time, and (for the plant) the delay whose measured effect 
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import WorkloadError
+from .modes import gpu_cycles_per_second
 
 if TYPE_CHECKING:
     from .workloads import Workload
@@ -33,23 +33,6 @@ def busy_wait(cpu_seconds: float) -> None:
     end = time.thread_time() + cpu_seconds
     while time.thread_time() < end:
         pass
-
-
-@functools.cache
-def gpu_cycles_per_second(device_index: int) -> float:
-    """What one cycle of ``torch.cuda._sleep`` lasts on this GPU, timed with CUDA events (median of 5)."""
-    cycles = 20_000_000
-    rates = []
-    with torch.cuda.device(device_index):
-        torch.cuda._sleep(1_000_000)  # load the kernel
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            end.synchronize()
-            rates.append(cycles / (start.elapsed_time(end) / 1000.0))
-    return sorted(rates)[len(rates) // 2]
 
 
 def delay(device: torch.device, seconds: float) -> None:

@@ -220,3 +220,22 @@ def unsupported_reason(mode: str | PrecisionMode, device: DeviceLike) -> str | N
         return f"{mode.name} exists only on NVIDIA GPUs (TF32 tensor cores); run it with a CUDA device"
     dtype = mode.low_precision_dtype
     return None if dtype is None else _cpu_supports(dtype, mode.is_amp)
+
+
+@functools.cache
+def gpu_cycles_per_second(device_index: int) -> float:
+    """How many ``torch.cuda._sleep`` cycles this GPU runs per second, timed with CUDA events (median of 5).
+
+    A fact about the device: the timing probe and the planted delays both size their sleeps with it."""
+    cycles = 20_000_000
+    rates = []
+    with torch.cuda.device(device_index):
+        torch.cuda._sleep(1_000_000)  # load the kernel
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            rates.append(cycles / (start.elapsed_time(end) / 1000.0))
+    return sorted(rates)[len(rates) // 2]

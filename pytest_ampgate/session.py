@@ -172,10 +172,10 @@ class TestGate:
         :class:`GateResult` is there for asserts of your own.
         """
         from .checks import stored_metric
+        from .data import check_dataset
         from .gate import GateResult, baseline_from, decide, evaluate
         from .measurement import measure
         from .verdict import RECORD_HINT
-        from .workload_checks import check_dataset
         from .workloads import BUILTIN, get_workload, metric_of
 
         if self.results:

@@ -113,7 +113,7 @@ class CudaTimer:
         launch cost alone (it never blocked on the device).  If the sleep ended before the host
         finished (a host sync in the step, a full launch queue), the probe says nothing: None.
         """
-        from .delays import gpu_cycles_per_second
+        from .modes import gpu_cycles_per_second
 
         with device_context(self.device):
             index = torch.cuda.current_device()

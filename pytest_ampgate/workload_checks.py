@@ -1,23 +1,20 @@
 """A user's workload objects, checked before anything is trained.
 
-A model factory that returns a class, an optimizer over other parameters, a dataset on the meta
-device: each is caught here with a WorkloadError naming the object and the fix, rather than as a
-traceback from deep inside some precision mode's timed training step.
+A model factory that returns a class, an optimizer over other parameters: each is caught here with
+a WorkloadError naming the object and the fix, rather than as a traceback from deep inside some
+precision mode's timed training step.  Data (a dataset on the meta device, the wrong type) is
+checked where it is defined, in :mod:`pytest_ampgate.data`.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .data import DeviceDataset
 from .errors import WorkloadError
-
-if TYPE_CHECKING:
-    from .workloads import Workload
+from .workloads import Workload
 
 
 def build_model(workload: Workload) -> nn.Module:
@@ -111,26 +108,4 @@ def validate_optimizer(workload: Workload, model: nn.Module) -> None:
         raise WorkloadError(
             f"workload {name!r}: optimizer_factory built a {type(optimizer).__name__} over other parameters "
             "than the ones it was given, so training would never change the model; build it over its argument"
-        )
-
-
-def check_dataset(dataset, where: str = "run(dataset=...)") -> None:
-    """A dataset handed to ``run(dataset=...)`` is a DeviceDataset whose tensors hold data."""
-    if dataset is None:
-        return
-    if not isinstance(dataset, DeviceDataset):
-        raise WorkloadError(
-            f"{where} takes a pytest_ampgate.data.DeviceDataset, got {type(dataset).__name__}; build one with "
-            "pytest_ampgate.data.from_tensors(name, train_x, train_y, test_x, test_y), or give the workload "
-            "its data with Workload(data=(train_x, train_y, test_x, test_y))"
-        )
-    check_not_meta(dataset.name, {k: getattr(dataset, k) for k in ("train_x", "train_y", "test_x", "test_y")})
-
-
-def check_not_meta(name: str, tensors: dict) -> None:
-    meta = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
-    if meta:
-        raise WorkloadError(
-            f"dataset {name!r}: {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes "
-            "only, no data); build the tensors on 'cpu' (or the GPU) with real values"
         )

@@ -3,7 +3,8 @@
 The built-in ones are the two reference models the product rests on (an MNIST MLP and a two-conv
 CIFAR-10 CNN).  A user's own workload fills in the same :class:`Workload` fields, so it goes
 through exactly the same measurement engine.  A user's objects are checked before anything is
-trained, in :mod:`pytest_ampgate.workload_checks`.
+trained: its data here and in :mod:`pytest_ampgate.data`, its model and optimizer in
+:mod:`pytest_ampgate.workload_checks`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .builtin_data import load_cifar10, load_mnist
-from .data import DeviceDataset, from_tensors
+from .data import DeviceDataset, check_dataset, check_not_meta, from_tensors
 from .errors import WorkloadError
 from .metrics import (  # noqa: F401  (the metric layer; re-exported where users have always imported it)
     RESERVED_METRIC_NAMES,
@@ -31,7 +32,6 @@ from .metrics import (  # noqa: F401  (the metric layer; re-exported where users
     prediction_of,
     token_accuracy,
 )
-from .workload_checks import check_dataset, check_not_meta
 
 #: A dataset, a ``(train_x, train_y, test_x, test_y)`` tuple, or a callable called as
 #: ``f(device=..., root=..., download=..., n_train=..., n_test=..., seed=...)``.

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_ampgate import delays, testing
+from pytest_ampgate import delays, modes, testing
 from pytest_ampgate import measurement as measure_mod
 from pytest_ampgate.config import build_config
 from pytest_ampgate.gate import decide, evaluate
@@ -276,7 +276,8 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
         monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: fake.sleeps.append((fake.current, cycles)))
-        monkeypatch.setattr(delays, "gpu_cycles_per_second", lambda index: 1e9)
+        monkeypatch.setattr(modes, "gpu_cycles_per_second", lambda index: 1e9)  # the timing probe's
+        monkeypatch.setattr(delays, "gpu_cycles_per_second", lambda index: 1e9)  # the planted delay's
 
 
 def test_events_and_the_probe_run_on_cuda_n(monkeypatch):

@@ -77,8 +77,7 @@ def run_in_job(job, *, timeout_s: float, say):
 
     from ..records import from_dict, to_dict
     from .agreement import StepRecord
-    from .job import RankResult
-    from .launch import DistributedError
+    from .job import DistributedError, RankResult
     from .worker import run_rank
 
     rank, world_size = job_rank(), int(os.environ["WORLD_SIZE"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import MeasureConfig
-from ..errors import ConfigError
+from ..errors import AmpGateError, ConfigError
 from ..file_safety import write_atomic
 from ..records import from_dict, to_dict
 
@@ -28,6 +28,10 @@ PLANT_ENV = "PYTEST_AMPGATE_DISTRIBUTED_PLANT"
 PLANT_KINDS = ("nan", "perturb", "hang", "raise", "die")
 
 R = TypeVar("R")
+
+
+class DistributedError(AmpGateError):
+    """A distributed run did not finish: a rank raised, died or hung (the message names it)."""
 
 
 @dataclass

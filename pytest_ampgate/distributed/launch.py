@@ -19,16 +19,22 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import AmpGateError
 from .agreement import read_step_record, stopped_first
 from .in_job import job_rank, job_world_size, local_ranks, run_in_job
-from .job import LAUNCHER, PLANT_ENV, WORKER_MODULE, Job, RankError, RankResult, plants_from_env, read_record, write_record
+from .job import (
+    LAUNCHER,
+    PLANT_ENV,
+    WORKER_MODULE,
+    DistributedError,
+    Job,
+    RankError,
+    RankResult,
+    plants_from_env,
+    read_record,
+    write_record,
+)
 from .merge import merge
 from .modes import backend_for, distributed_mode, mode_unsupported_reason, unavailable_reason
-
-
-class DistributedError(AmpGateError):
-    """A distributed run did not finish: a rank raised, died or hung (the message names it)."""
 
 
 def measure_distributed(

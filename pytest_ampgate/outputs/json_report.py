@@ -146,7 +146,7 @@ def build_report(
 ) -> dict:
     """The whole report.  ``runs`` maps test ids to their device-lock holding (worker, times);
     ``run_info`` describes the session (args, device, exit status...), see :mod:`.json_schema`."""
-    from .. import __version__
+    from ..version import __version__
 
     runs = runs or {}
     environments: dict[str, dict] = {}

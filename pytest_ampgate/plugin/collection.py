@@ -18,6 +18,10 @@ MARKER = "amp_regression"
 FIXTURES = ("ampgate", "ampgate_mnist", "ampgate_cifar")
 
 
+NOT_RECORDED_ATTR = "ampgate_not_recorded"
+"""The report attribute that says why a gated test's baseline was not recorded (read by the reporting)."""
+
+
 @dataclass
 class CollectionState:
     """What this process (or, on the xdist controller, every worker) collected."""

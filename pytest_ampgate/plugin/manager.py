@@ -18,7 +18,7 @@ import pytest
 
 from ..errors import AmpGateError, ConfigError
 from . import reporting
-from .collection import CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
+from .collection import NOT_RECORDED_ATTR, CollectionState, is_gated, marker_settings, module_of, named_in_part, test_id
 from .options import PluginSettings
 
 WORKERINPUT_KEY = "ampgate_gated_ids_dir"
@@ -34,7 +34,6 @@ REPORT_ATTR = "ampgate"
 """The test report's attribute with the gated results (dicts): what xdist workers send."""
 RUN_ATTR = "ampgate_run"
 UNMEASURED_ATTR = "ampgate_unmeasured"
-NOT_RECORDED_ATTR = "ampgate_not_recorded"
 
 
 @dataclass

@@ -81,7 +81,7 @@ def attach(item, report, results, excinfo, *, options, passed: bool) -> None:
     if update and any(r.failed for r in results):
         text += "\n  baseline NOT recorded: fix the failing checks, or relax their margins in the marker"
     elif update and not passed:
-        from .manager import NOT_RECORDED_ATTR
+        from .collection import NOT_RECORDED_ATTR
 
         text += f"\n  baseline NOT recorded: {report.__dict__.get(NOT_RECORDED_ATTR, f'the test {outcome_word(report)}')}"
     text = options.with_commands(text, test_id_of(item))
