@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from test_gpu_verdicts import TINY, tiny_workload
+from engine_helpers import TINY, tiny_workload
 from torch import nn
 
 from pytest_ampgate import testing

@@ -13,10 +13,18 @@ import sys
 import types
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from session_helpers import (  # noqa: F401  (imported_first: autouse)
+    CPU,
+    gated,
+    imported_first,
+    private_locks,
+    project,
+)
 
 from pytest_ampgate import env, modes, precision_policy
 from pytest_ampgate.env import Environment, fingerprint
@@ -581,3 +589,33 @@ def test_noise_report_json_round_trip(fake_gpu):
     assert back == report
     unavailable = NoiseReport(available=False, reason="no CUDA device")
     assert from_dict(NoiseReport, json.loads(json.dumps(to_dict(unavailable)))) == unavailable
+
+
+# --- 4. CPU names ----------------------------------------------------------------------------
+
+
+def test_cpu_name_comes_from_py_cpuinfo_where_proc_cpuinfo_has_none(monkeypatch):
+    import types
+
+    from pytest_ampgate import env
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here (macOS)")
+
+    monkeypatch.setattr(env, "open", no_proc, raising=False)
+    monkeypatch.setattr(env, "_CPUINFO_BRAND", [])
+    monkeypatch.setitem(sys.modules, "cpuinfo", types.SimpleNamespace(get_cpu_info=lambda: {"brand_raw": "Apple  M2 Pro"}))
+    assert env._cpu_model() == "Apple M2 Pro"  # not platform.processor()'s "arm"
+    assert env._cpuinfo_brand() == "Apple M2 Pro"  # asked once, cached
+
+
+def test_cpu_name_keeps_existing_keys_where_proc_cpuinfo_names_the_model():
+    """On x86 Linux /proc/cpuinfo's model name is what py-cpuinfo reports too, so keys recorded
+    before ('cpu|AMD EPYC|torch2.15' in baselines/) still match."""
+    from pytest_ampgate import env
+
+    proc = Path("/proc/cpuinfo")
+    if not proc.exists() or "model name" not in proc.read_text(errors="replace"):
+        pytest.skip("no model name in /proc/cpuinfo on this machine")
+    cpuinfo = pytest.importorskip("cpuinfo")
+    assert env._cpu_model() == " ".join(cpuinfo.get_cpu_info()["brand_raw"].split())

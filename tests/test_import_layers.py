@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,14 @@ def test_each_rule_fails_on_a_planted_breach_and_says_the_fix(planted):
     assert any(p.startswith("pkg.stray is in no layer: add `stray` to the layer table") for p in found), found
     assert not any("pkg.typed" in p for p in found), "an import under TYPE_CHECKING never runs"
     assert len(found) == 4, found
+
+
+def test_mode_validation_does_not_import_the_distributed_package():
+    """config checks a marker's mode names from parallel_modes' table: torch.distributed stays unloaded."""
+    code = (
+        "import sys; from pytest_ampgate.config import _modes; "
+        "print(_modes('modes', ['fsdp2_bf16', 'amp_bf16'])); "
+        "print(sorted(m for m in sys.modules if m.startswith('pytest_ampgate.distributed')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["('fsdp2_bf16', 'amp_bf16')", "[]"]

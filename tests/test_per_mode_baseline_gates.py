@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import itertools
 
-from test_gpu_verdicts import DECISIVE, FakeTimer, as_if_on_cuda, tiny_workload
-from test_reliability import CPU, _assert_clean
+from engine_helpers import tiny_workload
+from fakes import FakeTimer, as_if_on_cuda
+from session_helpers import CPU
+from test_faults import _assert_clean
+from test_launch_bound import DECISIVE
 
 from pytest_ampgate.config import build_config
 from pytest_ampgate.gate import baseline_from, decide, evaluate

@@ -281,3 +281,17 @@ def test_gpu_forced_fp32_layer_fails_coverage_and_names_the_layer():
     for mode in ("amp_fp16", "amp_bf16"):
         check = checks(verdict, "precision_coverage")[mode]
         assert check.outcome == FAIL and "fp32: 1.layer" in check.why, verdict.explain()
+
+
+# --- 7. the slowdown plant shows in a launch-bound step ---------------------------------------------------
+
+
+def test_calibration_scales_the_delay_to_the_measured_drop():
+    """A step that hides 60% of the planted delay (launch-bound slack): calibrated, the drop is the one named."""
+    clean = 1e-3
+
+    def achieved(delay):
+        return 0.4 * delay / clean
+
+    delay = delays.calibrate_delay(achieved, 0.25, 0.25 * clean)
+    assert achieved(delay) == pytest.approx(0.25, rel=0.01)

@@ -19,8 +19,11 @@ import sys
 import time
 
 import pytest
+import torch
+from session_helpers import CPU, HELPERS, TINY, gated, imported_first, isolated, private_locks, project  # noqa: F401  (autouse fixtures)
 from test_faults import INTERNAL_FRAME
-from test_reliability import HELPERS
+
+from pytest_ampgate.gpu_lock import overlaps, pick_device
 
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
@@ -234,3 +237,133 @@ def test_test_id_drops_only_the_suffix_of_xdists_loadgroup():
     assert test_id("t.py::test_a[x@y]@g") == "t.py::test_a[x@y]"
     for unchanged in ("t.py::test_a[x@y]", "dir@1/t.py::test_a", "t.py::test_a", "a@b.py::test_x"):
         assert test_id(unchanged) == unchanged
+
+
+# --- xdist -----------------------------------------------------------------------------------
+
+
+XDIST_PROJECT = project(
+    "@pytest.mark.amp_regression(" + TINY + ")\n"
+    "@pytest.mark.parametrize('i', range(4))\n"
+    "def test_gated(ampgate, i):\n"
+    "    time.sleep(0.4)  # long enough that two unserialised gated tests would overlap\n"
+    "    ampgate.run(workload())\n",
+    "@pytest.mark.parametrize('i', range(4))\ndef test_plain(i):\n    pass\n",
+)
+
+
+@pytest.mark.filterwarnings("ignore:Benchmarks are automatically disabled because xdist")
+def test_xdist_serialises_gated_tests_and_merges_their_results(pytester):
+    from pytest_ampgate.baselines import BaselineStore
+
+    # A baseline of a test that no longer exists, recorded in-process beforehand.
+    pytester.makepyfile(test_user=project(gated("test_gone")))
+    pytester.runpytest(*CPU, "--ampgate-update").assert_outcomes(passed=1)
+
+    pytester.makepyfile(test_user=XDIST_PROJECT)
+    result = pytester.runpytest(*CPU, "-n", "2", "-v", "--ampgate-update", "--ampgate-json", "r.json")
+    result.assert_outcomes(passed=8)
+    report = json.loads((pytester.path / "r.json").read_text())
+    ids = [f"test_user.py::test_gated[{i}]" for i in range(4)]
+    assert sorted(t["test_id"] for t in report["tests"]) == ids
+    assert report["run"]["workers"] == 2 and report["summary"]["baselines_written"]
+
+    # Serialised: the gated tests were scheduled onto one worker (plugin/xdist_schedule.py), and no two
+    # of them held the device at once.
+    runs = [t["run"] for t in report["tests"]]
+    assert len({r["worker"] for r in runs}) == 1
+    assert overlaps([(r["acquired_at"], r["released_at"]) for r in runs]) == []
+    assert all(r["released_at"] - r["acquired_at"] >= 0.4 for r in runs)
+    assert len({r["key"] for r in runs}) == 1 and report["run"]["device"] == "cpu"
+
+    # Merged in the controller: the summary, the per-test progress lines and the baselines are complete.
+    out = result.stdout.str()
+    for test_id in ids:
+        assert re.search(rf"^{re.escape(test_id)} +fp32 ", out, re.M) and re.search(rf"^{re.escape(test_id)} +amp_bf16 ", out, re.M)
+    result.stdout.fnmatch_lines(["*[[]ampgate[]] gw? test_user.py::test_gated[[]0[]]: tiny, fp32 vs amp_bf16, 3 rounds x 3 steps*"])
+    store = BaselineStore(pytester.path / "baselines")
+    env_key = report["tests"][0]["env_key"]
+    assert all(store.lookup(test_id, env_key) is not None for test_id in [*ids, "test_user.py::test_gone"])
+    assert not list((pytester.path / "locks").glob("*.lock"))  # per-run CPU lock files are cleaned up
+
+    # Stale entries are found from the workers' collection (the controller collects nothing).
+    result.stdout.fnmatch_lines(["stale baseline entries (their tests no longer exist): test_user.py::test_gone; *"])
+    assert report["summary"]["stale_baselines"] == ["test_user.py::test_gone"]
+
+
+# --- 6. xdist and several GPUs ---------------------------------------------------------------
+
+
+XDIST_TIMED = """
+import json, os, time
+import pytest
+
+def _log(name, start):
+    with open(os.path.join(os.environ["AMPGATE_LOG"], name), "w") as fh:
+        json.dump({"worker": os.environ.get("PYTEST_XDIST_WORKER"), "start": start, "end": time.time()}, fh)
+
+@pytest.mark.parametrize("i", range(3))
+def test_gated(ampgate, i):
+    start = time.time()
+    time.sleep(1.5)  # holding the device
+    _log(f"gated{i}", start)
+
+@pytest.mark.parametrize("i", range(8))
+def test_plain(i):
+    start = time.time()
+    time.sleep(0.1)
+    _log(f"plain{i}", start)
+"""
+
+
+def test_xdist_plain_tests_run_while_a_gated_test_holds_the_device(pytester, tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    log.mkdir()
+    monkeypatch.setenv("AMPGATE_LOG", str(log))
+    pytester.makepyfile(test_par=XDIST_TIMED)
+    result = pytester.runpytest_subprocess(*CPU, "-n", "2", "-p", "no:randomly")
+    result.assert_outcomes(passed=11)
+    runs = {p.name: json.loads(p.read_text()) for p in log.iterdir()}
+    gated = [v for k, v in runs.items() if k.startswith("gated")]
+    plain = [v for k, v in runs.items() if k.startswith("plain")]
+    assert len({g["worker"] for g in gated}) == 1  # grouped onto one worker
+    assert {p["worker"] for p in plain} - {gated[0]["worker"]}  # the other worker took plain tests
+    # ... while the gated ones ran: the first plain test started before the first gated test ended
+    assert min(p["start"] for p in plain) < min(g["end"] for g in gated)
+    # every plain test was done before the gated tests were: nothing queued behind the device lock
+    assert max(p["end"] for p in plain) < max(g["end"] for g in gated) - 1.0
+    # pytest-benchmark's "disabled under xdist" is said once, not once per process
+    text = result.stdout.str() + result.stderr.str()
+    assert text.count("Benchmarks are automatically disabled because xdist") <= 1
+
+
+def test_cuda_auto_spreads_workers_over_the_gpus(monkeypatch):
+    assert [pick_device("cuda:auto", w, 2) for w in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert pick_device("cuda:auto", 3, 0) == "cuda" and pick_device("cuda:1", 5, 4) == "cuda:1"
+
+    from pytest_ampgate.plugin import options
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the hardware boundary, faked
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw4")
+    assert options.auto_device(None, "cuda:auto") == "cuda:1"
+    # one lock per GPU: the keys of different GPUs differ
+    from pytest_ampgate.gpu_lock import device_key
+
+    assert device_key("cuda:0") != device_key("cuda:1")
+
+
+@pytest.mark.filterwarnings("ignore:Benchmarks are automatically disabled because xdist")
+def test_gated_tests_are_scheduled_onto_one_worker_except_under_cuda_auto(pytester):
+    """The plugin's scheduler (xdist's ``load`` plus grouping, plugin/xdist_schedule.py) only where
+    it groups something: not without --ampgate, and not under cuda:auto (each worker its own GPU)."""
+    pytester.makepyfile(test_g="def test_gated(ampgate):\n    pass\n\ndef test_plain():\n    pass\n")
+    runs = {
+        "cpu": (*CPU, "-n", "2", "-v"),
+        "off": ("-p", "no:cacheprovider", "-n", "2", "-v"),
+        "cuda:auto": ("--ampgate", "--ampgate-device", "cuda:auto", "-p", "no:cacheprovider", "-n", "2", "-v"),
+    }
+    schedulers = {}
+    for name, args in runs.items():
+        out = pytester.runpytest(*args).stdout.str()
+        schedulers[name] = re.findall(r"scheduling tests via (\w+)", out)
+    assert schedulers == {"cpu": ["GatedLoadScheduling"], "off": ["LoadScheduling"], "cuda:auto": ["LoadScheduling"]}

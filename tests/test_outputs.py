@@ -1,96 +1,21 @@
-"""The gate in the pytest ecosystem, through ``pytester``: the JSON report and its schema, JUnit
-properties, the Markdown summary (and $GITHUB_STEP_SUMMARY), the chart, pytest-benchmark's JSON and
-history, and pytest-xdist (gated tests serialised per device, results merged in the controller).
+"""The outputs a gated run writes, end to end through pytester: the JSON report and its schema, JUnit properties
+(valid xunit2), the Markdown summary and $GITHUB_STEP_SUMMARY, the chart, pytest-benchmark's JSON and history,
+progress lines, and output paths (usage errors before measuring, one line for a late failure)."""
 
-Every gated run trains for real on the CPU, on a tiny user workload.
-"""
+from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
-import torch
-
-from pytest_ampgate.gpu_lock import overlaps
-
-CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
-TINY = 'modes=["amp_bf16"], rounds=3, steps_per_block=3, warmup_steps=1, missing_baseline="ignore"'
-FAILING = (
-    TINY.replace("rounds=3", "rounds=6") + ", check_speed=True, min_speedup=1000.0, confirm=False"
-)  # 6 rounds: enough for a decisive verdict
-
-WORKLOAD = """
-import os
-import time
-
-import pytest
-import torch
-from torch import nn
-
-from pytest_ampgate import Workload
-
-
-def workload():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 8, generator=g)
-    y = (x[:, 0] > 0).long()
-    return Workload(
-        name="tiny",
-        model_factory=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
-        data=(x, y, x[:64], y[:64]),
-        loss_fn=nn.CrossEntropyLoss(),
-        optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.1),
-        batch_size=32,
-    )
-"""
-
-
-def gated(name, marker=TINY, extra=""):
-    return f"@pytest.mark.amp_regression({marker})\ndef {name}(ampgate):\n{extra}    ampgate.run(workload())\n"
-
-
-def project(*bodies):
-    return WORKLOAD + "\n\n" + "\n\n".join(bodies)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def imported_first():
-    """Import once, outside the in-process runs, what they import (pytester drops modules first
-    imported during a run, and some of torch's and matplotlib's C extensions abort when imported twice)."""
-    import importlib
-    import pkgutil
-
-    import jsonschema  # noqa: F401
-    import matplotlib.backends.backend_agg
-    import matplotlib.figure  # noqa: F401
-    import pytest_benchmark.logger
-    import pytest_benchmark.stats
-    import pytest_benchmark.utils  # noqa: F401
-
-    import pytest_ampgate
-    from pytest_ampgate.measurement import MeasureConfig, measure
-    from pytest_ampgate.workloads import mnist_mlp
-
-    for info in pkgutil.iter_modules(pytest_ampgate.__path__):
-        importlib.import_module(f"pytest_ampgate.{info.name}")
-    tiny = mnist_mlp().with_options(batch_size=8, data_options={"n_train": 16, "n_test": 8})
-    measure(tiny, ["amp_bf16"], device="cpu", config=MeasureConfig(warmup_steps=0, rounds=1, steps_per_block=1, memory_steps=0))
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """One thread (tiny models on a busy machine), private device locks, no real step summary."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # xdist workers
-    monkeypatch.setenv("PYTEST_AMPGATE_LOCK_DIR", str(tmp_path / "locks"))
-    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    yield
-    torch.set_num_threads(before)
+from session_helpers import CPU, FAILING, HELPERS, HTML, MATPLOTLIB, ROOT, gated, imported_first, isolated, private_locks, project  # noqa: F401  (autouse fixtures)
+from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 
 @pytest.fixture
@@ -268,11 +193,11 @@ def test_chart_rows_take_floors_from_the_checks_or_else_the_config():
 
     tiny = mnist_mlp().with_options(batch_size=16, data_options={"n_train": 64, "n_test": 32})
     m = measure(tiny, ["amp_bf16"], device="cpu", config=MeasureConfig(warmup_steps=1, rounds=6, steps_per_block=2, memory_steps=0))
-    for settings, gated in (({"min_speedup": 1.5}, False), ({"min_speedup": 1000, "check_speed": True}, True)):
+    for settings, is_gated in (({"min_speedup": 1.5}, False), ({"min_speedup": 1000, "check_speed": True}, True)):
         config = build_config(("test", settings))
         [row] = chart_rows([GateResult("t.py::x", "env", m, evaluate(m, config), config=config.to_dict())])
-        assert (row.floor, row.floor_gated) == ((1000.0, True) if gated else (1.5, False))
-        assert row.speed_outcome == ("fail" if gated else "skipped") and row.low <= row.speedup <= row.high
+        assert (row.floor, row.floor_gated) == ((1000.0, True) if is_gated else (1.5, False))
+        assert row.speed_outcome == ("fail" if is_gated else "skipped") and row.low <= row.speedup <= row.high
         assert row.memory_ratio is None and row.memory_limit == 1.25 and not row.memory_gated
         assert "memory_steps=0" in row.memory_note
 
@@ -364,153 +289,98 @@ def test_progress_says_workload_mode_and_round_at_verbose_only(pytester):
     )
 
 
-# --- xdist -----------------------------------------------------------------------------------
+# --- 5. JUnit --------------------------------------------------------------------------------
 
 
-XDIST_PROJECT = project(
-    "@pytest.mark.amp_regression(" + TINY + ")\n"
-    "@pytest.mark.parametrize('i', range(4))\n"
-    "def test_gated(ampgate, i):\n"
-    "    time.sleep(0.4)  # long enough that two unserialised gated tests would overlap\n"
-    "    ampgate.run(workload())\n",
-    "@pytest.mark.parametrize('i', range(4))\ndef test_plain(i):\n    pass\n",
+def test_junit_xml_validates_against_the_default_xunit2_schema(pytester):
+    xmlschema = pytest.importorskip("xmlschema")
+    schema = xmlschema.XMLSchema(str(ROOT / "tests" / "schemas" / "xunit2.xsd"))
+    pytester.makepyfile(test_user=project(gated("test_pass"), "def test_plain():\n    pass\n"))
+    # One run for three outputs (7 and 9 below read theirs from it): the suite stays quick.
+    args = ["--junitxml", "junit.xml", "--benchmark-json", "out/new/bench.json"]
+    if HTML:
+        args += ["--html", "report.html", "--self-contained-html"]
+    result = pytester.runpytest(*CPU, *args)
+    result.assert_outcomes(passed=2)
+    schema.validate(str(pytester.path / "junit.xml"))  # per-test <properties> would fail here
+    text = (pytester.path / "junit.xml").read_text()
+    assert 'name="test_user.py::test_pass::ampgate_verdict" value="pass"' in text
+    assert 'name="test_user.py::test_pass::ampgate_amp_bf16_speedup"' in text
+
+    # 7. --benchmark-json into a folder that did not exist
+    doc = json.loads((pytester.path / "out" / "new" / "bench.json").read_text())
+    assert [b["extra_info"]["mode"] for b in doc["benchmarks"] if b["extra_info"].get("ampgate")] == ["fp32", "amp_bf16"]
+
+    # 9. pytest-html: the verdict in the row, the per-mode table and the chart in the extras
+    if HTML:
+        page = (pytester.path / "report.html").read_text()
+        assert "AMP verdict" in page and "col-ampgate" in page
+        assert "pytest-ampgate" in page and "speedup [CI]" in page and "amp_bf16" in page
+        if MATPLOTLIB:
+            assert "ampgate chart" in page and "data:image/png;base64" in page
+
+    # xunit1 allows per-test properties: there they stay on the test case
+    result = pytester.runpytest(*CPU, "--junitxml", "junit1.xml", "-o", "junit_family=xunit1")
+    result.assert_outcomes(passed=2)
+    import xml.etree.ElementTree as ET
+
+    case = next(c for c in ET.parse(pytester.path / "junit1.xml").getroot().iter("testcase") if c.get("name") == "test_pass")
+    assert {p.get("name"): p.get("value") for p in case.iter("property")}["ampgate_verdict"] == "pass"
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Output paths.
+# --------------------------------------------------------------------------------------------------
+
+PASSING_TEST = (
+    HELPERS
+    + """
+
+@pytest.mark.amp_regression(**FAST)
+def test_gated(ampgate):
+    ampgate.run(tiny())
+    marker = os.environ.get("TURN_INTO_DIRECTORY")
+    if marker:
+        os.makedirs(marker)
+"""
 )
 
 
-@pytest.mark.filterwarnings("ignore:Benchmarks are automatically disabled because xdist")
-def test_xdist_serialises_gated_tests_and_merges_their_results(pytester):
-    from pytest_ampgate.baselines import BaselineStore
-
-    # A baseline of a test that no longer exists, recorded in-process beforehand.
-    pytester.makepyfile(test_user=project(gated("test_gone")))
-    pytester.runpytest(*CPU, "--ampgate-update").assert_outcomes(passed=1)
-
-    pytester.makepyfile(test_user=XDIST_PROJECT)
-    result = pytester.runpytest(*CPU, "-n", "2", "-v", "--ampgate-update", "--ampgate-json", "r.json")
-    result.assert_outcomes(passed=8)
-    report = json.loads((pytester.path / "r.json").read_text())
-    ids = [f"test_user.py::test_gated[{i}]" for i in range(4)]
-    assert sorted(t["test_id"] for t in report["tests"]) == ids
-    assert report["run"]["workers"] == 2 and report["summary"]["baselines_written"]
-
-    # Serialised: the gated tests were scheduled onto one worker (plugin/xdist_schedule.py), and no two
-    # of them held the device at once.
-    runs = [t["run"] for t in report["tests"]]
-    assert len({r["worker"] for r in runs}) == 1
-    assert overlaps([(r["acquired_at"], r["released_at"]) for r in runs]) == []
-    assert all(r["released_at"] - r["acquired_at"] >= 0.4 for r in runs)
-    assert len({r["key"] for r in runs}) == 1 and report["run"]["device"] == "cpu"
-
-    # Merged in the controller: the summary, the per-test progress lines and the baselines are complete.
-    out = result.stdout.str()
-    for test_id in ids:
-        assert re.search(rf"^{re.escape(test_id)} +fp32 ", out, re.M) and re.search(rf"^{re.escape(test_id)} +amp_bf16 ", out, re.M)
-    result.stdout.fnmatch_lines(["*[[]ampgate[]] gw? test_user.py::test_gated[[]0[]]: tiny, fp32 vs amp_bf16, 3 rounds x 3 steps*"])
-    store = BaselineStore(pytester.path / "baselines")
-    env_key = report["tests"][0]["env_key"]
-    assert all(store.lookup(test_id, env_key) is not None for test_id in [*ids, "test_user.py::test_gone"])
-    assert not list((pytester.path / "locks").glob("*.lock"))  # per-run CPU lock files are cleaned up
-
-    # Stale entries are found from the workers' collection (the controller collects nothing).
-    result.stdout.fnmatch_lines(["stale baseline entries (their tests no longer exist): test_user.py::test_gone; *"])
-    assert report["summary"]["stale_baselines"] == ["test_user.py::test_gone"]
+def _bad_output(tmp: Path, name: str):
+    (tmp / "afile").write_text("x")
+    (tmp / "adir").mkdir()
+    return {
+        "json_is_directory": (("--ampgate-json", str(tmp / "adir")), {}, "--ampgate-json"),
+        "markdown_under_a_file": (("--ampgate-markdown", str(tmp / "afile" / "summary.md")), {}, "is a file, not a directory"),
+        "plot_is_directory": (("--ampgate-plot", str(tmp / "adir")), {}, "is a directory; give the path of a file"),
+        "step_summary_missing_directory": ((), {"GITHUB_STEP_SUMMARY": str(tmp / "missing" / "summary.md")}, "$GITHUB_STEP_SUMMARY="),
+    }[name]
 
 
-# --- the device lock itself ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["json_is_directory", "markdown_under_a_file", "plot_is_directory", "step_summary_missing_directory"])
+def test_unwritable_output_path_is_a_usage_error_before_measuring(pytester, tmp_path, monkeypatch, name):
+    args, env, message = _bad_output(tmp_path, name)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pytester.makepyfile(test_out=PASSING_TEST)
+    result = pytester.runpytest_subprocess(*CPU, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, _output(result)
+    out = _assert_clean(result)
+    assert message in out and "ERROR:" in out, out
+    assert "ampgate summary" not in out and not (pytester.path / "baselines").exists()
 
 
-HOLD_SCRIPT = """
-import json, sys, time
-from pytest_ampgate.gpu_lock import DeviceLock
-lock = DeviceLock("cpu-test", sys.argv[1])
-hold = lock.acquire("child")
-print(json.dumps({"acquired": hold.acquired_at}), flush=True)
-time.sleep(float(sys.argv[2]))
-lock.release(hold)
-print(json.dumps({"released": hold.released_at}), flush=True)
-"""
-
-
-def test_device_lock_excludes_another_process_and_dies_with_its_holder(tmp_path):
-    from pytest_ampgate.gpu_lock import DeviceLock
-
-    child = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(tmp_path), "1.0"], stdout=subprocess.PIPE, text=True)
-    acquired = json.loads(child.stdout.readline())["acquired"]
-    lock = DeviceLock("cpu-test", tmp_path)
-    waits = []
-    hold = lock.acquire("parent", on_wait=waits.append)
-    released = json.loads(child.stdout.readline())["released"]
-    child.wait(timeout=60)
-    assert acquired <= released <= hold.acquired_at  # we got it only once the child let go
-    assert hold.waited_s > 0.5
-    lock.release(hold)
-
-    # A holder that dies (a crashed worker) releases the lock with it.
-    child = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(tmp_path), "600"], stdout=subprocess.PIPE, text=True)
-    child.stdout.readline()
-    assert "child" in lock.holder()
-    child.kill()
-    child.wait(timeout=60)
-    hold = DeviceLock("cpu-test", tmp_path).acquire("after the crash")
-    assert hold.waited_s < 5
-
-
-def test_overlaps_finds_exactly_the_overlapping_pairs():
-    assert overlaps([(0, 1), (1, 2), (2.5, 3)]) == []
-    assert overlaps([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == [(0, 1), (1, 2)]
-
-
-def test_cpu_locks_are_per_run_and_gpu_locks_per_device():
-    from pytest_ampgate.gpu_lock import device_key
-
-    assert device_key("cpu", "abc") == "cpu-abc" and device_key("cpu") == "cpu"
-    key = device_key("cuda:0", "abc")
-    assert key.startswith("cuda") and "abc" not in key
-
-
-# --- examples/ -------------------------------------------------------------------------------
-
-EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
-
-
-def test_example_user_project_gates_its_own_model(pytester):
-    import shutil
-
-    shutil.copytree(EXAMPLES / "user_project", pytester.path, dirs_exist_ok=True)
-    if tuple(int(p) for p in pytest.__version__.split(".")[:2]) < (9, 0):
-        _as_ini_options(pytester.path / "pyproject.toml")
-    quick = ("-o", "ampgate_rounds=1", "-o", "ampgate_steps_per_block=3", "-o", "ampgate_warmup_steps=3")
-    result = pytester.runpytest(*CPU, *quick, "--ampgate-json", "r.json")
-    result.assert_outcomes(passed=1)
-    [test] = json.loads((pytester.path / "r.json").read_text())["tests"]
-    assert test["test_id"] == "tests/test_amp_mymodel.py::test_residual_mlp_amp" and test["workload"] == "residual_mlp"
-    assert [m["mode"] for m in test["modes"]] == ["fp32", "amp_fp16", "amp_bf16"]
-    assert test["config"]["min_speedup"] == 1.3 and test["config"]["accuracy_tolerance"] == 0.03  # ini, then marker
-
-
-def _as_ini_options(pyproject) -> None:
-    """What the example's pyproject.toml tells a pytest < 9 user to do: its native ``[tool.pytest]``
-    table (its last section) as ``[tool.pytest.ini_options]``, the numbers quoted."""
+def test_output_that_fails_at_the_end_is_one_line_and_the_others_are_written(pytester, tmp_path):
+    report = tmp_path / "out" / "report.json"
+    markdown = tmp_path / "out" / "summary.md"
+    pytester.makepyfile(test_out=PASSING_TEST)
+    os.environ["TURN_INTO_DIRECTORY"] = str(report)  # the test body turns the JSON path into a directory
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: tomli, which pytest itself requires there
-        import tomli as tomllib
-
-    text = pyproject.read_text()
-    table = tomllib.loads(text)["tool"]["pytest"]
-    quoted = {key: value if isinstance(value, list) else str(value) for key, value in table.items()}
-    head = text[: text.index("[tool.pytest]")]
-    pyproject.write_text(head + "[tool.pytest.ini_options]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in quoted.items()))
-
-
-def test_example_workflow_runs_the_gate_and_uploads_report_and_chart():
-    import yaml
-
-    workflow = yaml.safe_load((EXAMPLES / "github-actions" / "ampgate.yml").read_text())
-    job = workflow["jobs"]["ampgate"]
-    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
-    script = "\n".join(step.get("run", "") for step in job["steps"])
-    for flag in ("pytest --ampgate", "--ampgate-json ampgate/report.json", "--ampgate-plot ampgate/chart.png", "--junitxml"):
-        assert flag in script
-    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
-    assert upload["with"]["path"] == "ampgate/" and upload["if"] == "always()"
+        result = pytester.runpytest_subprocess(*CPU, "--ampgate-json", str(report), "--ampgate-markdown", str(markdown))
+    finally:
+        del os.environ["TURN_INTO_DIRECTORY"]
+    assert result.ret == pytest.ExitCode.OK, _output(result)
+    out = _assert_clean(result)
+    assert re.search(rf"ampgate JSON report NOT written to {re.escape(str(report))}: Is a directory", out), out
+    assert markdown.read_text().strip(), "the Markdown summary is still written"
+    assert not [p for p in report.parent.iterdir() if p.name.endswith(".tmp")], "no temp file left"

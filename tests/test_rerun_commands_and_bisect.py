@@ -5,7 +5,7 @@ import re
 import shlex
 
 import pytest
-from test_ecosystem import CPU, TINY, gated, imported_first, project  # noqa: F401  (imported_first: autouse)
+from session_helpers import CPU, TINY, gated, imported_first, project  # noqa: F401  (imported_first: autouse)
 
 from pytest_ampgate.plugin.bisect import BAD, CANNOT_JUDGE, GOOD, STOP, bisect_status
 from pytest_ampgate.session import GateOptions

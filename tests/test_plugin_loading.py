@@ -1,12 +1,45 @@
-"""The layering that keeps the engine a plain library: only the plugin subpackage knows pytest,
-and loading the plugin costs no torch import."""
+"""Loading the plugin: only the plugin subpackage knows pytest, and with --ampgate off a run imports no torch."""
+
+from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+from session_helpers import (  # noqa: F401  (imported_first: autouse)
+    CPU,
+    gated,
+    imported_first,
+    private_locks,
+    project,
+)
+
 import pytest_ampgate
+
+# --- 1. nothing when off ---------------------------------------------------------------------
+
+
+PROBE = """
+import atexit, sys
+
+def _report():
+    heavy = [m for m in ("torch", "numpy", "torchvision", "matplotlib", "cpuinfo") if m in sys.modules]
+    print("HEAVY-MODULES:", ",".join(heavy) or "-", flush=True)
+
+atexit.register(_report)  # after every hook of the session, the plugin's included
+"""
+
+
+def test_a_plain_run_imports_no_torch(pytester):
+    pytester.makeconftest(PROBE)
+    pytester.makepyfile(test_plain="def test_trivial():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "ampgate-" in out  # the plugin was loaded (its entry point: "plugins: ... ampgate-0.1.0")
+    assert "HEAVY-MODULES: -" in out, out
+
 
 PACKAGE = Path(pytest_ampgate.__file__).parent
 PLUGIN = PACKAGE / "plugin"

@@ -1,14 +1,5 @@
-"""Reliability re-run by an outside tester: new cases of the same root causes, end to end.
-
-4. A leaked (or enclosing) ``torch.autocast`` region kept autocast's weight-cast cache alive across
-   optimizer steps, so an AMP mode trained on stale weights and that accuracy was recorded as its
-   baseline; data built under a leaked ``torch.inference_mode()`` failed the fp32 reference;
-   leaked anomaly detection (which turns the inf/NaN gradients GradScaler skips into errors) was
-   neither reset nor named.
-6. A model instance given as ``model_factory`` (callable: calling it ran ``forward()``).
-7. Output and baseline paths the OS refuses (a name too long, a symlink loop), ``~``, and a
-   baseline directory that is a file: usage errors at start-up, not INTERNALERROR or a failure per test.
-"""
+"""Measuring from a known global state: what a test leaked (autocast, grad mode, default dtype, TF32, anomaly
+detection, ...) is reset for the measurement and named, never blamed on AMP."""
 
 from __future__ import annotations
 
@@ -18,15 +9,82 @@ import sys
 
 import pytest
 import torch
-from test_reliability import (  # noqa: F401  (same set-up)
-    CPU,
-    HELPERS,
-    UPDATE,
-    _assert_clean,
-    _hashes,
-    _output,
-    _quiet_and_isolated,
+from session_helpers import CPU, HELPERS, UPDATE
+from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+
+# --------------------------------------------------------------------------------------------------
+# 4. Known global state.
+# --------------------------------------------------------------------------------------------------
+
+LEAKS = {
+    # name: (code run by an earlier, ungated test and left in place; the phrase that names it)
+    "autocast": ("torch.autocast('cpu', dtype=torch.bfloat16).__enter__()", "torch.autocast('cpu', bfloat16) left enabled"),
+    "no_grad": ("torch.set_grad_enabled(False)", "gradients disabled"),
+    "default_dtype": ("torch.set_default_dtype(torch.float64)", "torch.set_default_dtype(float64) left set"),
+}
+
+LEAK_TEST = (
+    HELPERS
+    + """
+
+def test_1_leaks():
+    {leak}
+
+
+@pytest.mark.amp_regression(**FAST)
+def test_2_gated(ampgate):
+    before = (torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), torch.get_default_dtype())
+    ampgate.run(tiny())
+    assert (torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(), torch.get_default_dtype()) == before, "restored"
+
+
+def test_3_cleans_up():
+    torch.set_autocast_enabled("cpu", False)
+    torch.set_grad_enabled(True)
+    torch.set_default_dtype(torch.float32)
+"""
 )
+
+
+def test_leaked_global_state_is_reset_for_measuring_and_named(pytester):
+    """Each module leaks one kind of state in an ungated test; the gated test after it is measured
+    from the known state, names the leak, and finds the leak still in place after run()."""
+    for name, (leak, _phrase) in LEAKS.items():
+        pytester.makepyfile(**{f"test_leak_{name}": LEAK_TEST.replace("{leak}", leak)})
+    try:
+        result = pytester.runpytest(*UPDATE, "-p", "no:randomly")
+    finally:  # an in-process run: never let a leak reach this session
+        torch.set_autocast_enabled("cpu", False)
+        torch.set_grad_enabled(True)
+        torch.set_default_dtype(torch.float32)
+    result.assert_outcomes(passed=3 * len(LEAKS))
+    out = _assert_clean(result)
+    for name, (_leak, phrase) in LEAKS.items():
+        line = next((x for x in out.splitlines() if x.startswith(f"LEAKED STATE test_leak_{name}.py::test_2_gated: ")), "")
+        assert phrase in line and "global torch state was leaked" in line, (name, out)
+        stored = json.loads((pytester.path / "baselines" / f"test_leak_{name}.json").read_text())["tests"]
+        (entry,) = stored[f"test_leak_{name}.py::test_2_gated"].values()
+        assert entry["modes"]["fp32"].get("low_precision_share", 0.0) == 0.0, "the fp32 reference ran in fp32"
+        assert entry["modes"]["amp_bf16"]["low_precision_share"] == 1.0
+        assert "leaked_state" not in entry["environment"]
+
+
+def test_run_wrapped_in_autocast_by_the_test_body_measures_fp32_as_fp32(pytester):
+    pytester.makepyfile(
+        test_body=HELPERS
+        + """
+
+@pytest.mark.amp_regression(**FAST)
+def test_gated(ampgate):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = ampgate.run(tiny())
+    assert result.mode("fp32").precision_coverage.share == 0.0
+"""
+    )
+    result = pytester.runpytest(*CPU)
+    result.assert_outcomes(passed=1)
+    assert "torch.autocast('cpu', bfloat16) left enabled" in _assert_clean(result)
+
 
 LEAK_TESTS = (
     HELPERS
