@@ -14,7 +14,7 @@ from pytest_ampgate import delays, modes
 from pytest_ampgate.gpu_noise import open_noise_window
 from pytest_ampgate.timing import BlockTiming, Probe
 
-# --- 1. launch-bound steps -------------------------------------------------------------------------
+# --- CUDA events and the busy probe ---------------------------------------------------------------
 
 
 class FakeTimer:
@@ -43,7 +43,7 @@ def as_if_on_cuda(m):
 # MNIST at batch 4096 on an H100 as the issue describes it: every mode bound by the host, AMP slower.
 
 
-# --- 3. noise: only processes that used the GPU during the window, never the run's own ----------------
+# --- NVML: per-process utilisation samples and violation counters --------------------------------
 
 
 class FakeNVML(types.SimpleNamespace):
@@ -81,7 +81,7 @@ def windowed(samples=(), own=(), violation_step_ns=0, device="cuda:0"):
     return window.close()
 
 
-# --- 4. cuda:N ------------------------------------------------------------------------------------
+# --- torch.cuda's device and event objects (cuda:N) ------------------------------------------------
 
 
 class FakeCuda:
@@ -127,7 +127,7 @@ class FakeCuda:
         monkeypatch.setattr(delays, "gpu_cycles_per_second", lambda index: 1e9)  # the planted delay's
 
 
-# --- who used the GPU: containers, MPS, MIG, xdist siblings (issue 20, points 1-3) ----------------------
+# --- NVML as a container, MPS or MIG shows it -------------------------------------------------------
 
 HOST_PID, NEIGHBOUR_PID = 4_190_001, 4_190_002
 """PIDs of another PID namespace (the host's), as NVML reports them inside a container: not visible here."""

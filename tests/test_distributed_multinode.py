@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from test_distributed import needs_gloo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 TESTS = """
 import pytest
@@ -64,7 +64,7 @@ def test_fsdp2(ampgate):
 
 
 def readme_command() -> list[str]:
-    """The README's multi-node command block, as argv (continuation lines joined, comments dropped)."""
+    """The documented multi-node command block (docs/distributed.md), as argv (continuation lines joined, comments dropped)."""
     text = README.read_text()
     block = text.split("<!-- multinode-command:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     lines = [line for line in block.splitlines() if not line.lstrip().startswith("#")]

@@ -628,15 +628,15 @@ def test_measure_on_the_cpu_uses_the_cpu_profile_and_says_what_it_costs(capsys, 
     assert "timed round 1/1" in err and "held-out accuracy" in err
 
 
-def test_readme_python_example_runs_as_written(monkeypatch):
+def test_the_python_api_example_runs_as_written(monkeypatch):
     from pytest_ampgate import profiles
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "python-api.md").read_text()
     section = readme.split("## Call the engine from Python", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.setitem(profiles.CPU_PROFILE, "rounds", 1)  # the same code, fewer steps: the suite stays quick
     monkeypatch.setitem(profiles.CPU_WORKLOAD_SIZES, "mnist_mlp", {"batch_size": 16, "data_options": {"n_train": 64, "n_test": 16}})
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/python-api.md", "exec"), {})
 
 
 # --- precision coverage: every fp32 layer, or the top ones and the rest, adding up -------------

@@ -110,7 +110,7 @@ def add_options(parser) -> None:
         default=None,
         metavar="MODES",
         help="precision modes for this run, e.g. amp_bf16,amp_fp16; wins over ini ampgate_modes, "
-        f"loses to modes= in a test's marker. Default: ini ampgate_modes, else {_default_text('modes')}",
+        f"loses to modes= in a test's marker. Default: ini ampgate_modes, else {default_text('modes')}",
     )
     group.addoption(
         "--ampgate-only",
@@ -147,7 +147,7 @@ def add_options(parser) -> None:
     )
     for name, (_check, text) in SETTINGS.items():
         parser.addini(
-            f"ampgate_{name}", f"{text} (default: {_default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None
+            f"ampgate_{name}", f"{text} (default: {default_text(name)})", type=_ini_type(INI_TYPES.get(name, "float")), default=None
         )
 
 
@@ -195,7 +195,7 @@ def _ini_type(kind: str) -> str:
     return kind
 
 
-def _default_text(name: str) -> str:
+def default_text(name: str) -> str:
     from ..config import GateConfig
 
     value = getattr(GateConfig, name, None)
