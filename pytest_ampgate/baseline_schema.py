@@ -35,7 +35,18 @@ SCHEMA_VERSION = 1
 
 _FIX = f"correct it, restore the file from version control, or re-record with {UPDATE_COMMAND}"
 
-_FLOAT_FIELDS = ("speedup", "speedup_low", "speedup_high", "memory_ratio", "step_time_s", "accuracy", "final_loss", "low_precision_share")
+_FLOAT_FIELDS = (
+    "speedup",
+    "speedup_low",
+    "speedup_high",
+    "memory_ratio",
+    "step_time_s",
+    "step_time_low",
+    "step_time_high",
+    "accuracy",
+    "final_loss",
+    "low_precision_share",
+)
 _INT_FIELDS = ("peak_memory_bytes",)
 _KNOWN_MODE_FIELDS = frozenset(_FLOAT_FIELDS + _INT_FIELDS)
 _REQUIRED_ENTRY_KEYS = ("environment", "recorded_at", "settings", "modes")
@@ -47,6 +58,8 @@ _RANGES = {
     "speedup_high": (0.0, True, None, "a ratio of step times"),
     "memory_ratio": (0.0, True, None, "a ratio of peak memories"),
     "step_time_s": (0.0, True, None, "seconds per training step"),
+    "step_time_low": (0.0, True, None, "seconds per training step"),
+    "step_time_high": (0.0, True, None, "seconds per training step"),
     "accuracy": (0.0, False, 1.0, "a share of correct predictions"),
     "low_precision_share": (0.0, False, 1.0, "a share of FLOPs"),
     "peak_memory_bytes": (0, False, 2**62, "a number of bytes"),
@@ -187,6 +200,9 @@ class ModeBaseline:
     speedup_high: float | None = None
     memory_ratio: float | None = None
     step_time_s: float | None = None
+    step_time_low: float | None = None
+    step_time_high: float | None = None
+    """The interval of the recorded run's per-round step times (absent in files recorded before it was kept)."""
     peak_memory_bytes: int | None = None
     accuracy: float | None = None
     final_loss: float | None = None
@@ -206,11 +222,13 @@ class ModeBaseline:
         if not isinstance(d, dict):
             raise _bad(where, f" must be a JSON object of measurements, got {describe(d)}")
         kwargs = {name: _figure(d.get(name), where, name) for name in _FLOAT_FIELDS + _INT_FIELDS}
-        low, mid, high = kwargs["speedup_low"], kwargs["speedup"], kwargs["speedup_high"]
-        if mid is not None and ((low is not None and low > mid) or (high is not None and high < mid)):
-            raise _bad(
-                where, f": the speedup {mid!r} lies outside its own interval [{low!r}, {high!r}] (speedup_low <= speedup <= speedup_high)"
-            )
+        for figure, low_key, high_key in (("speedup", "speedup_low", "speedup_high"), ("step_time_s", "step_time_low", "step_time_high")):
+            low, mid, high = kwargs[low_key], kwargs[figure], kwargs[high_key]
+            if mid is not None and ((low is not None and low > mid) or (high is not None and high < mid)):
+                raise _bad(
+                    where,
+                    f": the {figure} {mid!r} lies outside its own interval [{low!r}, {high!r}] ({low_key} <= {figure} <= {high_key})",
+                )
         return cls(**kwargs, extra={k: v for k, v in d.items() if k not in _KNOWN_MODE_FIELDS})
 
 

@@ -1,5 +1,8 @@
 """The gate's checks: each one a function of what was measured that returns its Checks.
 
+The checks against each mode's own stored figures live in :mod:`pytest_ampgate.baseline_checks`;
+what every check reads (:class:`~pytest_ampgate.judging.Judging`) in :mod:`pytest_ampgate.judging`.
+
 :data:`MODE_CHECKS` run for every mode that ran (the reference too); :data:`COMPARED_CHECKS` for
 every compared mode whose run and whose reference's run both completed.  A new check is a
 function here, a :class:`~pytest_ampgate.verdict.CheckName` name, and an entry in one of the lists.
@@ -9,48 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from .baseline_checks import baseline_noise_check, peak_memory_check, step_time_check, stored_noise
 from .baselines import Baseline, ModeBaseline
 from .config import GateConfig
-from .metrics import Tolerance, as_tolerance
+from .judging import Judging, fmt_bytes, too_few_rounds
+from .metrics import as_tolerance
 from .results import Measurements, ModeMeasurement
-from .stats import MIN_ROUNDS_FOR_CONFIDENCE, estimate_ratio
 from .timing import launch_diagnosis
 from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, CheckName
 
-
-@dataclass(frozen=True)
-class Judging:
-    """What every check reads: the run, the gate's settings, the stored baseline and how to speak of it."""
-
-    measurements: Measurements
-    config: GateConfig
-    baseline: Baseline | None = None
-    missing_baseline_note: str = ""
-    """Why no baseline applied (e.g. which environments have one), for the metric check's line."""
-    metric_tolerance: Tolerance | float | None = None
-    """The metric's tolerances (``Metric.tolerances``); None: by the metric's name, from the config."""
-    same_run_tolerance: Tolerance | float | None = None
-
-    @property
-    def missing(self) -> str:
-        return self.missing_baseline_note or f"no stored baseline; {RECORD_HINT}"
-
-    @property
-    def env_label(self) -> str:
-        return _env_label(self.baseline.environment) if self.baseline else ""
-
-    def stored(self, mode: str) -> ModeBaseline | None:
-        return self.baseline.modes.get(mode) if self.baseline else None
-
-
 MISSING_BASELINE_OUTCOME = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPED}
 """What a metric without a stored baseline counts as, per the ``missing_baseline`` setting."""
-
-
-def _fmt_bytes(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def speedup_check(j: Judging, name: str) -> list[Check]:
@@ -77,6 +50,7 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
     if base is not None and base.speedup is not None:
         base_floor = base.speedup * (1 - config.speedup_tolerance)
         baseline_source = f"baseline {base.speedup:.2f}x on {env_label}, tol {config.speedup_tolerance:.0%}"
+        baseline_source += stored_noise(base.speedup_low, base.speedup, base.speedup_high, config.noise_threshold)
         source += f"; {baseline_source}"
         floor = max(floor, base_floor)
     if est is None:
@@ -100,7 +74,7 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
     unobserved = m.noise.unobserved_reason()
     if unobserved:  # said, never guessed: the timings decide
         source += f"; {unobserved}"
-    too_few = _too_few_rounds(est, config)
+    too_few = too_few_rounds(est, config)
     if too_few:
         return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
     if est.low >= floor:
@@ -114,16 +88,6 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
         return Check(name, CheckName.SPEEDUP, FAIL, f"{text} < floor {floor:.2f}x ({source})", **args)
     noisy = f"; {est.note}" if est.noisy else ""
     return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
-
-
-def _too_few_rounds(est, config: GateConfig) -> str:
-    """Why the interval cannot decide anything (too few rounds for the requested coverage), or ''."""
-    if est.rounds >= MIN_ROUNDS_FOR_CONFIDENCE and est.confidence >= config.confidence:
-        return ""
-    return (
-        f"only {est.rounds} round{'s' if est.rounds != 1 else ''}, so the interval covers {est.confidence:.0%}, "
-        f"not {config.confidence:.0%}: no verdict; raise rounds to at least {max(MIN_ROUNDS_FOR_CONFIDENCE, est.rounds + 1)}"
-    )
 
 
 def memory_check(j: Judging, name: str) -> list[Check]:
@@ -143,10 +107,10 @@ def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline |
         source += f"; baseline {base.memory_ratio:.2f}x on {env_label}, tol +{config.memory_tolerance:.2f}"
         limit = min(limit, base.memory_ratio + config.memory_tolerance)
     text = (
-        f"{name} peak memory {_fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 ({_fmt_bytes(m.reference.peak_memory_bytes)}"
+        f"{name} peak memory {fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 ({fmt_bytes(m.reference.peak_memory_bytes)}"
     )
     act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(m.reference, "activation_memory_bytes", None)
-    text += f"; activations {_fmt_bytes(act)} vs {_fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
+    text += f"; activations {fmt_bytes(act)} vs {fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
     outcome = PASS if ratio <= limit else FAIL
     return Check(
         name,
@@ -157,87 +121,6 @@ def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline |
         threshold=limit,
         baseline=base.memory_ratio if base else None,
     )
-
-
-def _own_baseline_figure(j: Judging, mm: ModeMeasurement, field: str, metric: CheckName, what: str) -> tuple[object, list[Check]]:
-    """This mode's stored figure, or the checks to return instead: none without a baseline (the other
-    checks say how to record one), SKIPPED where the baseline predates the figure."""
-    if j.baseline is None:
-        return None, []
-    base = j.stored(mm.mode)
-    value = getattr(base, field, None) if base is not None else None
-    if value is None:
-        why = f"{mm.mode} {what} not gated against the baseline: the stored baseline has no {what} for {mm.mode}; {RECORD_HINT}"
-        return None, [Check(mm.mode, metric, SKIPPED, why)]
-    return value, []
-
-
-def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
-    """This mode's own step time against its stored baseline (same machine key), every mode the reference too.
-
-    The ratios to fp32 cannot see a slowdown that hits every mode alike (a slower data path, a new
-    sync in the shared training loop): this can.  Across processes step time is noisier than a
-    ratio within one run, so the tolerance is wider (``step_time_tolerance``, from the measured
-    spread between processes in BENCHMARKS.md); the interval of this run's per-round step times
-    must lie wholly beyond the limit to FAIL (and a fresh run must agree), wholly within it to PASS.
-    ``check_step_time=False`` turns it off where runs land on different machines under one key.
-    """
-    device_type = j.measurements.device.split(":")[0]
-    if not (j.config.check_step_time and j.config.timing_applies(device_type)) or not mm.step_times_s:
-        return []
-    stored, instead = _own_baseline_figure(j, mm, "step_time_s", CheckName.STEP_TIME, "step time")
-    if stored is None:
-        return instead
-    tol = j.config.step_time_tolerance
-    limit = stored * (1 + tol)
-    est = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
-    text = f"{mm.mode} step time {_fmt_seconds(est.median)} [{est.confidence:.0%} CI {_fmt_seconds(est.low)}-{_fmt_seconds(est.high)}]"
-    source = f"baseline {_fmt_seconds(stored)} on {j.env_label}, tol +{tol:.0%}"
-    args = dict(measured=est.median, threshold=limit, baseline=stored)
-    too_few = _too_few_rounds(est, j.config)
-    if too_few:
-        return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, f"{text} vs limit {_fmt_seconds(limit)} ({source}): {too_few}", **args)]
-    if est.high <= limit:
-        return [Check(mm.mode, CheckName.STEP_TIME, PASS, f"{text} <= limit {_fmt_seconds(limit)} ({source})", **args)]
-    if est.low > limit:
-        noise = j.measurements.noise.untrusted_reason()
-        if noise:
-            why = f"{text} > limit {_fmt_seconds(limit)} ({source}), but the GPU was busy: {noise}"
-            return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
-        return [Check(mm.mode, CheckName.STEP_TIME, FAIL, f"{text} > limit {_fmt_seconds(limit)} ({source})", **args)]
-    noisy = f"; {est.note}" if est.noisy else ""
-    why = f"{text} straddles limit {_fmt_seconds(limit)} ({source}{noisy}); on shared runners check_step_time=False turns this gate off"
-    return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
-
-
-def peak_memory_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
-    """This mode's own peak memory against its stored baseline, every mode the reference too.
-
-    A change that grows every mode (an activation kept for logging) improves the AMP/fp32 ratio
-    and so passes the ratio check; the figure itself does not.  The memory pass is deterministic
-    (requested bytes; cuDNN algorithms by heuristics on CUDA, the window's own allocations on the
-    CPU), so a tight relative tolerance (``peak_memory_tolerance``) holds.
-    """
-    if not j.config.memory_applies(j.measurements.device.split(":")[0]):
-        return []
-    stored, instead = _own_baseline_figure(j, mm, "peak_memory_bytes", CheckName.PEAK_MEMORY, "peak memory")
-    if stored is None:
-        return instead
-    if mm.peak_memory_bytes is None:
-        return [Check(mm.mode, CheckName.PEAK_MEMORY, SKIPPED, f"{mm.mode} peak memory: {mm.memory_note or 'not measured'}")]
-    tol = j.config.peak_memory_tolerance
-    limit = stored * (1 + tol)
-    outcome = PASS if mm.peak_memory_bytes <= limit else FAIL
-    change = mm.peak_memory_bytes / stored - 1 if stored else math.inf
-    why = (
-        f"{mm.mode} peak memory {_fmt_bytes(mm.peak_memory_bytes)} ({change:+.1%}) {'<=' if outcome == PASS else '>'} "
-        f"limit {_fmt_bytes(limit)} (baseline {_fmt_bytes(stored)} on {j.env_label}, tol +{tol:.0%})"
-    )
-    return [Check(mm.mode, CheckName.PEAK_MEMORY, outcome, why, measured=mm.peak_memory_bytes, threshold=limit, baseline=stored)]
-
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
 def finite_loss_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
@@ -476,15 +359,17 @@ def error_hint(error: str) -> str:
     return ""
 
 
-def _env_label(environment: dict) -> str:
-    name = environment.get("device_name", "?")
-    torch_version = ".".join(str(environment.get("torch_version", "?")).split("+")[0].split(".")[:2])
-    return f"{name}, torch {torch_version}"
-
-
 ModeCheck = Callable[[Judging, ModeMeasurement], list[Check]]
 ComparedCheck = Callable[[Judging, str], list[Check]]
-MODE_CHECKS: tuple[ModeCheck, ...] = (finite_loss_check, scaler_checks, coverage_check, metric_check, step_time_check, peak_memory_check)
+MODE_CHECKS: tuple[ModeCheck, ...] = (
+    finite_loss_check,
+    scaler_checks,
+    coverage_check,
+    metric_check,
+    step_time_check,
+    peak_memory_check,
+    baseline_noise_check,
+)
 """Checks of one mode's own run, in the order a failure text lists them."""
 COMPARED_CHECKS: tuple[ComparedCheck, ...] = (same_run_checks, speedup_check, memory_check)
 """Checks of a compared mode against the reference."""

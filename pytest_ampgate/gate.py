@@ -20,6 +20,7 @@ from .config import GateConfig
 from .known_state import LEAKED_KEY, describe
 from .records import from_dict, to_dict, utc_timestamp
 from .results import Measurements, ModeMeasurement
+from .stats import estimate_ratio
 from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, SKIPPED, TIMING_METRICS, Check, CheckName, Verdict
 
 
@@ -31,14 +32,16 @@ def evaluate(
     missing_baseline_note: str = "",
     metric_tolerance: float | None = None,
     same_run_tolerance: float | None = None,
+    recording: bool = False,
 ) -> Verdict:
     """All checks for one measured workload.
 
     ``missing_baseline_note`` says why no baseline applied (e.g. which environments have one) so
     the accuracy check can say how to record one.  ``metric_tolerance`` and ``same_run_tolerance``
-    are a custom metric's own tolerances (its units); None uses the config's.
+    are a custom metric's own tolerances (its units); None uses the config's.  ``recording``: this run
+    becomes the baseline (``--ampgate-update``), so how noisy it is is judged too.
     """
-    judging = Judging(measurements, config, baseline, missing_baseline_note, metric_tolerance, same_run_tolerance)
+    judging = Judging(measurements, config, baseline, missing_baseline_note, metric_tolerance, same_run_tolerance, recording)
     checks: list[Check] = []
     for mm, _comparison in measurements.each_mode():
         if not mm.supported:
@@ -118,6 +121,7 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
             speedup_high=f.speedup.high if f.speedup else None,
             memory_ratio=None if f.reference else f.memory_ratio,  # the reference is not stored against itself
             step_time_s=f.step_time_s,
+            **_step_time_interval(mm),
             peak_memory_bytes=f.peak_memory_bytes,
             accuracy=f.accuracy,
             final_loss=f.final_loss if f.final_loss is not None and math.isfinite(f.final_loss) else None,
@@ -132,6 +136,14 @@ def baseline_from(measurements: Measurements, test_id: str, env_key: str, settin
         settings={"workload": measurements.workload, "batch_size": measurements.batch_size, **settings},
         modes=modes,
     )
+
+
+def _step_time_interval(mm: ModeMeasurement) -> dict:
+    """The recorded run's interval of per-round step times, stored so later runs know how sure the figure is."""
+    if not mm.step_times_s:
+        return {}
+    est = estimate_ratio(mm.step_times_s)
+    return {"step_time_low": est.low, "step_time_high": est.high}
 
 
 def _metric_extra(mm: ModeMeasurement) -> dict:

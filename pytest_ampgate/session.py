@@ -258,6 +258,7 @@ class TestGate:
                 config,
                 None,
                 missing_baseline_note="not compared: this run becomes the baseline (--ampgate-update)",
+                recording=True,
                 **tolerances,
             )
             baseline = None

@@ -65,6 +65,7 @@ class CheckName(_StrEnum):
     MEMORY = "memory"
     STEP_TIME = "step_time"
     PEAK_MEMORY = "peak_memory"
+    BASELINE_NOISE = "baseline_noise"
     KNOWN_STATE = "known_state"
 
 

@@ -149,3 +149,101 @@ def test_a_memory_regression_that_raises_fp32s_peak_fails_against_the_baseline_t
     assert "(+" in line, line
     ratio_line = next(text for text in out.splitlines() if "amp_bf16 peak memory" in text and "x fp32" in text)
     assert "<=" in ratio_line, "the ratio to fp32 passes: only the per-mode gate sees it"
+
+
+# --- a baseline that knows how noisy it is (issue 21, point 1) ----------------------------------------
+
+
+def _record(m, **settings):
+    config = build_config(("test", {"modes": ["amp_bf16"], "missing_baseline": "ignore", "min_speedup": 0.5, **settings}))
+    return evaluate(m, config, None, recording=True)
+
+
+def test_recording_a_noisy_run_says_the_baseline_is_too_noisy_and_how_to_get_a_better_one():
+    noise = _checks(_record(_run(HEALTHY, JitteryTimer)), "baseline_noise")
+    assert set(noise) == {"fp32", "amp_bf16"}, noise
+    why = noise["amp_bf16"].why
+    assert noise["amp_bf16"].outcome == INCONCLUSIVE
+    assert "baseline recorded from a noisy run" in why and "speedup interval is too wide" in why and "step time wanders" in why, why
+    assert "record it again on a quiet machine" in why and "more rounds" in why, why
+
+
+def test_recording_a_quiet_run_says_nothing_and_a_plain_run_never_judges_its_own_noise():
+    assert not _checks(_record(_run(HEALTHY)), "baseline_noise")
+    assert not _checks(_judge(_run(HEALTHY, JitteryTimer), None), "baseline_noise"), "only while recording"
+
+
+def test_a_run_against_a_noisy_baseline_says_so_in_every_timing_check():
+    noisy_baseline = _run(HEALTHY, JitteryTimer)
+    verdict = _judge(_run(HEALTHY), noisy_baseline)
+    speed = _checks(verdict, "speedup")["amp_bf16"]
+    step = _checks(verdict, "step_time")["fp32"]
+    for check in (speed, step):
+        assert "the stored baseline is itself noisy" in check.why and "record it again on a quiet machine" in check.why, check.why
+    assert "itself noisy" not in _checks(_judge(_run(HEALTHY), _run(HEALTHY)), "speedup")["amp_bf16"].why
+
+
+def test_the_step_time_interval_is_stored_with_the_baseline_and_checked_when_read():
+    from pytest_ampgate.baseline_schema import ModeBaseline
+    from pytest_ampgate.errors import BaselineError
+
+    stored = baseline_from(_run(HEALTHY, JitteryTimer), "t.py::t", "cuda|H100", {}).modes["fp32"]
+    assert stored.step_time_low < stored.step_time_s < stored.step_time_high
+    again = ModeBaseline.from_dict(stored.to_dict(), "f.json")
+    assert (again.step_time_low, again.step_time_high) == (stored.step_time_low, stored.step_time_high)
+    import pytest
+
+    with pytest.raises(BaselineError, match=r"step_time_s 0.002 lies outside its own interval \[0.003, 0.004\]"):
+        ModeBaseline.from_dict({"step_time_s": 0.002, "step_time_low": 0.003, "step_time_high": 0.004}, "f.json")
+
+
+NOISY_PROJECT = """
+import itertools
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_ampgate import Workload
+
+PAUSES = itertools.cycle([0.0, 0.004, 0.0, 0.0, 0.008, 0.001])
+
+
+class Stuttering(nn.Module):
+    '''A step that stalls now and then, as on a machine shared with other jobs.'''
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        time.sleep(next(PAUSES))
+        return self.net(x)
+
+
+def workload():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return Workload(name="stutter", model_factory=Stuttering, data=(x, y, x[:64], y[:64]), loss_fn=nn.CrossEntropyLoss(),
+                    optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1), batch_size=32)
+
+
+@pytest.mark.amp_regression(modes=["amp_bf16"], check_speed=True, min_speedup=0.01, rounds=6, steps_per_block=2, warmup_steps=1,
+                            memory_steps=0, confirm=False)
+def test_model(ampgate):
+    ampgate.run(workload())
+"""
+
+
+def test_recording_under_heavy_noise_says_so_end_to_end_and_strict_refuses_to_record_it(pytester):
+    pytester.makepyfile(test_noisy=NOISY_PROJECT)
+    result = pytester.runpytest(*CPU, "--ampgate-update", "-rA")
+    out = _assert_clean(result)
+    assert "baseline recorded from a noisy run" in out and "record it again on a quiet machine" in out, out
+    assert (pytester.path / "baselines" / "test_noisy.json").exists(), "recorded, with the warning"
+    (pytester.path / "baselines" / "test_noisy.json").unlink()
+    strict = pytester.runpytest(*CPU, "--ampgate-update", "--ampgate-strict")
+    strict.assert_outcomes(failed=1)
+    assert not (pytester.path / "baselines" / "test_noisy.json").exists(), "strict records no baseline it calls too noisy"

@@ -1,0 +1,140 @@
+"""Every mode against its own stored baseline: step time, peak memory, and how noisy the baseline itself is.
+
+The ratios to fp32 (``checks.py``) cancel whatever the modes share, which is their strength and
+their blind spot: a regression that hits every mode alike leaves them unchanged.  These checks
+compare each mode's own figures with that mode's stored ones (same machine key); see
+docs/baseline-gates.md for the tolerances and the spread they were chosen from.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .judging import Judging, fmt_bytes, fmt_seconds, too_few_rounds
+from .results import ModeMeasurement
+from .stats import estimate_ratio
+from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, CheckName
+
+
+def own_baseline_figure(j: Judging, mm: ModeMeasurement, field: str, metric: CheckName, what: str) -> tuple[object, list[Check]]:
+    """This mode's stored figure, or the checks to return instead: none without a baseline (the other
+    checks say how to record one), SKIPPED where the baseline predates the figure."""
+    if j.baseline is None:
+        return None, []
+    base = j.stored(mm.mode)
+    value = getattr(base, field, None) if base is not None else None
+    if value is None:
+        why = f"{mm.mode} {what} not gated against the baseline: the stored baseline has no {what} for {mm.mode}; {RECORD_HINT}"
+        return None, [Check(mm.mode, metric, SKIPPED, why)]
+    return value, []
+
+
+def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """This mode's own step time against its stored baseline (same machine key), every mode the reference too.
+
+    The ratios to fp32 cannot see a slowdown that hits every mode alike (a slower data path, a new
+    sync in the shared training loop): this can.  Across processes step time is noisier than a
+    ratio within one run, so the tolerance is wider (``step_time_tolerance``, from the measured
+    spread between processes in BENCHMARKS.md); the interval of this run's per-round step times
+    must lie wholly beyond the limit to FAIL (and a fresh run must agree), wholly within it to PASS.
+    ``check_step_time=False`` turns it off where runs land on different machines under one key.
+    """
+    device_type = j.measurements.device.split(":")[0]
+    if not (j.config.check_step_time and j.config.timing_applies(device_type)) or not mm.step_times_s:
+        return []
+    stored, instead = own_baseline_figure(j, mm, "step_time_s", CheckName.STEP_TIME, "step time")
+    if stored is None:
+        return instead
+    tol = j.config.step_time_tolerance
+    limit = stored * (1 + tol)
+    est = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
+    text = f"{mm.mode} step time {fmt_seconds(est.median)} [{est.confidence:.0%} CI {fmt_seconds(est.low)}-{fmt_seconds(est.high)}]"
+    base = j.stored(mm.mode)
+    source = f"baseline {fmt_seconds(stored)} on {j.env_label}, tol +{tol:.0%}"
+    source += stored_noise(base.step_time_low, stored, base.step_time_high, tol)
+    args = dict(measured=est.median, threshold=limit, baseline=stored)
+    too_few = too_few_rounds(est, j.config)
+    if too_few:
+        return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, f"{text} vs limit {fmt_seconds(limit)} ({source}): {too_few}", **args)]
+    if est.high <= limit:
+        return [Check(mm.mode, CheckName.STEP_TIME, PASS, f"{text} <= limit {fmt_seconds(limit)} ({source})", **args)]
+    if est.low > limit:
+        noise = j.measurements.noise.untrusted_reason()
+        if noise:
+            why = f"{text} > limit {fmt_seconds(limit)} ({source}), but the GPU was busy: {noise}"
+            return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
+        return [Check(mm.mode, CheckName.STEP_TIME, FAIL, f"{text} > limit {fmt_seconds(limit)} ({source})", **args)]
+    noisy = f"; {est.note}" if est.noisy else ""
+    why = f"{text} straddles limit {fmt_seconds(limit)} ({source}{noisy}); on shared runners check_step_time=False turns this gate off"
+    return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, why, **args)]
+
+
+def peak_memory_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """This mode's own peak memory against its stored baseline, every mode the reference too.
+
+    A change that grows every mode (an activation kept for logging) improves the AMP/fp32 ratio
+    and so passes the ratio check; the figure itself does not.  The memory pass is deterministic
+    (requested bytes; cuDNN algorithms by heuristics on CUDA, the window's own allocations on the
+    CPU), so a tight relative tolerance (``peak_memory_tolerance``) holds.
+    """
+    if not j.config.memory_applies(j.measurements.device.split(":")[0]):
+        return []
+    stored, instead = own_baseline_figure(j, mm, "peak_memory_bytes", CheckName.PEAK_MEMORY, "peak memory")
+    if stored is None:
+        return instead
+    if mm.peak_memory_bytes is None:
+        return [Check(mm.mode, CheckName.PEAK_MEMORY, SKIPPED, f"{mm.mode} peak memory: {mm.memory_note or 'not measured'}")]
+    tol = j.config.peak_memory_tolerance
+    limit = stored * (1 + tol)
+    outcome = PASS if mm.peak_memory_bytes <= limit else FAIL
+    change = mm.peak_memory_bytes / stored - 1 if stored else math.inf
+    why = (
+        f"{mm.mode} peak memory {fmt_bytes(mm.peak_memory_bytes)} ({change:+.1%}) {'<=' if outcome == PASS else '>'} "
+        f"limit {fmt_bytes(limit)} (baseline {fmt_bytes(stored)} on {j.env_label}, tol +{tol:.0%})"
+    )
+    return [Check(mm.mode, CheckName.PEAK_MEMORY, outcome, why, measured=mm.peak_memory_bytes, threshold=limit, baseline=stored)]
+
+
+BETTER_BASELINE = (
+    "record it again on a quiet machine (no other jobs on the device), or with more rounds "
+    "(rounds=N in the marker or ampgate_rounds in the ini), and commit that one"
+)
+
+
+def baseline_noise_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """While recording (``--ampgate-update``): is this run quiet enough to judge later runs against?
+
+    A baseline is one measurement, as uncertain as the runs it will judge: recorded in a noisy
+    moment, it hides real slowdowns or turns healthy runs INCONCLUSIVE.  So a timing interval wider
+    than the gate can use is said now, as INCONCLUSIVE (``--ampgate-strict`` then refuses to record
+    it), with how to get a better one; each later run that uses it says so again.
+    """
+    device_type = j.measurements.device.split(":")[0]
+    if not j.recording or not j.config.timing_applies(device_type):
+        return []
+    problems = []
+    comparison = j.measurements.comparisons.get(mm.mode)
+    est = comparison.speedup if comparison is not None else None
+    if est is not None and est.noisy:
+        problems.append(f"its speedup interval is too wide to judge against ({est.note})")
+    if mm.step_times_s and j.config.check_step_time:
+        spread = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
+        half = (spread.high - spread.low) / 2 / spread.median if spread.median else math.inf
+        if half > j.config.step_time_tolerance / 2:
+            problems.append(
+                f"its step time wanders +-{half:.0%} within the run, more than half the step_time_tolerance ({j.config.step_time_tolerance:.0%})"
+            )
+    if not problems:
+        return []
+    why = f"{mm.mode} baseline recorded from a noisy run: {'; '.join(problems)}; {BETTER_BASELINE}"
+    return [Check(mm.mode, CheckName.BASELINE_NOISE, INCONCLUSIVE, why)]
+
+
+def stored_noise(low: float | None, mid: float | None, high: float | None, limit: float) -> str:
+    """A stored figure's own interval, said where it is too wide to judge against; '' otherwise or where unknown."""
+    if low is None or high is None or not mid:
+        return ""
+    width = (high - low) / mid
+    if width <= limit:
+        return ""
+    return f"; the stored baseline is itself noisy (its interval spans {width:.0%} of its median): {BETTER_BASELINE}"
