@@ -18,7 +18,10 @@ from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isola
 
 LEAKS = {
     # name: (code run by an earlier, ungated test and left in place; the phrase that names it)
-    "autocast": ("torch.autocast('cpu', dtype=torch.bfloat16).__enter__()", "torch.autocast('cpu', bfloat16) left enabled"),
+    "autocast": (
+        "global LEAKED; LEAKED = torch.autocast('cpu', dtype=torch.bfloat16); LEAKED.__enter__()",
+        "torch.autocast('cpu', bfloat16) left enabled",
+    ),
     "no_grad": ("torch.set_grad_enabled(False)", "gradients disabled"),
     "default_dtype": ("torch.set_default_dtype(torch.float64)", "torch.set_default_dtype(float64) left set"),
 }
@@ -39,6 +42,9 @@ def test_2_gated(ampgate):
 
 
 def test_3_cleans_up():
+    leaked = globals().get("LEAKED")
+    if leaked is not None:  # exit it properly: autocast's nesting count and weight-cast cache are process-wide
+        leaked.__exit__(None, None, None)
     torch.set_autocast_enabled("cpu", False)
     torch.set_grad_enabled(True)
     torch.set_default_dtype(torch.float32)
