@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 import types
+from types import SimpleNamespace
 
 import torch
 
@@ -185,3 +186,112 @@ class ContainerNVML:
 
     def nvmlShutdown(self):
         pass
+
+
+# --- the pynvml module itself (for environment fingerprints and one-shot noise reports) -------------
+
+
+class NVMLError(Exception):
+    def __init__(self, value):
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self):
+        return {3: "Not Supported", 9: "Driver Not Loaded", 13: "Not Found"}.get(self.value, f"code {self.value}")
+
+
+class FakePynvml(types.ModuleType):
+    """Just enough of the pynvml module (nvidia-ml-py) to stand in ``sys.modules``: records calls, and each
+    function can be made to raise NVMLError, whose str() is NVML's own text ("Not Supported", ...)."""
+
+    EVENT = dict(
+        GpuIdle=0x1,
+        ApplicationsClocksSetting=0x2,
+        SwPowerCap=0x4,
+        HwSlowdown=0x8,
+        SyncBoost=0x10,
+        SwThermalSlowdown=0x20,
+        HwThermalSlowdown=0x40,
+        HwPowerBrakeSlowdown=0x80,
+        DisplayClockSetting=0x100,
+    )
+
+    def __init__(
+        self, *, processes=(), mask=0, fail=(), old_names=False, driver="580.65.06", uuids=("GPU-1234-abcd",), pci=("00000000:65:00.0",)
+    ):
+        super().__init__("pynvml")
+        self.NVMLError = NVMLError
+        self.NVML_CLOCK_SM = 1
+        self.NVML_TEMPERATURE_GPU = 0
+        self.inits = self.shutdowns = 0
+        self.calls = []
+        self._processes, self._mask, self._fail = processes, mask, set(fail)
+        self._driver, self._uuids, self._pci = driver, set(uuids), set(pci)
+        prefix = "nvmlClocksThrottleReason" if old_names else "nvmlClocksEventReason"
+        for name, bit in self.EVENT.items():
+            setattr(self, prefix + name, bit)
+        reasons = "nvmlDeviceGetCurrentClocksThrottleReasons" if old_names else "nvmlDeviceGetCurrentClocksEventReasons"
+        setattr(self, reasons, self._reasons)
+
+    def _call(self, name, *args):
+        self.calls.append((name, *args))
+        if name in self._fail:
+            raise NVMLError(3 if name != "nvmlInit" else 9)
+
+    def nvmlInit(self):
+        self._call("nvmlInit")
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self._call("nvmlShutdown")
+        self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self):
+        self._call("nvmlSystemGetDriverVersion")
+        return self._driver
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self._call("nvmlDeviceGetHandleByUUID", uuid)
+        if uuid not in self._uuids:
+            raise NVMLError(13)
+        return ("handle", uuid)
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id):
+        self._call("nvmlDeviceGetHandleByPciBusId", bus_id)
+        if bus_id not in self._pci:
+            raise NVMLError(13)
+        return ("handle", bus_id)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self._call("nvmlDeviceGetHandleByIndex", index)
+        return ("handle", index)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        self._call("nvmlDeviceGetComputeRunningProcesses", handle)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in self._processes]
+
+    def nvmlSystemGetProcessName(self, pid):
+        self._call("nvmlSystemGetProcessName", pid)
+        if pid == 456:
+            raise NVMLError(3)
+        return b"/usr/bin/python3" if pid == 123 else "trainer"
+
+    def _reasons(self, handle):
+        self._call("reasons", handle)
+        return self._mask
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        self._call("nvmlDeviceGetClockInfo", handle, kind)
+        return 1410
+
+    def nvmlDeviceGetMaxClockInfo(self, handle, kind):
+        self._call("nvmlDeviceGetMaxClockInfo", handle, kind)
+        return 1980
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        self._call("nvmlDeviceGetTemperature", handle, sensor)
+        return 71
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        self._call("nvmlDeviceGetUtilizationRates", handle)
+        return SimpleNamespace(gpu=97, memory=40)
