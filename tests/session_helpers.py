@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 from pytest_ampgate.baselines import SCHEMA, SCHEMA_VERSION
 

@@ -8,7 +8,7 @@ import os
 import re
 
 from session_helpers import CPU, HELPERS, POSIX, UPDATE, _baseline_doc, _entry, _env_key, _hashes
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 from pytest_ampgate.baselines import SCHEMA
 

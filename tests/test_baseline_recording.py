@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from session_helpers import CPU, HELPERS, UPDATE, _entry, _env_key, _hashes, _write_baseline
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 1. Recording only what passed; xfail honoured.

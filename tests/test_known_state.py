@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from session_helpers import CPU, HELPERS, UPDATE
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 4. Known global state.

@@ -9,7 +9,7 @@ import pytest
 from engine_helpers import TINY, tiny_workload
 from fakes import FakeTimer, as_if_on_cuda
 from session_helpers import CPU, HELPERS
-from test_faults import _assert_clean
+from test_bad_input_and_faults import _assert_clean
 
 from pytest_ampgate.config import build_config
 from pytest_ampgate.gate import evaluate

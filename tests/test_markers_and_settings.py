@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 from session_helpers import CPU, HELPERS, UPDATE
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 from test_baseline_files import GATED_TEST
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 9. Markers and settings.

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from session_helpers import CPU, HELPERS
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 3. A gate that measured nothing.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from session_helpers import CPU, FAILING, HELPERS, HTML, MATPLOTLIB, ROOT, gated, imported_first, isolated, private_locks, project  # noqa: F401  (autouse fixtures)
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import itertools
 from engine_helpers import tiny_workload
 from fakes import FakeTimer, as_if_on_cuda
 from session_helpers import CPU
-from test_faults import _assert_clean
+from test_bad_input_and_faults import _assert_clean
 from test_launch_bound import DECISIVE
 
 from pytest_ampgate.config import build_config

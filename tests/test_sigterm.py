@@ -11,7 +11,7 @@ import time
 
 import pytest
 from session_helpers import HELPERS, POSIX, UPDATE, _baseline_doc, _entry
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 10. SIGTERM.
@@ -84,8 +84,8 @@ def test_sigterm_keeps_the_finished_tests_results_as_ctrl_c_does(tmp_path):
 
 @POSIX
 def test_sigterm_while_baselines_are_written_leaves_the_old_file_whole(tmp_path):
-    """The fault points of test_faults.py: the writer stalls half-way through its temp file."""
-    from test_faults import FAULT_CONFTEST, RACE_TESTS
+    """The fault points of test_bad_input_and_faults.py: the writer stalls half-way through its temp file."""
+    from test_bad_input_and_faults import FAULT_CONFTEST, RACE_TESTS
 
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "conftest.py").write_text(FAULT_CONFTEST)

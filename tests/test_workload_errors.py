@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from session_helpers import CPU, HELPERS, UPDATE, _entry, _env_key, _hashes, _write_baseline
-from test_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
+from test_bad_input_and_faults import INTERNAL_FRAME, _assert_clean, _output, _quiet_and_isolated  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 5. The workload's fault is not an AMP regression.

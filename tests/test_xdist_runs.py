@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 from session_helpers import CPU, HELPERS, TINY, gated, imported_first, isolated, private_locks, project  # noqa: F401  (autouse fixtures)
-from test_faults import INTERNAL_FRAME
+from test_bad_input_and_faults import INTERNAL_FRAME
 
 from pytest_ampgate.gpu_lock import overlaps, pick_device
 
