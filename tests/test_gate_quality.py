@@ -38,13 +38,16 @@ def test_quick_cpu_run_prints_the_table(quick_run):
         "A/A fp32 vs fp32",
         "unchanged vs baseline",
         "slowdown",
+        "common slowdown",
+        "common memory",
         "forced fp32 layer 1",
         "fp16 loss overflow",
         "loss scale collapse",
     ):
         assert name in scenarios, stdout
     assert "1x tol" in scenarios and "2x tol" in scenarios
-    assert "targets (issue 5):" in stdout
+    assert "targets (the worst over the baselines):" in stdout
+    assert "fresh baseline(s), each recorded in a new process" in stdout
     assert "fp32: 1.layer" in stdout  # the coverage check's message names the forced layer
 
 
@@ -58,6 +61,9 @@ def test_quick_cpu_run_figures(quick_run):
     for scenario in ("forced fp32 layer 1", "fp16 loss overflow", "loss scale collapse"):
         plant = by_name[(scenario, None)]
         assert plant["detection_rate"] == 1.0 and plant["other_fail_rate"] == 0.0, plant
+    common = by_name[("common memory", 2.0)]  # deterministic on the CPU: every mode's own peak check fails
+    assert common["detection_rate"] == 1.0, common
+    assert [b["fp32"]["step_time_s"] > 0 for b in data["baselines"]["mnist_mlp"]] == [True], "one fresh baseline in --quick"
     assert "1.layer" in by_name[("forced fp32 layer 1", None)]["example"]
     assert by_name[("slowdown", 2.0)]["runs"] == 2
     assert all(s["wall_s_median"] > 0 for s in data["scenarios"])
