@@ -93,7 +93,23 @@ def _start(node: Path, k: int, port: int, extra: list[str]) -> subprocess.Popen:
             arg = arg.replace(name, value)
         argv.append(arg)
     assert argv[0] == "torchrun"
-    argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], "--ampgate-device", "cpu", "-p", "no:cacheprovider", *extra]
+    # One machine plays both nodes, so two things differ from real hosts: the rendezvous port is a
+    # free one (other jobs on this machine may hold 29500), and the head is named as the store's
+    # host (on loopback both nodes match the endpoint, and whichever binds first would host it).
+    argv = [arg.replace(":29500", f":{port}") for arg in argv]
+    launcher = [*argv[1 : argv.index("-m")], f"--rdzv-conf=is_host={int(k == 0)}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        *argv[argv.index("-m") :],
+        "--ampgate-device",
+        "cpu",
+        "-p",
+        "no:cacheprovider",
+        *extra,
+    ]
     env = {**os.environ, "TMPDIR": str(node / "tmp"), "PYTHONPATH": os.pathsep.join([str(node / "tests"), *sys.path])}
     log = open(node / "log.txt", "wb")  # noqa: SIM115 - closed by the child's exit
     return subprocess.Popen(argv, cwd=node, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
