@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CompileSpec:
@@ -44,12 +46,12 @@ def parse_compile(name: str, value: Any) -> CompileSpec | None:
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"backend", "mode"})
         if unknown:
-            raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; valid: backend, mode")
+            raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; valid: backend, mode")
         backend, mode = value.get("backend", "inductor"), value.get("mode")
         if not isinstance(backend, str) or (mode is not None and not isinstance(mode, str)):
-            raise ValueError(f"{name}: backend and mode must be strings, e.g. {{'backend': 'inductor', 'mode': 'reduce-overhead'}}")
+            raise ConfigError(f"{name}: backend and mode must be strings, e.g. {{'backend': 'inductor', 'mode': 'reduce-overhead'}}")
         return CompileSpec(backend, mode)
-    raise ValueError(f"{name} must be true/false, 'backend[:mode]' (e.g. 'inductor:reduce-overhead') or a dict, not {value!r}")
+    raise ConfigError(f"{name} must be true/false, 'backend[:mode]' (e.g. 'inductor:reduce-overhead') or a dict, not {value!r}")
 
 
 def unsupported_reason() -> str | None:

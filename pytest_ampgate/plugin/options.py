@@ -24,6 +24,8 @@ DEFAULT_DEVICE_LOCK_TIMEOUT = 3600.0
 for another job's whole gated run, short of a CI job's own timeout, so a hung holder is named."""
 
 INI_TYPES = {
+    "compile": "string",
+    "max_graph_breaks": "string",
     "modes": "args",
     "check_speed": "bool",
     "check_memory": "bool",
