@@ -96,6 +96,12 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
     return resolved
 
 
+def _compile(name: str, value: Any):
+    from .compiled import parse_compile
+
+    return parse_compile(name, value)
+
+
 def _choice(options: tuple[str, ...]):
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in options:
@@ -183,6 +189,9 @@ class GateConfig:
     noise_threshold: float = MeasureConfig.noise_threshold
     world_size: int | None = None
     distributed_timeout: float = 300.0
+    compile: Any = None
+    """None: eager.  Otherwise a compiled.CompileSpec (from true, "backend[:mode]" or a dict)."""
+    max_graph_breaks: int | None = None
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -242,6 +251,11 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
         _number(0, low_open=True),
         "seconds a distributed run may take before its ranks are stopped and the test fails",
     ),
+    "compile": (
+        _compile,
+        "run every mode (fp32 too) under torch.compile: true (Inductor), 'backend[:mode]' (e.g. 'inductor:reduce-overhead')",
+    ),
+    "max_graph_breaks": (_whole(0), "most graph breaks a compiled mode may have (unset: report only)"),
 }
 
 assert set(SETTINGS) == {f.name for f in fields(GateConfig)}

@@ -1,0 +1,177 @@
+"""torch.compile as a gated dimension: the ``compile`` setting, wrapping, and dynamo's own counts.
+
+Every mode's model (the fp32 reference too) is wrapped the same way after the mode prepared it,
+so speedup and memory compare like with like.  Graph breaks, graphs and recompiles are read from
+torch's own instrumentation (``torch._dynamo.utils.counters`` and ``guard_failures``), which
+exist from torch 2.4 on; what a torch lacks is reported as a clear skip reason, never guessed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """How to compile: a torch.compile backend and optional mode (e.g. "reduce-overhead")."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "mode": self.mode}
+
+
+def parse_compile(name: str, value: Any) -> CompileSpec | None:
+    """The ``compile`` setting: False/None (eager), True (Inductor default), "backend[:mode]" or a dict."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return CompileSpec()
+    if isinstance(value, CompileSpec):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "0", "false", "no", "off"):
+            return None
+        if text.lower() in ("1", "true", "yes", "on"):
+            return CompileSpec()
+        backend, _, mode = text.partition(":")
+        return CompileSpec(backend.strip() or "inductor", mode.strip() or None)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"backend", "mode"})
+        if unknown:
+            raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; valid: backend, mode")
+        backend, mode = value.get("backend", "inductor"), value.get("mode")
+        if not isinstance(backend, str) or (mode is not None and not isinstance(mode, str)):
+            raise ConfigError(f"{name}: backend and mode must be strings, e.g. {{'backend': 'inductor', 'mode': 'reduce-overhead'}}")
+        return CompileSpec(backend, mode)
+    raise ConfigError(f"{name} must be true/false, 'backend[:mode]' (e.g. 'inductor:reduce-overhead') or a dict, not {value!r}")
+
+
+def unsupported_reason() -> str | None:
+    """Why compiled modes cannot be measured with this torch, or None when they can."""
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile (needs torch 2.0 or newer)"
+    try:
+        from torch._dynamo.utils import counters  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} lacks torch._dynamo.utils.counters, needed to count graph breaks"
+    return None
+
+
+def compile_model(model, spec: CompileSpec):
+    """``model`` wrapped by torch.compile as ``spec`` names (the module's parameters are shared)."""
+    import torch
+
+    kwargs = {"backend": spec.backend}
+    if spec.mode is not None:
+        kwargs["mode"] = spec.mode
+    return torch.compile(model, **kwargs)
+
+
+@dataclass
+class DynamoCounts:
+    """What dynamo compiled since the last ``reset_dynamo``: graphs, breaks (by reason) and recompiles."""
+
+    graphs: int = 0
+    graph_breaks: dict[str, int] = field(default_factory=dict)
+    recompile_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def graph_break_count(self) -> int:
+        return sum(self.graph_breaks.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": self.graphs,
+            "graph_breaks": self.graph_break_count,
+            "graph_break_reasons": dict(self.graph_breaks),
+            "recompiles": len(self.recompile_reasons),
+            "recompile_reasons": list(self.recompile_reasons),
+        }
+
+
+def reset_dynamo() -> None:
+    """Forget every compiled graph and count, so one mode's counts never include another's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _guard_failure_reasons() -> list[str]:
+    try:
+        from torch._dynamo.utils import guard_failures
+    except ImportError:
+        return []
+    return [str(reason) for reasons in guard_failures.values() for reason in reasons]
+
+
+def read_counts() -> DynamoCounts:
+    """The counts since the last reset, from torch._dynamo.utils.counters and guard_failures."""
+    from torch._dynamo.utils import counters
+
+    return DynamoCounts(
+        graphs=int(counters["stats"]["unique_graphs"]),
+        graph_breaks={str(reason): int(n) for reason, n in counters["graph_break"].items()},
+        recompile_reasons=_guard_failure_reasons(),
+    )
+
+
+@dataclass
+class WarmupResult:
+    """How long compiling took (the warm-up steps that compiled) and whether compiling settled."""
+
+    compile_time_s: float
+    warmup_steps: int
+    settled: bool
+
+
+def warm_up_until_settled(step: Callable[[], Any], min_steps: int = 1, max_steps: int = 10) -> WarmupResult:
+    """Run ``step`` until one step compiles nothing new (at least ``min_steps``, at most ``max_steps``).
+
+    The steps that compiled are timed apart as compile time; the last, settled step is not counted.
+    """
+    from torch._dynamo.utils import counters
+
+    compile_time = 0.0
+    for n in range(1, max_steps + 1):
+        before = (counters["stats"]["unique_graphs"], len(_guard_failure_reasons()))
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        compiled = (counters["stats"]["unique_graphs"], len(_guard_failure_reasons())) != before
+        if compiled:
+            compile_time += elapsed
+        elif n >= min_steps:
+            return WarmupResult(compile_time, n, True)
+    return WarmupResult(compile_time, max_steps, False)
+
+
+def timed_step_problems(before: DynamoCounts, after: DynamoCounts) -> list[str]:
+    """Why the timed steps are not a settled compiled model: each recompile, named by its reason."""
+    new = after.recompile_reasons[len(before.recompile_reasons) :]
+    problems = [f"recompiled during the timed steps: {reason}" for reason in new]
+    if after.graphs > before.graphs and not new:
+        problems.append(f"dynamo compiled {after.graphs - before.graphs} new graph(s) during the timed steps")
+    return problems
+
+
+def graph_break_problems(counts: DynamoCounts, max_graph_breaks: int | None, baseline_breaks: int | None = None) -> list[str]:
+    """Failures for graph breaks beyond ``max_graph_breaks`` or beyond the baseline's count, naming reasons."""
+    reasons = "; ".join(f"{r} (x{n})" for r, n in counts.graph_breaks.items()) or "none"
+    problems = []
+    if max_graph_breaks is not None and counts.graph_break_count > max_graph_breaks:
+        problems.append(f"{counts.graph_break_count} graph break(s), more than max_graph_breaks={max_graph_breaks}: {reasons}")
+    if baseline_breaks is not None and counts.graph_break_count > baseline_breaks:
+        problems.append(f"{counts.graph_break_count} graph break(s), the baseline had {baseline_breaks}: {reasons}")
+    return problems

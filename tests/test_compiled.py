@@ -1,0 +1,93 @@
+"""Compiled modes: the ``compile`` setting, dynamo's counts of graph breaks and recompiles (eager backend: fast)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pytest_ampgate import compiled  # noqa: E402
+
+reason = compiled.unsupported_reason()
+pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, plant_break=False):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
+        self.plant_break = plant_break
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.plant_break and h.sum().item() > 0:  # planted data-dependent branch
+            h = h * 2
+        return self.b(h)
+
+
+def train_step(model, opt, batch):
+    def step():
+        x = torch.randn(batch(), 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (False, None),
+        ("off", None),
+        (True, compiled.CompileSpec()),
+        ("inductor:reduce-overhead", compiled.CompileSpec("inductor", "reduce-overhead")),
+        ({"backend": "eager"}, compiled.CompileSpec("eager", None)),
+    ],
+)
+def test_compile_setting_parses(value, expected):
+    assert compiled.parse_compile("compile", value) == expected
+
+
+@pytest.mark.parametrize("value", [3, {"backend": "eager", "modee": "x"}, {"backend": 1}])
+def test_bad_compile_setting_names_the_fix(value):
+    with pytest.raises(ValueError, match="compile"):
+        compiled.parse_compile("compile", value)
+
+
+def run(plant_break=False, shapes=(4,)):
+    compiled.reset_dynamo()
+    torch.manual_seed(0)
+    model = compiled.compile_model(MLP(plant_break), compiled.CompileSpec("eager"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    warm = compiled.warm_up_until_settled(train_step(model, opt, lambda: 4), min_steps=1, max_steps=5)
+    before = compiled.read_counts()
+    sizes = iter(list(shapes) * 3)
+    step = train_step(model, opt, lambda: next(sizes))
+    for _ in range(3):
+        step()
+    return warm, before, compiled.read_counts()
+
+
+def test_clean_compiled_mlp_has_no_breaks_or_recompiles():
+    warm, before, after = run()
+    assert warm.settled and warm.compile_time_s > 0 and warm.warmup_steps == 2
+    assert after.graph_break_count == 0 and after.recompile_reasons == []
+    assert after.graphs >= 1
+    assert compiled.timed_step_problems(before, after) == []
+    assert compiled.graph_break_problems(after, max_graph_breaks=0, baseline_breaks=0) == []
+    assert after.to_dict()["graph_breaks"] == 0 and after.to_dict()["recompiles"] == 0
+
+
+def test_planted_graph_break_is_counted_and_fails_against_limit_and_baseline():
+    _warm, _before, after = run(plant_break=True)
+    assert after.graph_break_count >= 1
+    problems = compiled.graph_break_problems(after, max_graph_breaks=0, baseline_breaks=0)
+    assert len(problems) == 2
+    assert all("item" in p.lower() for p in problems), problems
+
+
+def test_planted_recompile_in_timed_steps_fails_naming_reason():
+    _warm, before, after = run(shapes=(4, 5, 7))
+    problems = compiled.timed_step_problems(before, after)
+    assert problems, "a changing batch shape must recompile"
+    assert any("size" in p.lower() or "shape" in p.lower() or "new graph" in p for p in problems), problems
