@@ -8,6 +8,7 @@ exist from torch 2.4 on; what a torch lacks is reported as a clear skip reason, 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ class DynamoCounts:
     graphs: int = 0
     graph_breaks: dict[str, int] = field(default_factory=dict)
     recompile_reasons: list[str] = field(default_factory=list)
+    break_sites: list[str] = field(default_factory=list)
+    """Where the user's code broke the graph: dynamo's resume functions ``torch_dynamo_resume_in_<fn>_at_<line>``."""
 
     @property
     def graph_break_count(self) -> int:
@@ -96,7 +99,17 @@ class DynamoCounts:
             "graph_break_reasons": dict(self.graph_breaks),
             "recompiles": len(self.recompile_reasons),
             "recompile_reasons": list(self.recompile_reasons),
+            "graph_break_sites": list(self.break_sites),
         }
+
+    def since(self, before: DynamoCounts) -> DynamoCounts:
+        """What dynamo did between ``before`` and now (its counters are global to the process)."""
+        return DynamoCounts(
+            graphs=self.graphs - before.graphs,
+            graph_breaks={r: n - before.graph_breaks.get(r, 0) for r, n in self.graph_breaks.items() if n > before.graph_breaks.get(r, 0)},
+            recompile_reasons=self.recompile_reasons[len(before.recompile_reasons) :],
+            break_sites=[site for site in self.break_sites if site not in before.break_sites],
+        )
 
 
 def reset_dynamo() -> None:
@@ -109,11 +122,32 @@ def reset_dynamo() -> None:
 
 
 def _guard_failure_reasons() -> list[str]:
+    """Each recompile's guard failure, with the frame that recompiled (file:line of the code object)."""
     try:
         from torch._dynamo.utils import guard_failures
     except ImportError:
         return []
-    return [str(reason) for reasons in guard_failures.values() for reason in reasons]
+    return [f"{_code_site(code)}: {reason}" for code, reasons in guard_failures.items() for reason in reasons]
+
+
+_RESUME = re.compile(r"torch_dynamo_resume_in_(?P<fn>\w+?)_at_(?P<line>\d+)")
+
+
+def _code_site(code) -> str:
+    match = _RESUME.search(getattr(code, "co_name", ""))
+    line = match.group("line") if match else getattr(code, "co_firstlineno", "?")
+    name = match.group("fn") if match else getattr(code, "co_name", "?")
+    return f"{getattr(code, 'co_filename', '?')}:{line} in {name}"
+
+
+def _break_sites(counters) -> list[str]:
+    """``fn line N`` for each resume function dynamo made after a graph break (torch >= 2.5 counts them)."""
+    sites = []
+    for name in counters.get("resumes", {}):
+        match = _RESUME.search(str(name))
+        if match:
+            sites.append(f"{match.group('fn')} line {match.group('line')}")
+    return sites
 
 
 def read_counts() -> DynamoCounts:
@@ -124,6 +158,7 @@ def read_counts() -> DynamoCounts:
         graphs=int(counters["stats"]["unique_graphs"]),
         graph_breaks={str(reason): int(n) for reason, n in counters["graph_break"].items()},
         recompile_reasons=_guard_failure_reasons(),
+        break_sites=_break_sites(counters),
     )
 
 
@@ -168,7 +203,9 @@ def timed_step_problems(before: DynamoCounts, after: DynamoCounts) -> list[str]:
 
 def graph_break_problems(counts: DynamoCounts, max_graph_breaks: int | None, baseline_breaks: int | None = None) -> list[str]:
     """Failures for graph breaks beyond ``max_graph_breaks`` or beyond the baseline's count, naming reasons."""
-    reasons = "; ".join(f"{r} (x{n})" for r, n in counts.graph_breaks.items()) or "none"
+    reasons = "; ".join(f"{r.splitlines()[0]} (x{n})" for r, n in counts.graph_breaks.items()) or "none"
+    if counts.break_sites:
+        reasons += f"; at {', '.join(counts.break_sites)}"
     problems = []
     if max_graph_breaks is not None and counts.graph_break_count > max_graph_breaks:
         problems.append(f"{counts.graph_break_count} graph break(s), more than max_graph_breaks={max_graph_breaks}: {reasons}")

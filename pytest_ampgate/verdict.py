@@ -63,6 +63,9 @@ class CheckName(_StrEnum):
     SAME_RUN_LOSS = "same_run_loss"
     SPEEDUP = "speedup"
     MEMORY = "memory"
+    GRAPH_BREAKS = "graph_breaks"
+    RECOMPILES = "recompiles"
+    COMPILE_TIME = "compile_time"
     KNOWN_STATE = "known_state"
 
 

@@ -91,3 +91,89 @@ def test_planted_recompile_in_timed_steps_fails_naming_reason():
     problems = compiled.timed_step_problems(before, after)
     assert problems, "a changing batch shape must recompile"
     assert any("size" in p.lower() or "shape" in p.lower() or "new graph" in p for p in problems), problems
+
+
+CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
+
+_PROJECT = """
+import os
+import pytest
+import torch
+from torch import nn
+from pytest_ampgate import Workload
+
+PLANT = os.environ.get("PLANT", "")
+LATE = [False]
+CALLS = [0]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if PLANT == "break" and h.sum().item() > 0:  # planted graph break
+            h = h * 1.0
+        if LATE[0]:  # planted recompile: the batch grows once the timed steps run
+            h = torch.cat([h, h[:1]])[: x.shape[0]]
+        if PLANT == "fp32":
+            with torch.autocast("cpu", enabled=False):
+                return self.b(h.float())
+        return self.b(h)
+
+
+def loss(out, y):
+    CALLS[0] += 1
+    if PLANT == "recompile" and CALLS[0] == int(os.environ["FLIP_AT"]):
+        LATE[0] = True
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+@pytest.mark.amp_regression(modes=["amp_bf16"], rounds=2, steps_per_block=3, warmup_steps=2, compile="aot_eager",
+                            check_speed=False, max_compile_time_ratio=1000)
+def test_compiled_mlp(ampgate):
+    (a, b), (c, d) = data(128, 0), data(64, 1)
+    ampgate.run(Workload(name="mlp", model_factory=MLP, data=(a, b, c, d), loss_fn=loss,
+                         optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.05), batch_size=16))
+"""
+
+
+def _gate(pytester, monkeypatch, plant="", *args):
+    monkeypatch.setenv("PLANT", plant)
+    pytester.makepyfile(test_mlp=_PROJECT)
+    return pytester.runpytest_subprocess(*CPU, "-rA", "--ampgate-json", "out.json", *args)
+
+
+def test_compiled_mlp_end_to_end_breaks_recompiles_and_coverage(pytester, monkeypatch):
+    """Done-when: clean compiled MLP passes with figures stored; a planted break and recompile fail; fp32 layer named."""
+    import json
+
+    clean = _gate(pytester, monkeypatch, "", "--ampgate-update")
+    clean.assert_outcomes(passed=1)
+    report = json.loads((pytester.path / "out.json").read_text())
+    text = json.dumps(report)
+    assert '"compile_time_s"' in text and '"graph_breaks": 0' in text and '"recompiles": 0' in text, text[:2000]
+    stored = "".join(p.read_text() for p in (pytester.path / "baselines").rglob("*.json"))
+    assert '"compiled"' in stored and '"graph_breaks": 0' in stored and '"recompiles": 0' in stored, stored
+    clean.stdout.fnmatch_lines(["*0 recompiles in the timed steps*"])
+
+    broken = _gate(pytester, monkeypatch, "break")
+    broken.assert_outcomes(failed=1)
+    broken.stdout.fnmatch_lines(["*graph break(s), the baseline had 0*item*forward line 23*"])
+
+    monkeypatch.setenv("FLIP_AT", "14")
+    recompiled = _gate(pytester, monkeypatch, "recompile")
+    recompiled.assert_outcomes(failed=1)
+    recompiled.stdout.fnmatch_lines(["*recompiled during the timed steps*LATE*"])
+
+    forced = _gate(pytester, monkeypatch, "fp32")
+    forced.stdout.fnmatch_lines(["*b*"])
+    assert " b" in forced.stdout.str() or "'b'" in forced.stdout.str(), forced.stdout.str()

@@ -26,6 +26,7 @@ for another job's whole gated run, short of a CI job's own timeout, so a hung ho
 INI_TYPES = {
     "compile": "string",
     "max_graph_breaks": "string",
+    "max_compile_time_ratio": "string",
     "modes": "args",
     "check_speed": "bool",
     "check_memory": "bool",
