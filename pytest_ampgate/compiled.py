@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ class DynamoCounts:
             "graph_break_reasons": dict(self.graph_breaks),
             "recompiles": len(self.recompile_reasons),
             "recompile_reasons": list(self.recompile_reasons),
-            "graph_break_sites": list(self.break_sites),
+            "graph_break_sites": list(dict.fromkeys(self.break_sites)),
         }
 
     def since(self, before: DynamoCounts) -> DynamoCounts:
@@ -108,7 +109,7 @@ class DynamoCounts:
             graphs=self.graphs - before.graphs,
             graph_breaks={r: n - before.graph_breaks.get(r, 0) for r, n in self.graph_breaks.items() if n > before.graph_breaks.get(r, 0)},
             recompile_reasons=self.recompile_reasons[len(before.recompile_reasons) :],
-            break_sites=[site for site in self.break_sites if site not in before.break_sites],
+            break_sites=list((Counter(self.break_sites) - Counter(before.break_sites)).elements()),
         )
 
 
@@ -143,10 +144,10 @@ def _code_site(code) -> str:
 def _break_sites(counters) -> list[str]:
     """``fn line N`` for each resume function dynamo made after a graph break (torch >= 2.5 counts them)."""
     sites = []
-    for name in counters.get("resumes", {}):
+    for name, n in counters.get("resumes", {}).items():
         match = _RESUME.search(str(name))
         if match:
-            sites.append(f"{match.group('fn')} line {match.group('line')}")
+            sites += [f"{match.group('fn')} line {match.group('line')}"] * int(n)
     return sites
 
 
@@ -205,7 +206,7 @@ def graph_break_problems(counts: DynamoCounts, max_graph_breaks: int | None, bas
     """Failures for graph breaks beyond ``max_graph_breaks`` or beyond the baseline's count, naming reasons."""
     reasons = "; ".join(f"{r.splitlines()[0]} (x{n})" for r, n in counts.graph_breaks.items()) or "none"
     if counts.break_sites:
-        reasons += f"; at {', '.join(counts.break_sites)}"
+        reasons += f"; at {', '.join(dict.fromkeys(counts.break_sites))}"
     problems = []
     if max_graph_breaks is not None and counts.graph_break_count > max_graph_breaks:
         problems.append(f"{counts.graph_break_count} graph break(s), more than max_graph_breaks={max_graph_breaks}: {reasons}")
