@@ -207,6 +207,8 @@ def graph_break_problems(counts: DynamoCounts, max_graph_breaks: int | None, bas
     reasons = "; ".join(f"{r.splitlines()[0]} (x{n})" for r, n in counts.graph_breaks.items()) or "none"
     if counts.break_sites:
         reasons += f"; at {', '.join(dict.fromkeys(counts.break_sites))}"
+    elif counts.graph_breaks:
+        reasons += "; this torch's dynamo counters do not record where (no 'resumes' counter: upgrade torch, or TORCH_LOGS=graph_breaks)"
     problems = []
     if max_graph_breaks is not None and counts.graph_break_count > max_graph_breaks:
         problems.append(f"{counts.graph_break_count} graph break(s), more than max_graph_breaks={max_graph_breaks}: {reasons}")

@@ -93,6 +93,9 @@ def test_planted_recompile_in_timed_steps_fails_naming_reason():
     assert any("size" in p.lower() or "shape" in p.lower() or "new graph" in p for p in problems), problems
 
 
+RECORDS_BREAK_SITES = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+"""torch 2.4's dynamo has no ``resumes`` counter, so the break's line is named from torch 2.5 on (checked in venv-low310)."""
+
 CPU = ("--ampgate", "--ampgate-device", "cpu", "-p", "no:cacheprovider")
 
 _PROJECT = """
@@ -167,8 +170,9 @@ def test_compiled_mlp_end_to_end_breaks_recompiles_and_coverage(pytester, monkey
 
     broken = _gate(pytester, monkeypatch, "break")
     broken.assert_outcomes(failed=1)
-    broken.stdout.fnmatch_lines(["*graph break(s), the baseline had 0*item*forward line 19*"])
-    assert broken.stdout.str().count("at forward line 19") == 2  # both modes, each its own count
+    broken.stdout.fnmatch_lines(["*fp32: 1 graph break(s), the baseline had 0*item*"])
+    if RECORDS_BREAK_SITES:
+        assert broken.stdout.str().count("at forward line 19") == 2, broken.stdout.str()  # both modes, each its own count
 
     monkeypatch.setenv("FLIP_AT", "14")
     recompiled = _gate(pytester, monkeypatch, "recompile")
@@ -176,5 +180,5 @@ def test_compiled_mlp_end_to_end_breaks_recompiles_and_coverage(pytester, monkey
     recompiled.stdout.fnmatch_lines(["*recompiled during the timed steps*LATE*"])
 
     forced = _gate(pytester, monkeypatch, "fp32")
-    forced.stdout.fnmatch_lines(["*b*"])
-    assert " b" in forced.stdout.str() or "'b'" in forced.stdout.str(), forced.stdout.str()
+    forced.assert_outcomes(failed=1)
+    forced.stdout.fnmatch_lines(["*amp_bf16 ran *% of matmul/conv FLOPs in low precision*still fp32: b (*"])
