@@ -182,3 +182,45 @@ def test_compiled_mlp_end_to_end_breaks_recompiles_and_coverage(pytester, monkey
     forced = _gate(pytester, monkeypatch, "fp32")
     forced.assert_outcomes(failed=1)
     forced.stdout.fnmatch_lines(["*amp_bf16 ran *% of matmul/conv FLOPs in low precision*still fp32: b (*"])
+
+
+def _judged(compiled_figures, stored=None, **settings):
+    from pytest_ampgate.baselines import Baseline, ModeBaseline
+    from pytest_ampgate.checks import Judging, compiled_checks
+    from pytest_ampgate.config import GateConfig
+    from pytest_ampgate.results import ModeMeasurement
+
+    mm = ModeMeasurement("amp_bf16", compiled=compiled_figures)
+    base = None
+    if stored is not None:
+        base = Baseline("t", "env", {}, "now", {}, {"amp_bf16": ModeBaseline(extra={"compiled": stored})})
+    judging = Judging(measurements=None, config=GateConfig(**settings), baseline=base)
+    return {c.metric: c for c in compiled_checks(judging, mm)}
+
+
+FIGURES = dict(
+    backend="inductor", mode=None, compile_time_s=2.0, settled=True, compile_steps=2, graphs=1, graph_breaks=0,
+    graph_break_reasons={}, graph_break_sites=[], recompiles=0, timed_recompiles=[],
+)  # fmt: skip
+
+
+def test_fewer_graph_breaks_than_baseline_is_an_improvement_to_record():
+    checks = _judged(FIGURES, stored={"graph_breaks": 2, "compile_time_s": 2.0})
+    assert checks["graph_breaks"].outcome == "pass"
+    assert "fewer than the baseline's 2: an improvement" in checks["graph_breaks"].why
+    assert "--ampgate-update" in checks["graph_breaks"].why
+
+
+def test_compile_time_gated_against_baseline_with_generous_ratio():
+    slow = {**FIGURES, "compile_time_s": 7.0}
+    assert _judged(slow, stored={"graph_breaks": 0, "compile_time_s": 2.0})["compile_time"].outcome == "fail"
+    assert _judged(slow, stored={"graph_breaks": 0, "compile_time_s": 2.0}, max_compile_time_ratio=4)["compile_time"].outcome == "pass"
+    assert "compile_time" not in _judged(slow)  # nothing stored: reported in the recompiles line, not gated
+
+
+def test_max_graph_breaks_fails_without_a_baseline_and_unsettled_warm_up_fails():
+    broken = {**FIGURES, "graph_breaks": 1, "graph_break_reasons": {"Tensor.item": 1}, "graph_break_sites": ["forward line 7"]}
+    check = _judged(broken, max_graph_breaks=0)["graph_breaks"]
+    assert check.outcome == "fail" and "Tensor.item" in check.why and "forward line 7" in check.why
+    unsettled = _judged({**FIGURES, "settled": False, "compile_steps": 5})["recompiles"]
+    assert unsettled.outcome == "fail" and "still recompiling after 5 warm-up steps" in unsettled.why
