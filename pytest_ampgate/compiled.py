@@ -128,7 +128,17 @@ def _guard_failure_reasons() -> list[str]:
         from torch._dynamo.utils import guard_failures
     except ImportError:
         return []
-    return [f"{_code_site(code)}: {reason}" for code, reasons in guard_failures.items() for reason in reasons]
+    return [f"{_code_site(code)}: {reason}" for code, reasons in guard_failures.items() for reason in reasons if not _other_mode(reason)]
+
+
+def _other_mode(reason) -> bool:
+    """A guard failure that only says another precision mode's cached graph had autocast on or off.
+
+    The modes share dynamo's cache (it is keyed by the code object), so when a mode recompiles,
+    dynamo lists every cached entry that failed, the other modes' too; theirs fail on the autocast
+    state, which is not why this mode recompiled.  New graphs are still counted, by ``graphs``."""
+    text = str(reason)
+    return "GLOBAL_STATE changed" in text and "autocast" in text and "\n" not in text.strip()
 
 
 _RESUME = re.compile(r"torch_dynamo_resume_in_(?P<fn>\w+?)_at_(?P<line>\d+)")
