@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .baseline_checks import baseline_noise_check, peak_memory_check, step_time_check, stored_noise
 from .baselines import Baseline, ModeBaseline
+from .compiled import DynamoCounts, graph_break_problems
 from .config import GateConfig
 from .judging import Judging, fmt_bytes, too_few_rounds
 from .metrics import as_tolerance
@@ -361,11 +362,48 @@ def error_hint(error: str) -> str:
 
 ModeCheck = Callable[[Judging, ModeMeasurement], list[Check]]
 ComparedCheck = Callable[[Judging, str], list[Check]]
+
+
+def compiled_checks(j: Judging, mm: ModeMeasurement) -> list[Check]:
+    """A compiled mode: recompiles during timed steps, graph breaks against the limit and the baseline, compile time."""
+    c = mm.compiled
+    if c is None:
+        return []
+    stored = j.stored(mm.mode)
+    base = (stored.extra.get("compiled") if stored else None) or None
+    figures = f"{c['backend']}{':' + c['mode'] if c.get('mode') else ''}: compiled in {c['compile_time_s']:.2f} s"
+    recompiles = list(c["timed_recompiles"]) + ([] if c["settled"] else [f"still recompiling after {c['compile_steps']} warm-up steps"])
+    checks = [
+        Check(mm.mode, CheckName.RECOMPILES, FAIL, f"{mm.mode}: " + "; ".join(recompiles), len(recompiles), 0)
+        if recompiles
+        else Check(mm.mode, CheckName.RECOMPILES, PASS, f"{mm.mode} {figures}, 0 recompiles in the timed steps", 0, 0)
+    ]
+    counts = DynamoCounts(graph_breaks=c["graph_break_reasons"], break_sites=c.get("graph_break_sites", []))
+    base_breaks = base.get("graph_breaks") if base else None
+    problems = graph_break_problems(counts, j.config.max_graph_breaks, base_breaks)
+    n = counts.graph_break_count
+    if problems:
+        checks.append(Check(mm.mode, CheckName.GRAPH_BREAKS, FAIL, f"{mm.mode}: " + "; ".join(problems), n, base_breaks))
+    elif base_breaks is not None and n < base_breaks:
+        why = f"{mm.mode}: {n} graph break(s), fewer than the baseline's {base_breaks}: an improvement; {RECORD_HINT}"
+        checks.append(Check(mm.mode, CheckName.GRAPH_BREAKS, PASS, why, n, base_breaks, base_breaks))
+    else:
+        checks.append(Check(mm.mode, CheckName.GRAPH_BREAKS, PASS, f"{mm.mode}: {n} graph break(s)", n, base_breaks, base_breaks))
+    base_time = base.get("compile_time_s") if base else None
+    if base_time:
+        limit = base_time * j.config.max_compile_time_ratio
+        outcome = FAIL if c["compile_time_s"] > limit else PASS
+        why = f"{mm.mode}: compile time {c['compile_time_s']:.2f} s, baseline {base_time:.2f} s (limit {limit:.2f} s)"
+        checks.append(Check(mm.mode, CheckName.COMPILE_TIME, outcome, why, c["compile_time_s"], limit, base_time))
+    return checks
+
+
 MODE_CHECKS: tuple[ModeCheck, ...] = (
     finite_loss_check,
     scaler_checks,
     coverage_check,
     metric_check,
+    compiled_checks,
     step_time_check,
     peak_memory_check,
     baseline_noise_check,

@@ -96,6 +96,12 @@ def _modes(name: str, value: Any) -> tuple[str, ...]:
     return resolved
 
 
+def _compile(name: str, value: Any):
+    from .compiled import parse_compile
+
+    return parse_compile(name, value)
+
+
 def _choice(options: tuple[str, ...]):
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in options:
@@ -123,6 +129,8 @@ class MeasureConfig:
     seed: int = 0
     cudnn_benchmark: bool = True
     precision_coverage: bool = True
+    compile: Any = None
+    """None: eager.  Otherwise a compiled.CompileSpec: every mode (the reference too) is compiled this way."""
 
     def __post_init__(self):
         for name in PROTOCOL:
@@ -191,13 +199,17 @@ class GateConfig:
     noise_threshold: float = MeasureConfig.noise_threshold
     world_size: int | None = None
     distributed_timeout: float = 300.0
+    compile: Any = None
+    """None: eager.  Otherwise a compiled.CompileSpec (from true, "backend[:mode]" or a dict)."""
+    max_graph_breaks: int | None = None
+    max_compile_time_ratio: float = 3.0
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
     def measure_config(self, **overrides):
         """The engine's MeasureConfig for this gate's protocol settings."""
-        return MeasureConfig(**{n: getattr(self, n) for n in PROTOCOL}, **overrides)
+        return MeasureConfig(**{n: getattr(self, n) for n in PROTOCOL}, **{"compile": self.compile, **overrides})
 
     def timing_applies(self, device_type: str) -> bool:
         return self.check_speed if self.check_speed is not None else device_type == "cuda"
@@ -261,6 +273,15 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "distributed_timeout": (
         _number(0, low_open=True),
         "seconds a distributed run may take before its ranks are stopped and the test fails",
+    ),
+    "compile": (
+        _compile,
+        "run every mode (fp32 too) under torch.compile: true (Inductor), 'backend[:mode]' (e.g. 'inductor:reduce-overhead')",
+    ),
+    "max_graph_breaks": (_whole(0), "most graph breaks a compiled mode may have (unset: report only)"),
+    "max_compile_time_ratio": (
+        _number(1),
+        "compile time may grow to this many times the baseline's before the compile_time check fails (generous: compiling is noisy)",
     ),
 }
 

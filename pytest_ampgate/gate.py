@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .baselines import Baseline, ModeBaseline
 from .checks import COMPARED_CHECKS, MODE_CHECKS, Judging, error_hint
@@ -147,7 +147,10 @@ def _step_time_interval(mm: ModeMeasurement) -> dict:
 
 
 def _metric_extra(mm: ModeMeasurement) -> dict:
-    """A custom metric is stored under its own name (accuracy has its own field)."""
+    """A custom metric is stored under its own name (accuracy has its own field); a compiled mode's compile figures as ``compiled``."""
+    if mm.compiled is not None:
+        keep = ("backend", "mode", "compile_time_s", "graphs", "graph_breaks", "graph_break_reasons", "graph_break_sites", "recompiles")
+        return {"compiled": {k: mm.compiled[k] for k in keep if k in mm.compiled}, **_metric_extra(replace(mm, compiled=None))}
     if mm.metric_name == "accuracy" or mm.metric is None or not math.isfinite(mm.metric):
         return {}
     return {mm.metric_name: mm.metric}

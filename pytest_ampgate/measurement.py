@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import compiled as compiled_mod
 from . import env as env_mod
 from . import gpu_noise, records
 from .config import DEFAULT_MODES, MeasureConfig
@@ -367,6 +368,8 @@ def _run(
     """Set-up, lead-in, the interleaved timed rounds, balance blocks and evaluation; what NVML saw during the rounds."""
     batch = workload.batch_size
     steps = config.steps_per_block
+    if config.compile is not None:
+        _prepare_compile(slots)
     for slot in slots:
         if slot.m.supported:
             say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
@@ -390,7 +393,10 @@ def _run(
             slot = slots[i]
             if slot.runner is None:
                 continue
+            before = compiled_mod.read_counts() if slot.m.compiled is not None else None
             timing = slot.block(dataset, batch, steps, device, f"timed round {round_index + 1}", timer)
+            if before is not None:
+                _note_timed_compiles(slot, compiled_mod.read_counts().since(before))
             if not slot.settle(f"timed round {round_index + 1}", after_phase):
                 continue  # the agreement is also the start line: every rank begins the next block together
             if timing is not None:
@@ -419,6 +425,39 @@ def _run(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return window
+
+
+def _prepare_compile(slots) -> None:
+    """Compiled modes start from a clean dynamo, or every mode is unsupported with torch's reason."""
+    reason = compiled_mod.unsupported_reason()
+    if reason is not None:
+        for slot in slots:
+            slot.m.supported, slot.m.unsupported_reason = False, reason
+        return
+    compiled_mod.reset_dynamo()
+
+
+def _note_timed_compiles(slot: _Slot, new: compiled_mod.DynamoCounts) -> None:
+    """Dynamo compiling during a timed block: each recompile's reason (or the new graphs) is kept for the gate."""
+    problems = compiled_mod.timed_step_problems(compiled_mod.DynamoCounts(), new)
+    slot.m.compiled["timed_recompiles"] += problems
+
+
+def _compile_and_settle(slot: _Slot, config: MeasureConfig, step) -> None:
+    """Wrap the mode's model in torch.compile and step until dynamo compiles nothing new; what it cost and saw."""
+    runner = slot.runner
+    runner.model = compiled_mod.compile_model(runner.model, config.compile)
+    before = compiled_mod.read_counts()
+    warm = compiled_mod.warm_up_until_settled(step, min_steps=1, max_steps=max(3, config.warmup_steps))
+    counts = compiled_mod.read_counts().since(before)
+    slot.m.compiled = {
+        **config.compile.to_dict(),
+        "compile_time_s": warm.compile_time_s,
+        "compile_steps": warm.warmup_steps,
+        "settled": warm.settled,
+        **counts.to_dict(),
+        "timed_recompiles": [],
+    }
 
 
 def _start(
@@ -453,6 +492,8 @@ def _start(
     def warm_up() -> None:
         runner = slot.runner
         with numerics_policy(slot.mode):
+            if config.compile is not None:  # coverage ran on the eager module, under the same autocast
+                _compile_and_settle(slot, config, lambda: losses.append(runner.step(*dataset.batch(runner.steps_taken, batch))))
             probe = min(5, config.warmup_steps // 2)
             begin = time.perf_counter()
             for _ in range(config.warmup_steps - probe):

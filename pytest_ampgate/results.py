@@ -62,6 +62,8 @@ class ModeMeasurement:
     """The workload's held-out metric: ``accuracy`` unless the workload brings its own."""
     metric: float | None = None
     higher_is_better: bool = True
+    compiled: dict | None = None
+    """Under ``compile``: the spec, compile time, dynamo's graphs, graph breaks and recompiles (warm-up and timed)."""
 
     def __post_init__(self):
         if self.metric is None and self.accuracy is not None and self.metric_name == "accuracy":

@@ -66,6 +66,9 @@ class CheckName(_StrEnum):
     STEP_TIME = "step_time"
     PEAK_MEMORY = "peak_memory"
     BASELINE_NOISE = "baseline_noise"
+    GRAPH_BREAKS = "graph_breaks"
+    RECOMPILES = "recompiles"
+    COMPILE_TIME = "compile_time"
     KNOWN_STATE = "known_state"
 
 

@@ -107,6 +107,7 @@ def _mode_record(f: ModeFigures, steps_per_round: int) -> dict:
         "nonfinite_steps": f.nonfinite_steps,
         "scaler": to_dict(mm.scaler) if mm.scaler else None,
         "low_precision_share": finite(f.low_precision_share),
+        "compiled": mm.compiled,
     }
 
 

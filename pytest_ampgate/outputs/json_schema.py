@@ -138,6 +138,7 @@ _MODE = {
         "nonfinite_steps": {"type": "integer", "minimum": 0},
         "scaler": {"type": ["object", "null"]},
         "low_precision_share": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "compiled": {"type": ["object", "null"]},
     },
 }
 

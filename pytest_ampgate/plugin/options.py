@@ -24,6 +24,9 @@ DEFAULT_DEVICE_LOCK_TIMEOUT = 3600.0
 for another job's whole gated run, short of a CI job's own timeout, so a hung holder is named."""
 
 INI_TYPES = {
+    "compile": "string",
+    "max_graph_breaks": "string",
+    "max_compile_time_ratio": "string",
     "modes": "args",
     "check_speed": "bool",
     "check_memory": "bool",
@@ -85,6 +88,13 @@ def add_options(parser) -> None:
         action="store_true",
         default=False,
         help="let torchvision download MNIST/CIFAR-10 into --ampgate-data-root if missing. Default: off",
+    )
+    group.addoption(
+        "--ampgate-compile",
+        default=None,
+        metavar="SPEC",
+        help="run every mode (fp32 too) under torch.compile: true (Inductor), BACKEND or BACKEND:MODE "
+        "(e.g. inductor:reduce-overhead). Default: ini ampgate_compile, else eager",
     )
     group.addoption("--ampgate-strict", action="store_true", default=False, help="treat INCONCLUSIVE verdicts as failures. Default: off")
     group.addoption(
@@ -313,6 +323,11 @@ def resolve(config) -> PluginSettings:
         from ..config import build_config
 
         ini_settings["modes"] = list(build_config(("--ampgate-modes", {"modes": cli_modes})).modes)
+    cli_compile = config.getoption("ampgate_compile")
+    if cli_compile is not None:  # like --ampgate-modes: beats the ini file, a test's marker beats both
+        from ..compiled import parse_compile
+
+        ini_settings["compile"] = parse_compile("--ampgate-compile", cli_compile)
     gate = GateOptions(
         enabled=enabled,
         update=config.getoption("ampgate_update"),
