@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from .baselines import Baseline, ModeBaseline
 from .checks import COMPARED_CHECKS, MODE_CHECKS, Judging, error_hint
 from .config import GateConfig
+from .judging import fmt_seconds
 from .known_state import LEAKED_KEY, describe
 from .records import from_dict, to_dict, utc_timestamp
 from .results import Measurements, ModeMeasurement
@@ -105,7 +106,7 @@ def decide(
 def _figure(check: Check) -> str:
     """A timing check's measured figure as its text gives it: a speedup in x, a step time in ms."""
     if check.metric == CheckName.STEP_TIME:
-        return f"{check.measured * 1e3:.3g} ms"
+        return fmt_seconds(check.measured)
     return f"{check.measured:.2f}x"
 
 
