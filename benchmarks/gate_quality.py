@@ -55,7 +55,7 @@ from pytest_ampgate.baselines import Baseline
 from pytest_ampgate.config import GateConfig
 from pytest_ampgate.delays import calibration_config
 from pytest_ampgate.env import fingerprint
-from pytest_ampgate.gate import baseline_from, decide
+from pytest_ampgate.gate import baseline_from, decide, evaluate, record
 from pytest_ampgate.measurement import measure
 from pytest_ampgate.records import to_dict
 from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
@@ -288,15 +288,15 @@ class Runner:
         self.baseline_peak_fp32 = None
         self.baseline_index = 1
         self.baseline_offsets: dict = {}
-        self.step_tol = GateConfig().step_time_tolerance
+        self.step_tol = GateConfig().step_time_tolerance_on(profile.device)
         self.peak_tol = GateConfig().peak_memory_tolerance
 
-    def gate(self, workload, config: GateConfig, baseline=None):
-        def once():
-            return measure(workload, config.modes, device=self.profile.device, config=config.measure_config(), dataset=self.dataset)
+    def once(self, workload, config: GateConfig):
+        return lambda: measure(workload, config.modes, device=self.profile.device, config=config.measure_config(), dataset=self.dataset)
 
+    def gate(self, workload, config: GateConfig, baseline=None):
         started = time.perf_counter()
-        measurements, verdict = decide(once, config, baseline)
+        measurements, verdict = decide(self.once(workload, config), config, baseline)
         return measurements, verdict, time.perf_counter() - started
 
     def repeat(self, tally: Tally, workload, config: GateConfig, repeats: int, baseline=None) -> Tally:
@@ -309,8 +309,11 @@ class Runner:
         return tally
 
     def record_baseline(self) -> dict:
-        """What --ampgate-update would store, measured with the same protocol the gate runs use, in this process."""
-        m, verdict, wall = self.gate(self.workload, self.timed)
+        """What --ampgate-update would store (``gate.record``: the protocol's runs pooled), in this process."""
+        started = time.perf_counter()
+        m = record(self.once(self.workload, self.timed), self.timed)
+        verdict = evaluate(m, self.timed, recording=True)
+        wall = time.perf_counter() - started
         self.baseline_measurements = m
         self.baseline = baseline_from(m, f"gate_quality::{self.workload.name}", self.env.key(), {})
         return self._baseline_info(m, verdict, wall)
@@ -488,6 +491,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="override the timed protocol's rounds (to choose its defaults)")
     parser.add_argument("--steps-per-block", type=int, default=None, help="override the timed protocol's steps per block")
     parser.add_argument("--warmup", type=int, default=None, help="override the timed protocol's warm-up steps")
+    parser.add_argument(
+        "--baseline-runs", type=int, default=None, help="measurements pooled into each recorded baseline (default: the setting's)"
+    )
     parser.add_argument("--no-confirm", action="store_true", help="judge timing on one measurement (to see what confirmation buys)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress lines")
@@ -518,6 +524,8 @@ def main(argv=None) -> int:
     for key, value in (("rounds", args.rounds), ("steps_per_block", args.steps_per_block), ("warmup_steps", args.warmup)):
         if value is not None:
             protocol[key] = value
+    if args.baseline_runs is not None:
+        protocol["baseline_runs"] = max(1, args.baseline_runs)
     changes["protocol"] = protocol
     changes["confirm"] = not args.no_confirm
     profile = replace(profile, **changes)

@@ -29,6 +29,28 @@ def own_baseline_figure(j: Judging, mm: ModeMeasurement, field: str, metric: Che
     return value, []
 
 
+def widened(est, stored_low: float | None, stored: float, stored_high: float | None, scale: float) -> tuple[float, float]:
+    """The run's interval widened by the stored figure's own, for a limit of ``stored * scale``.
+
+    A baseline is a measurement too: judging against it as if exact turns its error into false
+    alarms or missed regressions.  The two errors are independent, so their half-widths add in
+    quadrature (as for a difference of two means); the run's low end takes the limit's upward
+    uncertainty and its high end the downward one.  A stored figure without an interval (an old
+    file) counts as exact.
+    """
+    if stored_low is None or stored_high is None:
+        return est.low, est.high
+    up, down = max(stored_high - stored, 0.0) * scale, max(stored - stored_low, 0.0) * scale
+    return est.median - math.hypot(est.median - est.low, up), est.median + math.hypot(est.high - est.median, down)
+
+
+def combined(low: float, high: float, est, fmt) -> str:
+    """How a widened interval is said beside the run's own, or '' where the baseline added nothing."""
+    if (low, high) == (est.low, est.high):
+        return ""
+    return f" ({fmt(low)}-{fmt(high)} with the baseline's own interval)"
+
+
 def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     """This mode's own step time against its stored baseline (same machine key), every mode the reference too.
 
@@ -45,20 +67,22 @@ def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     stored, instead = own_baseline_figure(j, mm, "step_time_s", CheckName.STEP_TIME, "step time")
     if stored is None:
         return instead
-    tol = j.config.step_time_tolerance
+    tol = j.config.step_time_tolerance_on(device_type)
     limit = stored * (1 + tol)
     est = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
     text = f"{mm.mode} step time {fmt_seconds(est.median)} [{est.confidence:.0%} CI {fmt_seconds(est.low)}-{fmt_seconds(est.high)}]"
     base = j.stored(mm.mode)
     source = f"baseline {fmt_seconds(stored)} on {j.env_label}, tol +{tol:.0%}"
     source += stored_noise(base.step_time_low, stored, base.step_time_high, tol)
+    low, high = widened(est, base.step_time_low, stored, base.step_time_high, 1 + tol)
+    text += combined(low, high, est, fmt_seconds)
     args = dict(measured=est.median, threshold=limit, baseline=stored)
     too_few = too_few_rounds(est, j.config)
     if too_few:
         return [Check(mm.mode, CheckName.STEP_TIME, INCONCLUSIVE, f"{text} vs limit {fmt_seconds(limit)} ({source}): {too_few}", **args)]
-    if est.high <= limit:
+    if high <= limit:
         return [Check(mm.mode, CheckName.STEP_TIME, PASS, f"{text} <= limit {fmt_seconds(limit)} ({source})", **args)]
-    if est.low > limit:
+    if low > limit:
         noise = j.measurements.noise.untrusted_reason()
         if noise:
             why = f"{text} > limit {fmt_seconds(limit)} ({source}), but the GPU was busy: {noise}"
@@ -120,10 +144,9 @@ def baseline_noise_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     if mm.step_times_s and j.config.check_step_time:
         spread = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
         half = (spread.high - spread.low) / 2 / spread.median if spread.median else math.inf
-        if half > j.config.step_time_tolerance / 2:
-            problems.append(
-                f"its step time wanders +-{half:.0%} within the run, more than half the step_time_tolerance ({j.config.step_time_tolerance:.0%})"
-            )
+        tolerance = j.config.step_time_tolerance_on(device_type)
+        if half > tolerance / 2:
+            problems.append(f"its step time wanders +-{half:.0%} within the run, more than half the step_time_tolerance ({tolerance:.0%})")
     if not problems:
         return []
     why = f"{mm.mode} baseline recorded from a noisy run: {'; '.join(problems)}; {BETTER_BASELINE}"

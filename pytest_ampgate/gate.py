@@ -19,9 +19,10 @@ from .checks import COMPARED_CHECKS, MODE_CHECKS, Judging, error_hint
 from .config import GateConfig
 from .judging import fmt_seconds
 from .known_state import LEAKED_KEY, describe
+from .pooling import pooled
 from .records import from_dict, to_dict, utc_timestamp
 from .results import Measurements, ModeMeasurement
-from .stats import estimate_ratio
+from .stats import MIN_ROUNDS_FOR_CONFIDENCE, estimate_ratio
 from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, SKIPPED, TIMING_METRICS, Check, CheckName, Verdict
 
 
@@ -72,26 +73,37 @@ def decide(
     metric_tolerance: float | None = None,
     same_run_tolerance: float | None = None,
 ) -> tuple[Measurements, Verdict]:
-    """Measure, judge, and re-measure before reporting a timing failure (when ``config.confirm``).
+    """Measure, judge, and (with ``config.confirm``) measure again where a timing check failed or was left undecided.
 
-    A speedup FAIL stands only if the fresh measurement fails it too; if the two runs disagree the
-    check is INCONCLUSIVE.  Non-timing checks (numerics, memory) come from the first run: they are
-    deterministic enough not to need a second opinion.
+    A FAIL stands only if the fresh run fails it on its own too (two independent misses: noise at
+    the limit fails an unchanged run about 2.5% of the time, twice in a row about 0.06%); if the
+    runs disagree the check is INCONCLUSIVE.  An undecided check is judged again on the rounds of
+    both runs together (:func:`~pytest_ampgate.pooling.pooled`): twice the rounds may clear the
+    limit, and then it PASSes; a second look never turns it into a FAIL, since every extra look
+    is another chance for noise to condemn.  Non-timing checks (numerics, memory) come from the
+    first run: they are deterministic enough not to need a second opinion.  The returned
+    measurements are the first run's.
     """
     tolerances = dict(metric_tolerance=metric_tolerance, same_run_tolerance=same_run_tolerance)
+
+    def judge(measurements: Measurements) -> dict:
+        found = evaluate(measurements, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances)
+        return {(c.mode, c.metric): c for c in found.checks}
+
     first = measure_once()
     verdict = evaluate(first, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances)
-    timing_failures = [c for c in verdict.of(FAIL) if c.metric in TIMING_METRICS]
-    if not (config.confirm and timing_failures):
+    undecided = [c for c in verdict.checks if c.metric in TIMING_METRICS and c.outcome in (FAIL, INCONCLUSIVE)]
+    if not (config.confirm and undecided and config.rounds >= MIN_ROUNDS_FOR_CONFIDENCE):
         return first, verdict
     second = measure_once()
-    again = {
-        (c.mode, c.metric): c for c in evaluate(second, config, baseline, missing_baseline_note=missing_baseline_note, **tolerances).checks
-    }
+    alone, both = judge(second), judge(pooled([first, second]))
     checks = []
     for c in verdict.checks:
-        if c in timing_failures:
-            c2 = again.get((c.mode, c.metric))
+        key = (c.mode, c.metric)
+        if c not in undecided:
+            pass
+        elif c.outcome == FAIL:
+            c2 = alone.get(key)
             if c2 is not None and c2.outcome == FAIL:
                 c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {_figure(c2)}", c.measured, c.threshold, c.baseline)
             else:
@@ -99,8 +111,30 @@ def decide(
                 c = Check(
                     c.mode, c.metric, INCONCLUSIVE, f"{c.why}, but a fresh run gave {second_text}", c.measured, c.threshold, c.baseline
                 )
+        elif both.get(key) is not None and both[key].outcome == PASS:
+            c = replace(
+                both[key], why=f"{both[key].why}; judged on the rounds of this run and a fresh one together (this run alone: inconclusive)"
+            )
+        elif both.get(key) is not None and both[key].measured is not None:
+            c = replace(c, why=f"{c.why}; with a fresh run's rounds added: {_figure(both[key])} ({both[key].outcome})")
         checks.append(c)
     return first, Verdict(checks, confirmed=True, reference=verdict.reference)
+
+
+def record(measure_once: Callable[[], Measurements], config: GateConfig) -> Measurements:
+    """What ``--ampgate-update`` records: ``config.baseline_runs`` measurements with their timed rounds pooled.
+
+    One run is as uncertain as the runs it will judge; a baseline is judged against many times, so
+    it is worth more evidence.  Only timing benefits, so only gated timing is measured again, and
+    not after a run in which a mode failed (nothing of it will be stored).
+    """
+    runs = [measure_once()]
+    device_type = runs[0].device.split(":")[0]
+    if not config.timing_applies(device_type):
+        return runs[0]
+    while len(runs) < config.baseline_runs and not any(mm.error for mm, _c in runs[-1].each_mode()):
+        runs.append(measure_once())
+    return pooled(runs)
 
 
 def _figure(check: Check) -> str:

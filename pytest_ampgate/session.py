@@ -173,7 +173,7 @@ class TestGate:
         """
         from .checks import stored_metric
         from .data import check_dataset
-        from .gate import GateResult, baseline_from, decide, evaluate
+        from .gate import GateResult, baseline_from, decide, evaluate, record
         from .measurement import measure
         from .verdict import RECORD_HINT
         from .workloads import BUILTIN, get_workload, metric_of
@@ -252,7 +252,7 @@ class TestGate:
             except BaselineError as exc:
                 raise BaselineError(f"refusing to update baselines: {exc}") from None
             config = dataclasses.replace(config, missing_baseline="ignore")
-            measurements = measure_once()
+            measurements = record(measure_once, config)
             verdict = evaluate(
                 measurements,
                 config,

@@ -1,4 +1,4 @@
-"""Timing a block of training steps: CUDA events on the GPU, ``perf_counter`` on the CPU.
+"""Timing a block of training steps: CUDA events on the GPU, the measuring thread's CPU time on the CPU.
 
 Each block is bracketed by two events and synchronised once, at its end; the losses stay on the
 device meanwhile and are read back after it.  Beside the device time the host's enqueue time is
@@ -73,13 +73,32 @@ class Probe:
     """Host time to enqueue one step while the device was held busy: launching alone, never waiting on the device."""
 
 
+def cpu_clock() -> Callable[[], float]:
+    """The CPU's clock: the measuring thread's CPU time, or wall-clock under torch.distributed.
+
+    The CPU profile measures on one intra-op thread (``profiles.CPU_THREADS``), and autograd runs a
+    CPU backward in the calling thread, so that thread's CPU time (``time.thread_time``) is the
+    step's whole work; other processes on a shared machine delay it but do not lengthen it, which
+    roughly halved the speedup's interval on the 2-core CI VM under load (BENCHMARKS.md).  The
+    planted slowdowns spin on the same clock (``delays.busy_wait``).  Under torch.distributed a
+    step also waits for the other ranks (gloo's own threads move the gradients), a real cost that
+    CPU time would leave out, so there it is ``perf_counter``.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return time.perf_counter
+    return time.thread_time
+
+
 class CpuTimer:
-    """The CPU: the host does the work, so elapsed and host time are one ``perf_counter`` reading."""
+    """The CPU: the host does the work, so elapsed and host time are one reading of :func:`cpu_clock`."""
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        self.clock = clock or cpu_clock()
 
     def time(self, runner: ModeRunner, run: Callable[[], list]) -> tuple[BlockTiming, list]:
-        begin = time.perf_counter()
+        begin = self.clock()
         losses = run()
-        seconds = time.perf_counter() - begin
+        seconds = self.clock() - begin
         return BlockTiming(seconds, seconds), losses
 
     def busy(self, runner: ModeRunner, run: Callable[[], list], steps: int, host_step_s: float) -> tuple[Probe | None, list]:

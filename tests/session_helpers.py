@@ -121,6 +121,7 @@ import torch
 from torch import nn
 
 from pytest_ampgate import Workload
+from pytest_ampgate.delays import busy_wait
 
 FAST = dict(modes=["amp_bf16"], rounds=2, steps_per_block=2, warmup_steps=1, missing_baseline="ignore",
             check_speed=False, check_memory=False)
@@ -146,7 +147,7 @@ class Faulty(nn.Module):
             if self.fault == "nan":
                 return out * float("nan")
             if self.fault == "slow":
-                time.sleep(0.02)
+                busy_wait(0.02)  # CPU work: the CPU clock is the thread's CPU time
         return out
 
 

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from pytest_ampgate import Workload
+from pytest_ampgate.delays import busy_wait
 
 # Timing and memory are not gated even on a GPU: these tests are about faults, not about speed.
 FAST = dict(rounds=2, steps_per_block=2, warmup_steps=1, memory_steps=0, missing_baseline="ignore", check_speed=False, check_memory=False)
@@ -97,7 +98,7 @@ class Faulty(nn.Module):
         if self.fault == "nan":
             return out * float("nan")
         if self.fault == "slow":
-            time.sleep(0.02)  # a mode 20 ms a step slower than fp32, for real
+            busy_wait(0.02)  # a mode 20 ms of CPU a step slower than fp32, for real (the CPU clock is CPU time)
         return out
 
 

@@ -206,19 +206,20 @@ import torch
 from torch import nn
 
 from pytest_ampgate import Workload
+from pytest_ampgate.delays import busy_wait
 
 PAUSES = itertools.cycle([0.0, 0.004, 0.0, 0.0, 0.008, 0.001])
 
 
 class Stuttering(nn.Module):
-    '''A step that stalls now and then, as on a machine shared with other jobs.'''
+    '''A step that does extra CPU work now and then: noise the CPU clock (thread CPU time) sees, as cache and core contention is.'''
 
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
 
     def forward(self, x):
-        time.sleep(next(PAUSES))
+        busy_wait(next(PAUSES))  # CPU work the step does now and then: the CPU clock is CPU time
         return self.net(x)
 
 
