@@ -8,7 +8,7 @@ For every mode, in one process and on one device, from identical initial weights
 3. a memory pass on CUDA: ``reset_peak_memory_stats`` then ``max_memory_allocated`` over a few
    steady-state steps, less what was allocated before the mode's model existed;
 4. timed rounds, all modes interleaved in ABBA order; each round times a block of steps with CUDA
-   events (``perf_counter`` on the CPU) and synchronises once, at the block's end.  Losses stay on
+   events (the thread's CPU time on the CPU, ``timing.cpu_clock``) and synchronises once, at the block's end.  Losses stay on
    the device during the block and are read once after it, so finiteness is checked at every step
    without a host sync inside the timed loop;
 5. held-out accuracy.
@@ -252,7 +252,7 @@ def measure(
     hardware cannot run come back with ``supported=False`` and the reason; a mode that fails while
     running (out of memory, any exception in the model) comes back with ``error`` and
     ``failed_phase`` set, and the others are still measured.  ``timer`` replaces the device's
-    timing source (CUDA events, ``perf_counter``): tests pass a fake one.
+    timing source (CUDA events, ``timing.cpu_clock`` on the CPU): tests pass a fake one.
 
     ``runner_factory`` replaces :func:`mode_runner.prepare` (same arguments): the distributed ranks use it
     to wrap each mode's model in DDP or FSDP2, so they run exactly this protocol.  ``after_phase(mode, phase,

@@ -2,9 +2,8 @@
 
 A timed run's error has a part that more rounds inside it cannot remove: what its set-up drew
 (allocations, caches, clocks, a noisy moment).  So a baseline is recorded from
-``baseline_runs`` measurements, not one, and a timing verdict the first run leaves undecided or
-failing is judged again on the rounds of both runs together, rather than by a second run voting
-alone (a vote multiplies the two runs' detection rates; pooling narrows the interval).  The
+``baseline_runs`` measurements, not one (``gate.record``), and a timing check the first run
+leaves undecided is judged again on the rounds of both runs together (``gate.decide``).  The
 pooled rounds keep their pairing: each round's speedup is the ratio of blocks timed in the same
 round of the same run (``stats.round_ratios``), so runs are joined by concatenating those ratios.
 """
