@@ -17,6 +17,27 @@ from typing import Any
 
 from .errors import ConfigError
 
+COMPILED_SUFFIX = "+compiled"
+"""Under ``also_eager``, a mode measured compiled is reported and stored as ``<mode>+compiled``."""
+
+
+def compiled_name(mode: str) -> str:
+    """The row name of ``mode`` measured compiled beside its eager run, e.g. ``amp_bf16+compiled``."""
+    return mode + COMPILED_SUFFIX
+
+
+def eager_name(name: str) -> str:
+    """The precision mode of a row: ``amp_bf16+compiled`` -> ``amp_bf16``; an eager row's name unchanged."""
+    return name[: -len(COMPILED_SUFFIX)] if name.endswith(COMPILED_SUFFIX) else name
+
+
+def compared_with(name: str, reference: str) -> str:
+    """The row ``name`` is compared with: a compiled AMP row with the compiled reference (like with like),
+    the compiled reference itself with the eager reference (what compiling gains), an eager row with the reference."""
+    if name.endswith(COMPILED_SUFFIX) and eager_name(name) != reference:
+        return compiled_name(reference)
+    return reference
+
 
 @dataclass(frozen=True)
 class CompileSpec:
@@ -27,6 +48,11 @@ class CompileSpec:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "mode": self.mode}
+
+    @property
+    def label(self) -> str:
+        """``backend`` or ``backend:mode``, as the setting spells it."""
+        return self.backend + (f":{self.mode}" if self.mode else "")
 
 
 def parse_compile(name: str, value: Any) -> CompileSpec | None:
