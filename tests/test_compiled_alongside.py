@@ -106,6 +106,37 @@ def test_launch_bound_statement_without_a_compiled_run_says_how_to_measure_it(bo
     assert "set compile and also_eager=True" in remedy_measured(eager_only, "amp_bf16")
 
 
+def _validate(report: dict) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from pytest_ampgate.outputs.json_schema import SCHEMA
+
+    jsonschema.validate(report, SCHEMA)
+
+
+def test_outputs_show_compile_time_graph_breaks_and_recompiles(both):
+    """The terminal/Markdown table, the HTML extras, the chart's rows and the JSON report show the compiled figures."""
+    from pytest_ampgate.gate import GateResult, evaluate
+    from pytest_ampgate.outputs import html
+    from pytest_ampgate.outputs.chart import chart_rows
+    from pytest_ampgate.outputs.json_report import build_report
+    from pytest_ampgate.outputs.markdown import markdown_summary
+
+    config = build_config(("test", {"modes": ["amp_bf16"], "compile": "aot_eager", "also_eager": True, "missing_baseline": "ignore"}))
+    result = GateResult("t.py::t", "cpu", both, evaluate(both, config), config=config)
+    seconds = f"{both.modes['amp_bf16+compiled'].compiled['compile_time_s']:.2f} s"
+    md = markdown_summary([result])
+    assert "| compiled | verdict |" in md, md
+    row = next(line for line in md.splitlines() if "`t.py::t` | amp_bf16+compiled" in line)
+    assert f"aot_eager, compiled in {seconds}, 0 graph breaks, 0 recompiles" in row, row
+    assert "| eager |" in next(line for line in md.splitlines() if "`t.py::t` | amp_bf16 |" in line)
+    assert "<th>compiled</th>" in html.mode_table([result]) and f"compiled in {seconds}" in html.mode_table([result])
+    labels = {r.mode: r.compiled for r in chart_rows([result])}
+    assert labels["amp_bf16+compiled"] == f"compile {seconds}, 0 breaks, 0 recompiles" and labels["amp_bf16"] == ""
+    report = build_report([result])
+    _validate(report)
+    assert report["tests"][0]["modes"][3]["compiled"]["compile_time_s"] > 0
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
@@ -139,8 +170,11 @@ def test_eager_and_compiled_gated_in_one_pytest_test(pytester, monkeypatch):
     clean.stdout.fnmatch_lines(["*amp_bf16+compiled aot_eager: compiled in * s, 0 recompiles in the timed steps*"])
     stored = json.loads(next((pytester.path / "baselines").rglob("*.json")).read_text())
     assert '"amp_bf16+compiled"' in json.dumps(stored) and '"fp32+compiled"' in json.dumps(stored)
-    rows = json.dumps(json.loads((pytester.path / "out.json").read_text()))
-    assert '"amp_bf16+compiled"' in rows and '"compile_time_s"' in rows
+    report = json.loads((pytester.path / "out.json").read_text())
+    _validate(report)
+    modes = {m["mode"]: m for m in report["tests"][0]["modes"]}
+    assert modes["amp_bf16+compiled"]["compared_with"] == "fp32+compiled" and modes["fp32+compiled"]["compared_with"] == "fp32"
+    assert modes["amp_bf16+compiled"]["compiled"]["graph_breaks"] == 0 and modes["amp_bf16"]["compiled"] is None
 
     monkeypatch.setenv("PLANT", "break")
     broken = pytester.runpytest_subprocess(*args)
