@@ -106,7 +106,9 @@ def remedy_measured(m: Measurements, name: str) -> str:
     label = spec.get("backend", "?") + (f":{spec['mode']}" if spec.get("mode") else "")
     text = f"measured: {compiled.mode} ({label}) {fmt_seconds(compiled.step_time_s)} a step vs {fmt_seconds(eager.step_time_s)} eager"
     text += f", {eager.step_time_s / compiled.step_time_s:.2f}x"
-    if spec.get("mode") != "reduce-overhead":
+    if not m.device.startswith("cuda"):
+        text += "; reduce-overhead needs CUDA graphs, so it was not measured on this device"
+    elif spec.get("mode") != "reduce-overhead":
         text += "; reduce-overhead (CUDA graphs) not measured: compile='inductor:reduce-overhead' measures it"
     return text
 
@@ -394,6 +396,7 @@ def compiled_checks(j: Judging, mm: ModeMeasurement) -> list[Check]:
     stored = j.stored(mm.mode)
     base = (stored.extra.get("compiled") if stored else None) or None
     figures = f"{c['backend']}{':' + c['mode'] if c.get('mode') else ''}: compiled in {c['compile_time_s']:.2f} s"
+    figures += f" ({c['note']})" if c.get("note") else ""
     recompiles = list(c["timed_recompiles"]) + ([] if c["settled"] else [f"still recompiling after {c['compile_steps']} warm-up steps"])
     checks = [
         Check(mm.mode, CheckName.RECOMPILES, FAIL, f"{mm.mode}: " + "; ".join(recompiles), len(recompiles), 0)

@@ -47,7 +47,14 @@ def prepare(measurements: Sequence[ModeMeasurement], specs: Sequence[Any]) -> No
             m.supported, m.unsupported_reason = False, reason
 
 
-def compile_and_settle(runner: ModeRunner, m: ModeMeasurement, spec, warmup_steps: int, step: Callable[[], Any]) -> None:
+CPU_REDUCE_OVERHEAD = "reduce-overhead's CUDA graphs need CUDA: not used on this device, so this measured the backend without them"
+"""Said beside a reduce-overhead run off CUDA: Inductor skips CUDA graphs for CPU tensors ("skipping cudagraphs due to
+cpu device"), and an AOTAutograd backend such as aot_eager ignores the mode ("ignoring extra kwargs")."""
+
+
+def compile_and_settle(
+    runner: ModeRunner, m: ModeMeasurement, spec, warmup_steps: int, step: Callable[[], Any], device_type: str = "cuda"
+) -> None:
     """Wrap the mode's model in torch.compile and step until dynamo compiles nothing new; what it cost and saw."""
     runner.model = compiled_mod.compile_model(runner.model, spec)
     before = compiled_mod.read_counts()
@@ -61,6 +68,8 @@ def compile_and_settle(runner: ModeRunner, m: ModeMeasurement, spec, warmup_step
         **counts.to_dict(),
         "timed_recompiles": [],
     }
+    if spec.mode == "reduce-overhead" and device_type != "cuda":
+        m.compiled["note"] = CPU_REDUCE_OVERHEAD
 
 
 @contextmanager

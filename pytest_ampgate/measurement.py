@@ -381,7 +381,7 @@ def _start(
         with numerics_policy(slot.mode):
             if slot.compile is not None:  # coverage ran on the eager module, under the same autocast
                 step = lambda: losses.append(runner.step(*dataset.batch(runner.steps_taken, batch)))  # noqa: E731
-                compiled_runs.compile_and_settle(runner, slot.m, slot.compile, config.warmup_steps, step)
+                compiled_runs.compile_and_settle(runner, slot.m, slot.compile, config.warmup_steps, step, device.type)
             probe = min(5, config.warmup_steps // 2)
             begin = time.perf_counter()
             for _ in range(config.warmup_steps - probe):

@@ -104,6 +104,20 @@ def test_launch_bound_statement_without_a_compiled_run_says_how_to_measure_it(bo
 
     eager_only = dataclasses.replace(both, modes={"amp_bf16": both.modes["amp_bf16"]})
     assert "set compile and also_eager=True" in remedy_measured(eager_only, "amp_bf16")
+    on_cpu = remedy_measured(both, "amp_bf16")  # the same run as measured, on the CPU: no CUDA graphs to try
+    assert on_cpu.startswith("measured: amp_bf16+compiled (aot_eager)") and "reduce-overhead needs CUDA graphs" in on_cpu, on_cpu
+
+
+def test_reduce_overhead_off_cuda_says_it_measured_no_cuda_graphs():
+    from pytest_ampgate.gate import evaluate
+    from pytest_ampgate.measurement import measure
+
+    config = dataclasses.replace(TINY, compile=compiled.parse_compile("compile", "aot_eager:reduce-overhead"))
+    m = measure(tiny_workload(), ["amp_bf16"], device="cpu", config=config, progress=False)
+    assert "CUDA graphs need CUDA" in m.reference.compiled["note"], m.reference.compiled
+    gate = build_config(("test", {"modes": ["amp_bf16"], "compile": "aot_eager:reduce-overhead", "missing_baseline": "ignore"}))
+    line = next(c.why for c in evaluate(m, gate).checks if c.metric == "recompiles")
+    assert "aot_eager:reduce-overhead: compiled in" in line and "not used on this device" in line, line
 
 
 def _validate(report: dict) -> None:

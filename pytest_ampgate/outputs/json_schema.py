@@ -156,6 +156,7 @@ _MODE = {
                 "recompiles": {"type": "integer", "minimum": 0},
                 "recompile_reasons": {"type": "array", "items": _STR},
                 "timed_recompiles": {"type": "array", "items": _STR},
+                "note": _STR,
             },
         },
     },
