@@ -114,6 +114,8 @@ def test_reduce_overhead_off_cuda_says_it_measured_no_cuda_graphs():
 
     config = dataclasses.replace(TINY, compile=compiled.parse_compile("compile", "aot_eager:reduce-overhead"))
     m = measure(tiny_workload(), ["amp_bf16"], device="cpu", config=config, progress=False)
+    if "unexpected keyword argument 'mode'" in m.reference.error:  # torch 2.4: AotAutograd refuses a mode
+        pytest.skip(f"torch {torch.__version__}'s aot_eager backend takes no compile mode (unexpected keyword argument 'mode')")
     assert "CUDA graphs need CUDA" in m.reference.compiled["note"], m.reference.compiled
     gate = build_config(("test", {"modes": ["amp_bf16"], "compile": "aot_eager:reduce-overhead", "missing_baseline": "ignore"}))
     line = next(c.why for c in evaluate(m, gate).checks if c.metric == "recompiles")
