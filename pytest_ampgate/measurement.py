@@ -193,12 +193,13 @@ def measure(
     config = config or default_measure_config(device.type)
     workload = sized_for(get_workload(workload), device.type)
     say = _progress_printer(progress, started)
-    names = [resolve_mode(x).name for x in modes]
+    reference_mode, resolved = resolve_mode(config.reference_mode), [resolve_mode(x) for x in modes]
+    names = [m.name for m in resolved]
     if len(set(names)) != len(names):
         raise ConfigError(f"modes must not repeat, got {list(modes)}")
-    reference_name = resolve_mode(config.reference_mode).name
-    rows = compiled_runs.rows(reference_name, names, config)
-    slots = [_Slot(resolve_mode(mode), ModeMeasurement(row), spec) for row, mode, spec in rows]
+    by_name = {m.name: m for m in (reference_mode, *resolved)}  # the objects given, a PrecisionMode of the caller's too
+    rows = compiled_runs.rows(reference_mode.name, names, config)
+    slots = [_Slot(by_name[mode], ModeMeasurement(row), spec) for row, mode, spec in rows]
     for slot in slots:
         reason = unsupported_reason(slot.mode, device)
         if reason:
