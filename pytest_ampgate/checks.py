@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from .baseline_checks import baseline_noise_check, combined, peak_memory_check, step_time_check, stored_noise, widened
 from .baselines import Baseline, ModeBaseline
-from .compiled import DynamoCounts, graph_break_problems
+from .compiled import DynamoCounts, compiled_name, eager_name, graph_break_problems
 from .config import GateConfig
-from .judging import Judging, fmt_bytes, too_few_rounds
+from .judging import Judging, fmt_bytes, fmt_seconds, too_few_rounds
 from .metrics import as_tolerance
 from .results import Measurements, ModeMeasurement
 from .timing import launch_diagnosis
@@ -29,6 +29,11 @@ MISSING_BASELINE_OUTCOME = {"warn": INCONCLUSIVE, "fail": FAIL, "ignore": SKIPPE
 
 def speedup_check(j: Judging, name: str) -> list[Check]:
     """The mode's speedup interval against the floor: the one check that meets noise, so three-valued."""
+    if name != eager_name(name) == j.measurements.reference.mode:  # the compiled reference: what compiling gains, not AMP
+        est = j.measurements.comparisons[name].speedup
+        gain = f"{est.median:.2f}x [{est.low:.2f}-{est.high:.2f}]" if est else "not measured"
+        why = f"{name} against eager {j.measurements.reference.mode}: {gain}, compiling's gain, reported (min_speedup is AMP's floor)"
+        return [Check(name, CheckName.SPEEDUP, SKIPPED, why, measured=est.median if est else None)]
     device_type = j.measurements.device.split(":")[0]
     if not j.config.timing_applies(device_type):
         why = f"{name} speedup not gated on {device_type} (timing gates run on CUDA; check_speed=True forces them)"
@@ -58,11 +63,12 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
         return Check(name, CheckName.SPEEDUP, SKIPPED, f"{name} speedup not measured: {comparison.note or 'no timed rounds'}")
     text = f"{name} speedup {est.median:.2f}x [{est.confidence:.0%} CI {est.low:.2f}-{est.high:.2f}]"
     args = dict(measured=est.median, threshold=floor, baseline=base.speedup if base else None)
-    diagnosis = launch_diagnosis(m.reference, m.modes[name], m.device, margin) if est.low < margin else ""
+    reference = m.reference_of(name)
+    diagnosis = launch_diagnosis(reference, m.modes[name], m.device, margin) if est.low < margin else ""
     if diagnosis:
         statement = (
-            f"margin {margin:.2f}x against {m.reference.mode} not gated: {diagnosis}; AMP cannot pay off at this size: "
-            "use a larger batch, a wider model, CUDA graphs or torch.compile"
+            f"margin {margin:.2f}x against {reference.mode} not gated: {diagnosis}; AMP cannot pay off at this size: "
+            f"use a larger batch, a wider model, CUDA graphs or torch.compile ({remedy_measured(m, name)})"
         )
         if config.check_speed is True:
             text += f" ({diagnosis})"
@@ -95,6 +101,22 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
     return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} straddles floor {floor:.2f}x ({source}{noisy})", **args)
 
 
+def remedy_measured(m: Measurements, name: str) -> str:
+    """What compiling gained this mode, as measured in this run (``also_eager``), or how to measure it."""
+    eager, compiled = m.modes.get(eager_name(name)), m.modes.get(compiled_name(eager_name(name)))
+    if eager is None or compiled is None or not (eager.step_times_s and compiled.step_times_s):
+        return "set compile and also_eager=True to measure what compiling gains"
+    spec = compiled.compiled or {}
+    label = spec.get("backend", "?") + (f":{spec['mode']}" if spec.get("mode") else "")
+    text = f"measured: {compiled.mode} ({label}) {fmt_seconds(compiled.step_time_s)} a step vs {fmt_seconds(eager.step_time_s)} eager"
+    text += f", {eager.step_time_s / compiled.step_time_s:.2f}x"
+    if not m.device.startswith("cuda"):
+        text += "; reduce-overhead needs CUDA graphs, so it was not measured on this device"
+    elif spec.get("mode") != "reduce-overhead":
+        text += "; reduce-overhead (CUDA graphs) not measured: compile='inductor:reduce-overhead' measures it"
+    return text
+
+
 def memory_check(j: Judging, name: str) -> list[Check]:
     """The mode's peak memory against fp32's, where memory is gated on this device."""
     if not j.config.memory_applies(j.measurements.device.split(":")[0]):
@@ -105,16 +127,18 @@ def memory_check(j: Judging, name: str) -> list[Check]:
 def _memory(name: str, m: Measurements, config: GateConfig, base: ModeBaseline | None, env_label: str) -> Check:
     ratio = m.comparisons[name].memory_ratio
     if ratio is None:
-        note = m.modes[name].memory_note or m.reference.memory_note or "not measured"
+        note = m.modes[name].memory_note or m.reference_of(name).memory_note or "not measured"
         return Check(name, CheckName.MEMORY, SKIPPED, f"{name} peak memory: {note}")
     limit, source = config.max_memory_ratio, f"limit {config.max_memory_ratio:.2f}x"
     if base is not None and base.memory_ratio is not None:
         source += f"; baseline {base.memory_ratio:.2f}x on {env_label}, tol +{config.memory_tolerance:.2f}"
         limit = min(limit, base.memory_ratio + config.memory_tolerance)
+    reference = m.reference_of(name)
     text = (
-        f"{name} peak memory {fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x fp32 ({fmt_bytes(m.reference.peak_memory_bytes)}"
+        f"{name} peak memory {fmt_bytes(m.modes[name].peak_memory_bytes)} = {ratio:.2f}x {reference.mode} "
+        f"({fmt_bytes(reference.peak_memory_bytes)}"
     )
-    act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(m.reference, "activation_memory_bytes", None)
+    act, ref_act = getattr(m.modes[name], "activation_memory_bytes", None), getattr(reference, "activation_memory_bytes", None)
     text += f"; activations {fmt_bytes(act)} vs {fmt_bytes(ref_act)})" if act is not None and ref_act is not None else ")"
     outcome = PASS if ratio <= limit else FAIL
     return Check(
@@ -256,7 +280,7 @@ def same_run_checks(j: Judging, name: str) -> list[Check]:
     """The mode's metric and late loss against the reference's in this very run: needs no baseline,
     so a mode that trains to chance while fp32 learns fails on the first run."""
     m, config, tolerance = j.measurements, j.config, j.same_run_tolerance
-    mm, ref = m.modes[name], m.reference
+    mm, ref = m.modes[name], m.reference_of(name)
     checks = []
     metric = mm.metric_name
     tol = as_tolerance(tolerance, metric, config.same_run_tolerance, "same_run_tolerance")
@@ -320,7 +344,7 @@ def coverage_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
 
     config = j.config
     cov = mm.precision_coverage
-    if cov is None or resolve_mode(mm.mode).low_precision_dtype is None:
+    if cov is None or resolve_mode(eager_name(mm.mode)).low_precision_dtype is None:
         return []
     if cov.total_flops == 0:
         return [Check(mm.mode, CheckName.PRECISION_COVERAGE, SKIPPED, f"{mm.mode}: no matmul/convolution FLOPs recorded")]
@@ -376,6 +400,7 @@ def compiled_checks(j: Judging, mm: ModeMeasurement) -> list[Check]:
     stored = j.stored(mm.mode)
     base = (stored.extra.get("compiled") if stored else None) or None
     figures = f"{c['backend']}{':' + c['mode'] if c.get('mode') else ''}: compiled in {c['compile_time_s']:.2f} s"
+    figures += f" ({c['note']})" if c.get("note") else ""
     recompiles = list(c["timed_recompiles"]) + ([] if c["settled"] else [f"still recompiling after {c['compile_steps']} warm-up steps"])
     checks = [
         Check(mm.mode, CheckName.RECOMPILES, FAIL, f"{mm.mode}: " + "; ".join(recompiles), len(recompiles), 0)

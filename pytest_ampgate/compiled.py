@@ -17,6 +17,27 @@ from typing import Any
 
 from .errors import ConfigError
 
+COMPILED_SUFFIX = "+compiled"
+"""Under ``also_eager``, a mode measured compiled is reported and stored as ``<mode>+compiled``."""
+
+
+def compiled_name(mode: str) -> str:
+    """The row name of ``mode`` measured compiled beside its eager run, e.g. ``amp_bf16+compiled``."""
+    return mode + COMPILED_SUFFIX
+
+
+def eager_name(name: str) -> str:
+    """The precision mode of a row: ``amp_bf16+compiled`` -> ``amp_bf16``; an eager row's name unchanged."""
+    return name[: -len(COMPILED_SUFFIX)] if name.endswith(COMPILED_SUFFIX) else name
+
+
+def compared_with(name: str, reference: str) -> str:
+    """The row ``name`` is compared with: a compiled AMP row with the compiled reference (like with like),
+    the compiled reference itself with the eager reference (what compiling gains), an eager row with the reference."""
+    if name.endswith(COMPILED_SUFFIX) and eager_name(name) != reference:
+        return compiled_name(reference)
+    return reference
+
 
 @dataclass(frozen=True)
 class CompileSpec:
@@ -88,6 +109,9 @@ class DynamoCounts:
     recompile_reasons: list[str] = field(default_factory=list)
     break_sites: list[str] = field(default_factory=list)
     """Where the user's code broke the graph: dynamo's resume functions ``torch_dynamo_resume_in_<fn>_at_<line>``."""
+    resumed_at: list[str] = field(default_factory=list)
+    """Every resume function in dynamo's ContinueExecutionCache since the reset: where a torch without the
+    ``resumes`` counter (2.4) says the graph broke, for all modes together (the modes share the cache)."""
 
     @property
     def graph_break_count(self) -> int:
@@ -105,11 +129,16 @@ class DynamoCounts:
 
     def since(self, before: DynamoCounts) -> DynamoCounts:
         """What dynamo did between ``before`` and now (its counters are global to the process)."""
+        breaks = {r: n - before.graph_breaks.get(r, 0) for r, n in self.graph_breaks.items() if n > before.graph_breaks.get(r, 0)}
+        sites = list((Counter(self.break_sites) - Counter(before.break_sites)).elements())
+        if breaks and not sites and self.resumed_at:  # torch 2.4: where dynamo resumed in this run, said as such
+            sites = [f"{site} (where dynamo resumed in this run)" for site in self.resumed_at]
         return DynamoCounts(
             graphs=self.graphs - before.graphs,
-            graph_breaks={r: n - before.graph_breaks.get(r, 0) for r, n in self.graph_breaks.items() if n > before.graph_breaks.get(r, 0)},
+            graph_breaks=breaks,
             recompile_reasons=self.recompile_reasons[len(before.recompile_reasons) :],
-            break_sites=list((Counter(self.break_sites) - Counter(before.break_sites)).elements()),
+            break_sites=sites,
+            resumed_at=list(self.resumed_at),
         )
 
 
@@ -161,6 +190,27 @@ def _break_sites(counters) -> list[str]:
     return sites
 
 
+def _cached_resume_sites() -> list[str]:
+    """``fn line N`` of each resume function dynamo keeps in its ContinueExecutionCache (cleared by ``torch._dynamo.reset``).
+
+    torch 2.4 counts no ``resumes``, but dynamo still builds one resume function per graph break, named
+    after the user's function and the line it resumes at (torch/_dynamo/resume_execution.py); the cache is an
+    ExactWeakKeyDictionary whose ``values`` map each broken code object to its resume functions."""
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        tables = list(ContinueExecutionCache.cache.values.values())
+    except (ImportError, AttributeError):
+        return []
+    sites = []
+    for table in tables:
+        for code in table.values():
+            match = _RESUME.search(getattr(code, "co_name", ""))
+            if match:
+                sites.append(f"{match.group('fn')} line {match.group('line')}")
+    return sorted(set(sites))
+
+
 def read_counts() -> DynamoCounts:
     """The counts since the last reset, from torch._dynamo.utils.counters and guard_failures."""
     from torch._dynamo.utils import counters
@@ -170,6 +220,7 @@ def read_counts() -> DynamoCounts:
         graph_breaks={str(reason): int(n) for reason, n in counters["graph_break"].items()},
         recompile_reasons=_guard_failure_reasons(),
         break_sites=_break_sites(counters),
+        resumed_at=[] if "resumes" in counters else _cached_resume_sites(),
     )
 
 
@@ -218,7 +269,7 @@ def graph_break_problems(counts: DynamoCounts, max_graph_breaks: int | None, bas
     if counts.break_sites:
         reasons += f"; at {', '.join(dict.fromkeys(counts.break_sites))}"
     elif counts.graph_breaks:
-        reasons += "; this torch's dynamo counters do not record where (no 'resumes' counter: upgrade torch, or TORCH_LOGS=graph_breaks)"
+        reasons += "; line not recorded: this torch's dynamo keeps no resume function for it (TORCH_LOGS=graph_breaks shows where)"
     problems = []
     if max_graph_breaks is not None and counts.graph_break_count > max_graph_breaks:
         problems.append(f"{counts.graph_break_count} graph break(s), more than max_graph_breaks={max_graph_breaks}: {reasons}")

@@ -131,6 +131,8 @@ class MeasureConfig:
     precision_coverage: bool = True
     compile: Any = None
     """None: eager.  Otherwise a compiled.CompileSpec: every mode (the reference too) is compiled this way."""
+    also_eager: bool = False
+    """With ``compile``: every mode runs eager too; the compiled runs are the rows ``<mode>+compiled``."""
 
     def __post_init__(self):
         for name in PROTOCOL:
@@ -213,13 +215,28 @@ class GateConfig:
     """None: eager.  Otherwise a compiled.CompileSpec (from true, "backend[:mode]" or a dict)."""
     max_graph_breaks: int | None = None
     max_compile_time_ratio: float = 3.0
+    also_eager: bool = False
+
+    def __post_init__(self):
+        if self.also_eager and self.compile is None:
+            raise ConfigError(
+                "also_eager=True measures each mode eager and compiled, so it needs compile set too "
+                "(e.g. compile=True for Inductor, or compile='aot_eager'); without compile every mode is eager already"
+            )
+        if self.also_eager and self.world_size is not None:
+            raise ConfigError(
+                "also_eager=True is not supported with world_size (the distributed merge compares every row with eager fp32); "
+                "gate the compiled and eager runs in two tests, or drop world_size"
+            )
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
     def measure_config(self, **overrides):
         """The engine's MeasureConfig for this gate's protocol settings."""
-        return MeasureConfig(**{n: getattr(self, n) for n in PROTOCOL}, **{"compile": self.compile, **overrides})
+        return MeasureConfig(
+            **{n: getattr(self, n) for n in PROTOCOL}, **{"compile": self.compile, "also_eager": self.also_eager, **overrides}
+        )
 
     def step_time_tolerance_on(self, device_type: str) -> float:
         """The step-time tolerance in force on this device: the setting, else the device's measured default."""
@@ -307,6 +324,11 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "max_compile_time_ratio": (
         _number(1),
         "compile time may grow to this many times the baseline's before the compile_time check fails (generous: compiling is noisy)",
+    ),
+    "also_eager": (
+        _flag,
+        "with compile: measure every mode eager and compiled in the same test; compiled rows are '<mode>+compiled', "
+        "compared with a compiled fp32, and a launch-bound step's statement says what compiling gained",
     ),
 }
 

@@ -55,7 +55,7 @@ def evaluate(
             for check in MODE_CHECKS:
                 checks += check(judging, mm)
     for name, mm in measurements.modes.items():
-        if mm.ok and measurements.reference.ok:
+        if mm.ok and measurements.reference_of(name).ok:
             for check in COMPARED_CHECKS:
                 checks += check(judging, name)
     leaked = measurements.environment.get(LEAKED_KEY)

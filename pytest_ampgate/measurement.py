@@ -25,16 +25,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import compiled as compiled_mod
+from . import compiled_runs, gpu_noise, records
 from . import env as env_mod
-from . import gpu_noise, records
+from .compiled import compared_with, eager_name
 from .config import DEFAULT_MODES, MeasureConfig
 from .data import DeviceDataset
-from .errors import ConfigError, WorkloadError
+from .errors import ConfigError
 from .gpu_noise import NoiseReadings
 from .known_state import measured_from_known_state
 from .memory import CPU_PROFILER_BUSY, cuda_requested, memory_pass, oom_message, warm_libraries
-from .metrics import HeldOut, accuracy_fit_problem, describe_output, metric_of, misplaced_prediction, prediction_of
+from .metrics import HeldOut, metric_of
 from .mode_runner import ModeRunner, prepare
 from .modes import PrecisionMode, require_device, resolve_mode, unsupported_reason
 from .precision_coverage import measure_precision_coverage
@@ -43,88 +43,8 @@ from .profiles import SLOW_ON_CPU, cpu_threads, default_measure_config, sized_fo
 from .results import Comparison, Measurements, ModeMeasurement
 from .stats import abba_order, estimate_ratio, round_ratios
 from .timing import BlockTiming, default_timer, device_context, no_cyclic_gc, read_losses, synchronize, timed_block
-from .workload_checks import build_model
+from .workload_checks import build_model, check_fits
 from .workloads import Workload, get_workload
-
-
-def _check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:
-    """One fp32 forward and loss on a batch, so a misfit is reported as the user's error, not ours.
-
-    The batch is the training batch size (capped at 32, to stay cheap on the CPU): with two samples
-    a two-class output (2, 2) against targets (2,) broadcasts in an elementwise loss and slips by."""
-    n_train = dataset.train_x.shape[0]
-    if workload.batch_size > n_train:
-        raise WorkloadError(
-            f"workload {workload.name!r}: batch_size {workload.batch_size} is larger than its training set ({n_train} samples)"
-        )
-    param = next(model.parameters(), None)
-    where = param.device if param is not None else torch.device("cpu")
-    x, y = (t.to(where) for t in dataset.batch(0, min(workload.batch_size, n_train, 32)))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise WorkloadError(
-            f"workload {workload.name!r}: the model rejected a batch from its data "
-            f"(input shape {tuple(x.shape)}, {x.dtype}): {type(exc).__name__}: {exc}"
-        ) from exc
-    try:
-        with torch.no_grad():
-            loss = workload.loss_fn(out, y)
-    except Exception as exc:
-        raise WorkloadError(
-            f"workload {workload.name!r}: the loss rejected the model's output "
-            f"({f'shape {tuple(out.shape)}, {out.dtype}' if torch.is_tensor(out) else describe_output(out)}) "
-            f"with targets (shape {tuple(y.shape)}, {y.dtype}): {type(exc).__name__}: {exc}"
-        ) from exc
-    if not torch.is_tensor(loss) or loss.numel() != 1:
-        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
-        raise WorkloadError(f"workload {workload.name!r}: the loss must be a scalar tensor, got {shape}")
-    _check_metric_fits(workload, model, out, y, dataset)
-
-
-def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch.Tensor, dataset: DeviceDataset) -> None:
-    """Before training: the model's output must fit the metric (shapes named), and the metric must
-    return one real number within its bounds, so a misfit is not found after every mode has trained.
-    The metric sees a :class:`~pytest_ampgate.metrics.HeldOut` here as after training."""
-    where = f"workload {workload.name!r}"
-    metric = metric_of(workload)
-    if workload.prediction is None:
-        misplaced = misplaced_prediction(out, int(getattr(dataset, "num_classes", 0) or 0))
-        if misplaced:
-            raise WorkloadError(f"{where}: {misplaced}")
-    if workload.metric is None:
-        try:
-            pred = (workload.prediction or prediction_of)(out)
-        except WorkloadError as exc:
-            raise WorkloadError(f"{where}: {exc}") from None
-        problem = accuracy_fit_problem(pred, y)
-        if problem:
-            raise WorkloadError(
-                f"{where}: the model's output {describe_output(out)} does not fit the default metric, accuracy, "
-                f"against targets {tuple(y.shape)} {y.dtype}: {problem}; or give the Workload a metric"
-            )
-        return  # the default accuracy needs nothing more than fitting scores: its value is always in [0, 1]
-    x_test, y_test = next(iter(dataset.test_batches(min(32, dataset.n_test))))
-    param = next(model.parameters(), None)
-    if param is not None:
-        x_test, y_test = x_test.to(param.device), y_test.to(param.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            value = metric.fn(model, HeldOut([(x_test, y_test)]))
-    except WorkloadError as exc:
-        raise WorkloadError(f"{where}: metric {metric.name!r}: {exc}") from None
-    except Exception as exc:
-        raise WorkloadError(
-            f"{where}: its metric {metric.name!r} failed on a held-out batch (input {tuple(x_test.shape)} {x_test.dtype}, "
-            f"targets {tuple(y_test.shape)} {y_test.dtype}; the model returns {describe_output(out)}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        model.train(was_training)
-    metric.check_value(value, workload.name)
 
 
 def _evaluate_metric(slot: _Slot, workload: Workload, dataset: DeviceDataset) -> None:
@@ -137,9 +57,11 @@ def _evaluate_metric(slot: _Slot, workload: Workload, dataset: DeviceDataset) ->
 class _Slot:
     """One mode in the run: its measurement, and its runner while it is alive."""
 
-    def __init__(self, mode: PrecisionMode, measurement: ModeMeasurement):
+    def __init__(self, mode: PrecisionMode, measurement: ModeMeasurement, compile_spec=None):
         self.mode = mode
         self.m = measurement
+        self.compile = compile_spec
+        """The compiled.CompileSpec this row runs under, or None (eager)."""
         self.runner: ModeRunner | None = None
         self.failure: dict | None = None
         """How this mode failed in this process: exception type, message, user frame, phase, ``time.time()``."""
@@ -169,7 +91,7 @@ class _Slot:
         distributed ranks' agreement (one collective): a message means a process failed this mode, so
         it stops here too, with that message, and no process pairs a collective of it with another mode's."""
         if after_phase is not None:
-            message = after_phase(self.mode.name, phase, self.failure if self.runner is None else None)
+            message = after_phase(self.m.mode, phase, self.failure if self.runner is None else None)
             if message:
                 if self.runner is not None:
                     self.m.failed_phase = phase
@@ -271,12 +193,13 @@ def measure(
     config = config or default_measure_config(device.type)
     workload = sized_for(get_workload(workload), device.type)
     say = _progress_printer(progress, started)
-    reference_mode = resolve_mode(config.reference_mode)
-    slots = [_Slot(reference_mode, ModeMeasurement(reference_mode.name))]
-    slots += [_Slot(m, ModeMeasurement(m.name)) for m in (resolve_mode(x) for x in modes)]
-    names = [s.mode.name for s in slots[1:]]
+    reference_mode, resolved = resolve_mode(config.reference_mode), [resolve_mode(x) for x in modes]
+    names = [m.name for m in resolved]
     if len(set(names)) != len(names):
         raise ConfigError(f"modes must not repeat, got {list(modes)}")
+    by_name = {m.name: m for m in (reference_mode, *resolved)}  # the objects given, a PrecisionMode of the caller's too
+    rows = compiled_runs.rows(reference_mode.name, names, config)
+    slots = [_Slot(by_name[mode], ModeMeasurement(row), spec) for row, mode, spec in rows]
     for slot in slots:
         reason = unsupported_reason(slot.mode, device)
         if reason:
@@ -298,7 +221,7 @@ def measure(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 initial_model = build_model(workload)
-            _check_fits(workload, initial_model, dataset)
+            check_fits(workload, initial_model, dataset)
             before = gpu_noise.noise_report(device)
             # On the CPU with profiles.CPU_THREADS: a CPU run's numbers must not depend on the core count.
             with cudnn_benchmark(config.cudnn_benchmark), cpu_threads(device.type):
@@ -318,7 +241,8 @@ def measure(
             noise = NoiseReadings(before, gpu_noise.noise_report(device), window)
 
     reference = slots[0].m
-    comparisons = {s.mode.name: compare_modes(reference, s.m, config) for s in slots[1:]}
+    by_row = {s.m.mode: s.m for s in slots}
+    comparisons = {s.m.mode: compare_modes(by_row[compared_with(s.m.mode, reference.mode)], s.m, config) for s in slots[1:]}
     return Measurements(
         workload=workload.name,
         device=str(device),
@@ -327,7 +251,7 @@ def measure(
         environment=environment,
         dataset=dataset_info,
         reference=reference,
-        modes={s.mode.name: s.m for s in slots[1:]},
+        modes={s.m.mode: s.m for s in slots[1:]},
         comparisons=comparisons,
         noise=noise,
         wall_time_s=time.perf_counter() - started,
@@ -348,12 +272,12 @@ def _progress_printer(progress, started: float) -> Callable[[str], None]:
 
 def _cost_line(workload: Workload, slots, device: torch.device, config: MeasureConfig) -> str:
     """What the run will cost, said before it starts: modes x steps x batch, and the slow modes on a CPU."""
-    running = [s.mode.name for s in slots if s.m.supported]
+    running = [s.m.mode for s in slots if s.m.supported]
     line = (
         f"{workload.name} on {device}: {len(running)} mode(s) ({', '.join(running)}) x {config.total_steps()} training steps "
         f"of batch {workload.batch_size} ({config.warmup_steps} warm-up, {config.rounds} rounds x {config.steps_per_block} steps)"
     )
-    slow = [name for name in running if name in SLOW_ON_CPU]
+    slow = [name for name in running if eager_name(name) in SLOW_ON_CPU]
     if device.type == "cpu" and slow:
         line += (
             f"; {', '.join(slow)} run in float16, which a CPU without fp16 arithmetic runs many times slower "
@@ -368,11 +292,10 @@ def _run(
     """Set-up, lead-in, the interleaved timed rounds, balance blocks and evaluation; what NVML saw during the rounds."""
     batch = workload.batch_size
     steps = config.steps_per_block
-    if config.compile is not None:
-        _prepare_compile(slots)
+    compiled_runs.prepare([s.m for s in slots], [s.compile for s in slots])
     for slot in slots:
         if slot.m.supported:
-            say(f"{workload.name}: {slot.mode.name}: set-up, warm-up and memory pass")
+            say(f"{workload.name}: {slot.m.mode}: set-up, warm-up and memory pass")
             _start(slot, workload, initial_model, dataset, device, config, timer, runner_factory, after_phase)
 
     order = abba_order([i for i, s in enumerate(slots) if s.runner is not None], config.rounds)
@@ -393,10 +316,8 @@ def _run(
             slot = slots[i]
             if slot.runner is None:
                 continue
-            before = compiled_mod.read_counts() if slot.m.compiled is not None else None
-            timing = slot.block(dataset, batch, steps, device, f"timed round {round_index + 1}", timer)
-            if before is not None:
-                _note_timed_compiles(slot, compiled_mod.read_counts().since(before))
+            with compiled_runs.watching_timed_block(slot.m):
+                timing = slot.block(dataset, batch, steps, device, f"timed round {round_index + 1}", timer)
             if not slot.settle(f"timed round {round_index + 1}", after_phase):
                 continue  # the agreement is also the start line: every rank begins the next block together
             if timing is not None:
@@ -413,7 +334,7 @@ def _run(
     for slot in slots:
         if slot.runner is None:
             continue
-        say(f"{workload.name}: {slot.mode.name}: held-out {metric_of(workload).name}")
+        say(f"{workload.name}: {slot.m.mode}: held-out {metric_of(workload).name}")
         try:
             with numerics_policy(slot.mode):
                 _evaluate_metric(slot, workload, dataset)
@@ -425,39 +346,6 @@ def _run(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return window
-
-
-def _prepare_compile(slots) -> None:
-    """Compiled modes start from a clean dynamo, or every mode is unsupported with torch's reason."""
-    reason = compiled_mod.unsupported_reason()
-    if reason is not None:
-        for slot in slots:
-            slot.m.supported, slot.m.unsupported_reason = False, reason
-        return
-    compiled_mod.reset_dynamo()
-
-
-def _note_timed_compiles(slot: _Slot, new: compiled_mod.DynamoCounts) -> None:
-    """Dynamo compiling during a timed block: each recompile's reason (or the new graphs) is kept for the gate."""
-    problems = compiled_mod.timed_step_problems(compiled_mod.DynamoCounts(), new)
-    slot.m.compiled["timed_recompiles"] += problems
-
-
-def _compile_and_settle(slot: _Slot, config: MeasureConfig, step) -> None:
-    """Wrap the mode's model in torch.compile and step until dynamo compiles nothing new; what it cost and saw."""
-    runner = slot.runner
-    runner.model = compiled_mod.compile_model(runner.model, config.compile)
-    before = compiled_mod.read_counts()
-    warm = compiled_mod.warm_up_until_settled(step, min_steps=1, max_steps=max(3, config.warmup_steps))
-    counts = compiled_mod.read_counts().since(before)
-    slot.m.compiled = {
-        **config.compile.to_dict(),
-        "compile_time_s": warm.compile_time_s,
-        "compile_steps": warm.warmup_steps,
-        "settled": warm.settled,
-        **counts.to_dict(),
-        "timed_recompiles": [],
-    }
 
 
 def _start(
@@ -492,8 +380,9 @@ def _start(
     def warm_up() -> None:
         runner = slot.runner
         with numerics_policy(slot.mode):
-            if config.compile is not None:  # coverage ran on the eager module, under the same autocast
-                _compile_and_settle(slot, config, lambda: losses.append(runner.step(*dataset.batch(runner.steps_taken, batch))))
+            if slot.compile is not None:  # coverage ran on the eager module, under the same autocast
+                step = lambda: losses.append(runner.step(*dataset.batch(runner.steps_taken, batch)))  # noqa: E731
+                compiled_runs.compile_and_settle(runner, slot.m, slot.compile, config.warmup_steps, step, device.type)
             probe = min(5, config.warmup_steps // 2)
             begin = time.perf_counter()
             for _ in range(config.warmup_steps - probe):

@@ -159,6 +159,12 @@ class Measurements:
         for name, mm in self.modes.items():
             yield mm, self.comparisons.get(name)
 
+    def reference_of(self, name: str) -> ModeMeasurement:
+        """The row ``name`` is compared with: the reference, or under ``also_eager`` a compiled row's compiled reference."""
+        comparison = self.comparisons.get(name)
+        compared = comparison.reference if comparison is not None else self.reference.mode
+        return self.reference if compared == self.reference.mode else self.modes.get(compared, self.reference)
+
     def figures(self) -> list[MeasuredFigures]:
         """Every measured mode's figures, the reference first: what the baseline stores and every output shows."""
         return [MeasuredFigures.of(mm, comparison, mm is self.reference) for mm, comparison in self.each_mode()]

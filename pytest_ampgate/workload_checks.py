@@ -13,7 +13,9 @@ import inspect
 import torch
 from torch import nn
 
+from .data import DeviceDataset
 from .errors import WorkloadError
+from .metrics import HeldOut, accuracy_fit_problem, describe_output, metric_of, misplaced_prediction, prediction_of
 from .workloads import Workload
 
 
@@ -109,3 +111,83 @@ def validate_optimizer(workload: Workload, model: nn.Module) -> None:
             f"workload {name!r}: optimizer_factory built a {type(optimizer).__name__} over other parameters "
             "than the ones it was given, so training would never change the model; build it over its argument"
         )
+
+
+def check_fits(workload: Workload, model: torch.nn.Module, dataset: DeviceDataset) -> None:
+    """One fp32 forward and loss on a batch, so a misfit is reported as the user's error, not ours.
+
+    The batch is the training batch size (capped at 32, to stay cheap on the CPU): with two samples
+    a two-class output (2, 2) against targets (2,) broadcasts in an elementwise loss and slips by."""
+    n_train = dataset.train_x.shape[0]
+    if workload.batch_size > n_train:
+        raise WorkloadError(
+            f"workload {workload.name!r}: batch_size {workload.batch_size} is larger than its training set ({n_train} samples)"
+        )
+    param = next(model.parameters(), None)
+    where = param.device if param is not None else torch.device("cpu")
+    x, y = (t.to(where) for t in dataset.batch(0, min(workload.batch_size, n_train, 32)))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise WorkloadError(
+            f"workload {workload.name!r}: the model rejected a batch from its data "
+            f"(input shape {tuple(x.shape)}, {x.dtype}): {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        with torch.no_grad():
+            loss = workload.loss_fn(out, y)
+    except Exception as exc:
+        raise WorkloadError(
+            f"workload {workload.name!r}: the loss rejected the model's output "
+            f"({f'shape {tuple(out.shape)}, {out.dtype}' if torch.is_tensor(out) else describe_output(out)}) "
+            f"with targets (shape {tuple(y.shape)}, {y.dtype}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise WorkloadError(f"workload {workload.name!r}: the loss must be a scalar tensor, got {shape}")
+    _check_metric_fits(workload, model, out, y, dataset)
+
+
+def _check_metric_fits(workload: Workload, model: torch.nn.Module, out, y: torch.Tensor, dataset: DeviceDataset) -> None:
+    """Before training: the model's output must fit the metric (shapes named), and the metric must
+    return one real number within its bounds, so a misfit is not found after every mode has trained.
+    The metric sees a :class:`~pytest_ampgate.metrics.HeldOut` here as after training."""
+    where = f"workload {workload.name!r}"
+    metric = metric_of(workload)
+    if workload.prediction is None:
+        misplaced = misplaced_prediction(out, int(getattr(dataset, "num_classes", 0) or 0))
+        if misplaced:
+            raise WorkloadError(f"{where}: {misplaced}")
+    if workload.metric is None:
+        try:
+            pred = (workload.prediction or prediction_of)(out)
+        except WorkloadError as exc:
+            raise WorkloadError(f"{where}: {exc}") from None
+        problem = accuracy_fit_problem(pred, y)
+        if problem:
+            raise WorkloadError(
+                f"{where}: the model's output {describe_output(out)} does not fit the default metric, accuracy, "
+                f"against targets {tuple(y.shape)} {y.dtype}: {problem}; or give the Workload a metric"
+            )
+        return  # the default accuracy needs nothing more than fitting scores: its value is always in [0, 1]
+    x_test, y_test = next(iter(dataset.test_batches(min(32, dataset.n_test))))
+    param = next(model.parameters(), None)
+    if param is not None:
+        x_test, y_test = x_test.to(param.device), y_test.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = metric.fn(model, HeldOut([(x_test, y_test)]))
+    except WorkloadError as exc:
+        raise WorkloadError(f"{where}: metric {metric.name!r}: {exc}") from None
+    except Exception as exc:
+        raise WorkloadError(
+            f"{where}: its metric {metric.name!r} failed on a held-out batch (input {tuple(x_test.shape)} {x_test.dtype}, "
+            f"targets {tuple(y_test.shape)} {y_test.dtype}; the model returns {describe_output(out)}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    metric.check_value(value, workload.name)

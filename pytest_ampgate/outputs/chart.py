@@ -64,6 +64,8 @@ class ChartRow:
     """The same-run check's limit (fp32's value less the tolerance), drawn as a gated tick."""
     other_checks: tuple[tuple[str, str], ...] = ()
     """(check name, outcome) of the mode's checks no panel draws (precision coverage, finite loss, ...)."""
+    compiled: str = ""
+    """A compiled mode's compile time, graph breaks and recompiles, in a few words ('' for eager)."""
 
 
 PANEL_CHECKS = frozenset(("speedup", "memory", "same_run"))
@@ -77,7 +79,7 @@ def drawable(results) -> bool:
 
 def chart_rows(results) -> list[ChartRow]:
     """What the chart draws, from gated results (floors and limits from the checks, else the config)."""
-    from .figures import figures_of, finite, settings_of  # the engine (torch) only once there is something to draw
+    from .figures import compiled_summary, figures_of, finite, settings_of  # the engine (torch) only once there is something to draw
 
     rows = []
     for r in results:
@@ -120,6 +122,7 @@ def chart_rows(results) -> list[ChartRow]:
                     metric_outcome=_worst([str(c.outcome) for c in metric_checks]),
                     metric_limit=same_run.threshold if same_run is not None else None,
                     other_checks=others,
+                    compiled=compiled_summary(f.measurement, short=True),
                 )
             )
     return rows
@@ -139,7 +142,7 @@ def _row_failed(row: ChartRow) -> bool:
 
 def _label(row: ChartRow, short: bool) -> str:
     test = row.test_id.rsplit("::", 1)[-1] if short else row.test_id
-    return f"{test}\n{row.mode}"
+    return f"{test}\n{row.mode}" + (f"\n{row.compiled}" if row.compiled else "")
 
 
 DASHED = (0, (2, 2))

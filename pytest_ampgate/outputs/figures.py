@@ -60,6 +60,18 @@ def figures_of(result: GateResult) -> list[ModeFigures]:
     return out
 
 
+def compiled_summary(mm: ModeMeasurement | None, short: bool = False) -> str:
+    """A compiled mode's compile figures in a few words (backend, compile time, graph breaks, recompiles); '' for eager."""
+    c = (mm.compiled if mm is not None else None) or {}
+    if not c:
+        return ""
+    recompiles = len(c.get("timed_recompiles", [])) + int(c.get("recompiles", 0))
+    figures = f"compiled in {c.get('compile_time_s', 0.0):.2f} s, {c.get('graph_breaks', 0)} graph breaks, {recompiles} recompiles"
+    if short:
+        return figures.replace("compiled in", "compile").replace("graph breaks", "breaks")
+    return f"{c.get('backend', '?')}{':' + c['mode'] if c.get('mode') else ''}, {figures}"
+
+
 def stored_metric(result: GateResult, mm: ModeMeasurement) -> float | None:
     """The stored value of the mode's metric; accuracy falls back to the stored accuracy of older baselines."""
     named = mm.metric_name != "accuracy"

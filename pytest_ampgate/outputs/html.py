@@ -22,9 +22,9 @@ VERDICT_STYLE = {
 
 def mode_table(results) -> str:
     """The per-mode summary table (the terminal summary's rows) as an HTML table."""
-    from .table import COLUMNS, table_rows
+    from .table import table_columns, table_rows
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table_columns(results))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in table_rows(results))
     checks = "".join(f"<li>{html.escape(c.line())}</li>" for r in results for c in r.verdict.checks)
     return (

@@ -79,6 +79,7 @@ def _mode_record(f: ModeFigures, steps_per_round: int) -> dict:
     return {
         "mode": f.mode,
         "role": "reference" if f.reference else "compared",
+        "compared_with": f.comparison.reference if f.comparison is not None else None,
         "supported": mm.supported,
         "unsupported_reason": mm.unsupported_reason,
         "error": mm.error,

@@ -47,6 +47,7 @@ _MODE = {
     "required": [
         "mode",
         "role",
+        "compared_with",
         "supported",
         "unsupported_reason",
         "error",
@@ -138,7 +139,26 @@ _MODE = {
         "nonfinite_steps": {"type": "integer", "minimum": 0},
         "scaler": {"type": ["object", "null"]},
         "low_precision_share": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-        "compiled": {"type": ["object", "null"]},
+        "compared_with": {"type": ["string", "null"]},
+        "compiled": {
+            "type": ["object", "null"],
+            "required": ["backend", "mode", "compile_time_s", "settled", "graphs", "graph_breaks", "recompiles", "timed_recompiles"],
+            "properties": {
+                "backend": _STR,
+                "mode": {"type": ["string", "null"]},
+                "compile_time_s": {"type": "number", "minimum": 0},
+                "compile_steps": {"type": "integer", "minimum": 0},
+                "settled": {"type": "boolean"},
+                "graphs": {"type": "integer", "minimum": 0},
+                "graph_breaks": {"type": "integer", "minimum": 0},
+                "graph_break_reasons": {"type": "object"},
+                "graph_break_sites": {"type": "array", "items": _STR},
+                "recompiles": {"type": "integer", "minimum": 0},
+                "recompile_reasons": {"type": "array", "items": _STR},
+                "timed_recompiles": {"type": "array", "items": _STR},
+                "note": _STR,
+            },
+        },
     },
 }
 

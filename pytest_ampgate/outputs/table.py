@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..verdict import FAIL, INCONCLUSIVE
-from .figures import ModeFigures, figures_of
+from .figures import ModeFigures, compiled_summary, figures_of
 
 if TYPE_CHECKING:
     from ..gate import GateResult
@@ -47,10 +47,17 @@ def _loss(value: float | None) -> str:
 
 
 def table_columns(results: list[GateResult]) -> tuple[str, ...]:
-    """COLUMNS, with "metric (baseline)" in place of "accuracy (baseline)" when a workload brings its own metric."""
-    if all(mm.metric_name == "accuracy" for r in results for mm, _c in r.measurements.each_mode()):
-        return COLUMNS
-    return tuple("metric (baseline)" if c == "accuracy (baseline)" else c for c in COLUMNS)
+    """COLUMNS, with "metric (baseline)" in place of "accuracy (baseline)" when a workload brings its own metric,
+    and a "compiled" column (compile time, graph breaks, recompiles) before the verdict when a mode ran compiled."""
+    columns = COLUMNS
+    if not all(mm.metric_name == "accuracy" for r in results for mm, _c in r.measurements.each_mode()):
+        columns = tuple("metric (baseline)" if c == "accuracy (baseline)" else c for c in columns)
+    return (*columns[:-1], "compiled", columns[-1]) if any_compiled(results) else columns
+
+
+def any_compiled(results: list[GateResult]) -> bool:
+    """Some mode of these results ran under torch.compile."""
+    return any(mm.compiled for r in results for mm, _c in r.measurements.each_mode())
 
 
 def metric_cell(f: ModeFigures) -> str:
@@ -73,10 +80,12 @@ def _metric(value: float, named: bool) -> str:
 def table_rows(results: list[GateResult]) -> list[list[str]]:
     """One row per test and mode (the reference first), in the order of COLUMNS."""
     rows = []
+    compiled = any_compiled(results)
     for r in results:
         for f in figures_of(r):
             verdict = f.outcome.upper() if f.outcome in (FAIL, INCONCLUSIVE) else f.outcome
-            rows.append([r.test_id, f.mode, _time(f.step_time_s), _speed(f), _mem(f), _loss(f.final_loss), metric_cell(f), verdict])
+            row = [r.test_id, f.mode, _time(f.step_time_s), _speed(f), _mem(f), _loss(f.final_loss), metric_cell(f)]
+            rows.append([*row, compiled_summary(f.measurement) or "eager", verdict] if compiled else [*row, verdict])
     return rows
 
 

@@ -27,6 +27,7 @@ INI_TYPES = {
     "compile": "string",
     "max_graph_breaks": "string",
     "max_compile_time_ratio": "string",
+    "also_eager": "bool",
     "modes": "args",
     "check_speed": "bool",
     "check_memory": "bool",
