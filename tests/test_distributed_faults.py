@@ -37,15 +37,7 @@ def _figures(path) -> dict:
     return {m["mode"]: m for m in test["modes"]}
 
 
-TORCH_2_4 = tuple(int(p) for p in __import__("torch").__version__.split("+")[0].split(".")[:2]) < (2, 5)
-
-
 @needs_gloo
-@pytest.mark.skipif(
-    TORCH_2_4,
-    reason="known open flake on torch 2.4 with gloo: in about 1 of 5 clean two-rank DDP runs rank 0 is killed by SIGABRT "
-    "(seen in the lowest CI leg at the end of this session, not yet diagnosed); passes on newer torch",
-)
 def test_rank_raising_in_one_mode_fails_that_mode_fast_and_the_others_are_measured(pytester, monkeypatch):
     pytester.makepyfile(test_dist=GATED)
     clean = pytester.runpytest(*CPU, "--ampgate-json", "clean.json")
