@@ -196,6 +196,10 @@ def _cpu_step_memory(runner: ModeRunner, x: torch.Tensor, y: torch.Tensor) -> tu
     try:
         with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss, batch = _fresh_batch_step(runner, x, y)
+            if runner.wait_for_collectives is not None:
+                # A gloo collective's future completes before its worker thread records the collective's end
+                # into this profiler; stopping the profiler meanwhile corrupts the heap (SIGABRT, torch 2.4).
+                runner.wait_for_collectives()
     finally:
         hooks.remove()
     allocations, marks = [], {}

@@ -164,6 +164,9 @@ class ModeRunner:
         self.steps_taken = 0
         self.scaler = torch.amp.GradScaler(device.type) if mode.grad_scaler else None
         self.master: MasterWeights | None = master
+        # Set by a distributed rank: returns once every collective its steps started has finished on the
+        # backend's own threads; the CPU memory pass calls it before its profiler stops (memory._cpu_step_memory).
+        self.wait_for_collectives: Callable[[], None] | None = None
         self._optimizer_steps = 0
         self._scale_seen: list[float] = []
         self._countable = not getattr(optimizer, "_step_supports_amp_scaling", False)

@@ -118,11 +118,31 @@ def _runner_factory(device, plants: list, made: dict, agreement, steps):
             scaled = dataclasses.replace(mode, grad_scaler=dmode.param_dtype == "float16")
             runner = ModeRunner(scaled, model, optimizer_factory(model.parameters()), loss_fn, device)
         runner.step = steps.counted(runner.step)
+        runner.wait_for_collectives = _collectives_waiter(agreement.group(mode.name))
         mine = [p for p in plants if p["kind"] in ("nan", "hang", "raise", "die") and p.get("mode") in (None, mode.name)]
         made[mode.name] = (dmode, _with_plants(runner, mine))
         return runner
 
     return make
+
+
+def _collectives_waiter(group):
+    """A wait until every collective already started on ``group`` has finished on the backend's own threads.
+
+    DDP waits on each all-reduce's future, which gloo completes *before* its worker thread runs the
+    collective's profiler end callback (``ProcessGroupGloo::AsyncWork::finishWorkGloo``: the future,
+    then ``Work::finish``, which calls ``recordFunctionEndCallback_`` under the work's mutex).  Stopping
+    a profiler in that gap frees the record queue the gloo thread is writing: torch 2.4 aborted a
+    rank with "free(): corrupted unsorted chunks" in ``~KinetoThreadLocalState``.  A barrier waits
+    for every in-progress and queued work of its group (``work->wait()``, which returns only after
+    ``Work::finish``), so after it no gloo thread still touches the profiler.
+    """
+    import torch.distributed as dist
+
+    def wait() -> None:
+        dist.barrier(group=group)
+
+    return wait
 
 
 def _shard(dataset, rank: int, world_size: int):
