@@ -115,13 +115,15 @@ def profile_for(device: str, quick: bool) -> Profile:
         )
     # CPU: a small MNIST MLP on one thread (on a shared 2-core machine, torch's own thread pool
     # fighting other processes is most of the noise); amp_bf16 is the CPU's useful AMP mode.
+    # 30 rounds: at 10 the speedup's interval was 12-19% wide on the quiet CI VM and caught 20%/40%
+    # of the 1.5x/2x slowdowns; at 30, 2-3% wide and 93%/100% (BENCHMARKS.md, gate quality).
     return Profile(
         device="cpu",
         workloads={"mnist_mlp": {"batch_size": 64, "data_options": {"n_train": 2048, "n_test": 512}}},
         timed_modes=("amp_bf16",),
         protocol={"warmup_steps": 1, "rounds": 6, "steps_per_block": 5, "memory_steps": 1}
         if quick
-        else {"warmup_steps": 5, "rounds": 10, "steps_per_block": 20, "memory_steps": 1},
+        else {"warmup_steps": 5, "rounds": 30, "steps_per_block": 20, "memory_steps": 1},
         numerics_protocol={**NUMERICS, "memory_steps": 0},
         aa_repeats=3 if quick else 100,
         plant_repeats=2 if quick else 30,

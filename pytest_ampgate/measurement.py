@@ -241,8 +241,13 @@ def measure(
             noise = NoiseReadings(before, gpu_noise.noise_report(device), window)
 
     reference = slots[0].m
-    by_row = {s.m.mode: s.m for s in slots}
-    comparisons = {s.m.mode: compare_modes(by_row[compared_with(s.m.mode, reference.mode)], s.m, config) for s in slots[1:]}
+    rows = {s.m.mode: s.m for s in slots[1:]}  # not the reference: an A/A control's fp32 row shares its name
+
+    def compared(row: ModeMeasurement) -> ModeMeasurement:
+        name = compared_with(row.mode, reference.mode)
+        return reference if name == reference.mode else rows[name]
+
+    comparisons = {s.m.mode: compare_modes(compared(s.m), s.m, config) for s in slots[1:]}
     return Measurements(
         workload=workload.name,
         device=str(device),

@@ -290,6 +290,10 @@ def test_real_cpu_aa_measurement_does_not_fail():
     check = only_check(verdict, "fp32", "speedup")
     assert check.outcome in (PASS, INCONCLUSIVE), verdict.explain()
     assert m.comparisons["fp32"].speedup.rounds == 8
+    # the control's fp32 row is timed against the reference's own blocks, never against itself
+    expected = [r / t for r, t in zip(m.reference.step_times_s, m.modes["fp32"].step_times_s)]
+    assert list(m.comparisons["fp32"].speedup.samples) == pytest.approx(expected)
+    assert m.reference is not m.modes["fp32"] and m.reference.step_times_s != m.modes["fp32"].step_times_s
 
 
 # --- memory ----------------------------------------------------------------------------------
