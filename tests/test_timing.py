@@ -88,3 +88,27 @@ def test_the_dataset_is_built_once_per_process_and_device():
     decide(lambda: measure(workload, ["amp_bf16"], device="cpu", config=config.measure_config()), config)  # measures, then confirms
     measure(workload, ["amp_bf16"], device="cpu", config=TINY)
     assert calls == ["cpu"]
+
+
+def test_the_cpu_clock_is_the_threads_cpu_time_and_the_wall_clock_under_torch_distributed(tmp_path):
+    """Other processes delay a CPU step without lengthening its CPU time; waiting for other ranks is a real cost."""
+    import time
+
+    import torch.distributed as dist
+
+    from pytest_ampgate.delays import busy_wait
+    from pytest_ampgate.timing import CpuTimer, cpu_clock
+
+    assert cpu_clock() is time.thread_time
+    timing, _ = CpuTimer().time(None, lambda: time.sleep(0.05) or [])  # off the CPU: costs it nothing
+    assert timing.seconds < 0.02, timing
+    timing, _ = CpuTimer().time(None, lambda: busy_wait(0.05) or [])  # on the CPU: counted
+    assert timing.seconds >= 0.05, timing
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert cpu_clock() is time.perf_counter
+        timing, _ = CpuTimer().time(None, lambda: time.sleep(0.05) or [])
+        assert timing.seconds >= 0.05, timing
+    finally:
+        dist.destroy_process_group()
+    assert cpu_clock() is time.thread_time
