@@ -23,9 +23,10 @@ For the tolerance scenarios the absolute margins are set out of the way (``min_s
 ``max_memory_ratio=100``), so what is measured is the baseline-relative floor the tolerances set.
 Deterministic plants (coverage, overflow, scale collapse) run with a short numerics protocol.
 
-On the CPU it runs the parts that mean something there, with CPU (wall-clock) timing on one
-thread: A/A, unchanged vs baseline, the slowdown plant as a busy-wait, and the deterministic plants.
-The memory plant and the default-gate wall time are CUDA figures.
+On the CPU it runs every scenario with the CPU's clock (the thread's CPU time) on one thread, the
+tolerances in force on the CPU (``config.SPEEDUP_TOLERANCE``, ``STEP_TIME_TOLERANCE``), the
+slowdown plant as extra CPU work (``delays.cpu_work``) and peak memory from the profiler's window;
+the default-gate wall time is a CUDA figure.
 
     python benchmarks/gate_quality.py                          # GPU if there is one, else CPU
     python benchmarks/gate_quality.py --device cuda --json gate_quality.json
@@ -276,7 +277,7 @@ class Runner:
         self.say = say
         self.workload = get_workload(name).with_options(**profile.workloads[name])
         self.dataset = self.workload.dataset(profile.device)
-        self.tol = GateConfig().speedup_tolerance
+        self.tol = GateConfig().speedup_tolerance_on(profile.device)
         self.mem_tol = GateConfig().memory_tolerance
         self.memory = profile.protocol.get("memory_steps", 0) > 0  # measured on the CPU too (profiler allocation events)
         base = dict(check_speed=True, check_memory=self.memory, missing_baseline="ignore", confirm=profile.confirm, **profile.protocol)
@@ -364,10 +365,10 @@ class Runner:
             stored = self.baseline.modes[mode].speedup
             typical = statistics.median(s for s, m in zip(unchanged.speedups, unchanged.speedup_modes) if m == mode)
             self.baseline_offsets[mode] = stored / typical - 1
-        # The plant calibrates itself against the drop it really causes: on CUDA a host spin plus a
-        # GPU sleep, scaled until short measurements show the named slowdown (a launch-bound step
-        # would hide a GPU sleep alone); on the CPU a busy-wait sized from each step's CPU time.
-        calibration = calibration_config(p.protocol["steps_per_block"])
+        # The plant calibrates itself against the drop it really causes, in the gate's own timed
+        # blocks: on CUDA a host spin plus a GPU sleep (a launch-bound step would hide a GPU sleep
+        # alone), on the CPU a count of small fp32 matmuls (delays.cpu_work).
+        calibration = calibration_config(p.protocol["steps_per_block"], p.device)
         for k in p.sizes:
             fraction = testing.slowdown_for_drop(k * self.tol)
             planted = testing.slow_down(self.workload, fraction, modes=self.timed.modes, device=p.device, calibration=calibration)

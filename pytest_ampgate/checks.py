@@ -53,9 +53,10 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
     margin = config.min_speedup
     floor, source = margin, f"margin {margin:.2f}x"
     base_floor = None
+    tolerance = config.speedup_tolerance_on(m.device.split(":")[0])
     if base is not None and base.speedup is not None:
-        base_floor = base.speedup * (1 - config.speedup_tolerance)
-        baseline_source = f"baseline {base.speedup:.2f}x on {env_label}, tol {config.speedup_tolerance:.0%}"
+        base_floor = base.speedup * (1 - tolerance)
+        baseline_source = f"baseline {base.speedup:.2f}x on {env_label}, tol {tolerance:.0%}"
         baseline_source += stored_noise(base.speedup_low, base.speedup, base.speedup_high, config.noise_threshold)
         source += f"; {baseline_source}"
         floor = max(floor, base_floor)
@@ -86,7 +87,7 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
         return Check(name, CheckName.SPEEDUP, INCONCLUSIVE, f"{text} vs floor {floor:.2f}x ({source}): {too_few}", **args)
     low, high = est.low, est.high
     if base_floor is not None and floor == base_floor:  # judged against a measurement: its own error counts too
-        low, high = widened(est, base.speedup_low, base.speedup, base.speedup_high, 1 - config.speedup_tolerance)
+        low, high = widened(est, base.speedup_low, base.speedup, base.speedup_high, 1 - tolerance)
         text += combined(low, high, est, lambda x: f"{x:.2f}")
     if low >= floor:
         return Check(name, CheckName.SPEEDUP, PASS, f"{text} >= floor {floor:.2f}x ({source})", **args)

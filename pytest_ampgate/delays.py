@@ -4,7 +4,8 @@ Two parts of the project spend time on purpose: the launch-bound probe of the ti
 the GPU busy with a ``torch.cuda._sleep`` kernel while the host enqueues the steps, and the slowdown
 plant (:func:`pytest_ampgate.testing.slow_down`) lengthens a mode's steps by a fraction of their
 time.  Both need the same facts, kept here once: how long one sleep cycle lasts on this GPU, a spin
-counted in thread CPU time, and (for the plant) the delay whose measured effect is the one named.
+counted in thread CPU time, a count of CPU work, and (for the plant) the delay whose measured
+effect is the one named.
 """
 
 from __future__ import annotations
@@ -42,13 +43,44 @@ def delay(device: torch.device, seconds: float) -> None:
     context, so cuda:N sleeps on N).  A launch-bound step (the GPU idles while the host launches
     kernels) hides a GPU sleep in its slack, and a GPU-bound one hides a host spin in the host's
     lead; with both, the step grows by the delay either way (up to twice it in between, which
-    :func:`calibrate_delay` corrects against the measured drop).  CPU: a busy-wait.
+    :func:`calibrate_delay` corrects against the measured drop).  CPU: :func:`cpu_work`.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         with torch.cuda.device(index):
             torch.cuda._sleep(max(1, int(seconds * gpu_cycles_per_second(index))))
-    busy_wait(seconds)
+        busy_wait(seconds)
+    else:
+        cpu_work(seconds)
+
+
+_WORK_UNIT: dict[str, object] = {}
+"""The CPU plant's unit of work (its tensors) and its measured cost, made once per process."""
+
+
+def cpu_work(seconds: float) -> None:
+    """About ``seconds`` of real CPU work: a whole number of passes of an elementwise fp32 op, as many as cost that long.
+
+    A count of operations, not a time: when the machine slows down (a busy neighbour on a shared
+    VM, cold caches) the work slows with it as the step's own operators do, so the plant stays the
+    same share of the step; a spin in CPU time does not (its spread between runs was twice the
+    step's, BENCHMARKS.md).  Elementwise into a preallocated output: no matmul FLOPs for the
+    precision-coverage count, no allocation for the memory pass, the same fp32 work in every mode.
+    """
+    if not _WORK_UNIT:
+        a, out = torch.randn(16384), torch.empty(16384)
+        for _ in range(50):
+            torch.add(a, a, out=out)
+        costs = []
+        for _ in range(5):
+            begin = time.thread_time()
+            for _ in range(200):
+                torch.add(a, a, out=out)
+            costs.append((time.thread_time() - begin) / 200)
+        _WORK_UNIT.update(tensors=(a, out), seconds=sorted(costs)[2])
+    a, out = _WORK_UNIT["tensors"]
+    for _ in range(round(seconds / _WORK_UNIT["seconds"])):
+        torch.add(a, a, out=out)
 
 
 def fresh_model(workload: Workload) -> nn.Module:
@@ -79,58 +111,16 @@ def calibrate_delay(achieved: Callable[[float], float], fraction: float, first: 
     return delay_s
 
 
-def calibration_config(steps_per_block: int = 10):
-    """The short protocol a delay is sized with: a few timed rounds, no memory pass, no coverage."""
+def calibration_config(steps_per_block: int = 10, device_type: str = "cuda"):
+    """The short protocol a delay is sized with: a few timed rounds (more on the CPU, whose rounds
+    are noisier), no memory pass, no coverage."""
     from .measurement import MeasureConfig
 
-    return MeasureConfig(warmup_steps=3, rounds=4, steps_per_block=steps_per_block, memory_steps=0, precision_coverage=False)
+    rounds = 12 if device_type == "cpu" else 4
+    return MeasureConfig(warmup_steps=3, rounds=rounds, steps_per_block=steps_per_block, memory_steps=0, precision_coverage=False)
 
 
-def calibrate_cpu_spin(workload: Workload, fraction: float, modes: Sequence[str], pairs: int = 60) -> dict[str, float]:
-    """Per mode, the CPU seconds of spin that make a CPU training step ``1 + fraction`` times as costly.
-
-    Measured in thread CPU time, which other processes do not inflate, with steps alternating
-    with and without the spin so that drift in the machine's speed cancels: the ratio of the
-    medians gives the spin's real cost, and two secant steps from the first guess
-    ``fraction`` x the step size the spin.  Modes the CPU cannot run get no spin.
-    """
-    from .mode_runner import prepare
-    from .modes import unsupported_reason
-    from .precision_policy import numerics_policy
-    from .profiles import cpu_threads
-
-    dataset = workload.dataset("cpu")
-    model = fresh_model(workload)
-    spins = {}
-    for mode in modes:
-        if unsupported_reason(mode, "cpu"):
-            continue
-        runner = prepare(mode, model, workload.optimizer_factory, workload.loss_fn, "cpu")
-
-        def relative_cost(spin: float, mode=mode, runner=runner) -> tuple[float, float]:
-            """(median clean step, median step with the spin, spin included), steps alternating."""
-            costs: tuple[list, list] = ([], [])
-            with numerics_policy(mode), cpu_threads("cpu"):  # the thread count the gate measures with
-                for i in range(2 * pairs + 4):
-                    x, y = dataset.batch(runner.steps_taken, workload.batch_size)
-                    begin = time.thread_time()
-                    busy_wait(spin if i % 2 else 0.0)
-                    runner.step(x, y)
-                    if i >= 4:
-                        costs[i % 2].append(time.thread_time() - begin)
-            return statistics.median(costs[0]), statistics.median(costs[1])
-
-        spin = fraction * relative_cost(0.0)[0]
-        for _ in range(2):  # secant steps through (0, clean); a spin costs at least itself
-            if spin <= 0:
-                break
-            clean, slowed = relative_cost(spin)
-            spin = fraction * clean / max((slowed - clean) / spin, 1.0)
-        spins[mode] = spin
-    return spins
-
-
-def calibrate_cuda_delay(
+def calibrate_measured_delay(
     workload: Workload,
     fraction: float,
     modes: Sequence[str],
@@ -139,33 +129,46 @@ def calibrate_cuda_delay(
     *,
     planted: Callable[[Mapping[str, float]], Workload],
 ) -> dict[str, float]:
-    """Per mode, the delay that slows a CUDA step by ``fraction``, calibrated against the measured drop.
+    """Per mode, the delay that slows a step by ``fraction`` as the gate measures it, on any device.
 
-    The clean step times come from one short measurement; each guess is planted (``planted``
-    returns the workload with those per-mode delays) and measured the same way
-    (:func:`calibrate_delay`), so the plant shows in the timing whether the step is launch-bound
-    or GPU-bound.
+    Each guess is planted in that mode alone (``planted`` returns the workload with those per-mode
+    delays) and measured with the gate's own timed blocks, so the plant is the size it is named
+    wherever a delay is partly hidden (launch-bound slack on CUDA) or spills into the next step
+    (CPU work that leaves the next step's caches cold).  Each mode is sized by its step time
+    *relative to an unplanted mode's in the same run* (the reference's; for the reference itself,
+    another of ``modes``), which cancels drift in the machine's speed between the clean and the
+    planted measurement (tens of percent on a shared CPU VM); alone, the reference by its step time.
     """
-    clean = measure_step_times(workload, modes, device, calibration)
-    delays = {}
+    config = calibration or calibration_config(device_type=torch.device(device).type)
+    reference, delays = config.reference_mode, {}
     for mode in modes:
+        yardstick = reference if mode != reference else next((x for x in modes if x != reference), None)
+        names = [x for x in (mode, yardstick) if x not in (None, reference)] or [mode]
 
-        def achieved(delay_s: float, mode=mode) -> float:
-            return measure_step_times(planted({mode: delay_s}), [mode], device, calibration)[mode] / clean[mode] - 1.0
+        def ratio(times: Mapping[str, float], mode=mode, yardstick=yardstick) -> float:
+            return times[mode] / times[yardstick] if yardstick else times[mode]
 
-        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode])
+        clean = measure_step_times(workload, names, device, config)
+        cleans = [ratio(clean)]
+
+        def achieved(delay_s: float, mode=mode, names=names, ratio=ratio, cleans=cleans) -> float:
+            slowed = ratio(measure_step_times(planted({mode: delay_s}), names, device, config))
+            cleans.append(ratio(measure_step_times(workload, names, device, config)))  # no single clean draw sizes the plant
+            return slowed / statistics.median(cleans) - 1.0
+
+        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode], iterations=3)
     return delays
 
 
 def measure_step_times(workload: Workload, modes, device, calibration=None) -> dict[str, float]:
-    """Median step time per mode from one short measurement (CUDA events on a GPU)."""
+    """Median step time per mode, the reference's included, from one short measurement."""
     from .measurement import measure
 
-    config = calibration or calibration_config()
+    config = calibration or calibration_config(device_type=torch.device(device).type)
     m = measure(workload, [x for x in modes if x != config.reference_mode] or list(modes), device=device, config=config)
     times = {name: mm.step_time_s for name, mm in m.modes.items()}
     times[m.reference.mode] = m.reference.step_time_s
-    bad = [x for x in modes if not times.get(x)]
+    bad = [x for x in [*modes, m.reference.mode] if not times.get(x)]
     if bad:
         raise WorkloadError(f"slow_down: could not time {', '.join(bad)} on {device} to size the delay")
     return times

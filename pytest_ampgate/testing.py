@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .delays import calibrate_cpu_spin, calibrate_cuda_delay, delay, fresh_model
+from .delays import calibrate_measured_delay, delay, fresh_model
 from .errors import ConfigError, WorkloadError
 from .modes import MODES, parse_device, resolve_mode
 from .workloads import Workload, get_workload
@@ -239,15 +239,15 @@ def slow_down(
     ``device`` (default: CUDA if there is one) is where the planted workload will run.
 
     * CUDA: a host spin and a ``torch.cuda._sleep`` kernel (see :func:`pytest_ampgate.delays.delay`), so a launch-bound
-      step is slowed as surely as a GPU-bound one.  Without ``step_time_s`` the delay is calibrated
-      against the measured drop (:func:`~pytest_ampgate.delays.calibrate_cuda_delay`, short measurements with
-      ``calibration``); with it (one number, or one per mode, e.g. a baseline's
-      ``ModeMeasurement.step_time_s``) the delay is ``fraction`` x that time, uncalibrated.
-    * CPU: a busy-wait.  A spin also slows the step that follows it (cold caches and branch
-      predictors; on a 1 ms MNIST step that nearly doubles the spin's cost), so without
-      ``step_time_s`` the spin is calibrated on the CPU, in thread CPU time, until a step with it
-      costs ``1 + fraction`` times a step without (:func:`~pytest_ampgate.delays.calibrate_cpu_spin`).  With
-      ``step_time_s`` the spin is simply ``fraction`` x that many CPU seconds.
+      step is slowed as surely as a GPU-bound one.
+    * CPU: real CPU work (:func:`pytest_ampgate.delays.cpu_work`), which slows with the machine as the
+      step does.  It also slows the step that follows it (cold caches), so its cost is more than its length.
+
+    Without ``step_time_s`` the delay is calibrated against the drop the gate's own timed blocks
+    measure (:func:`~pytest_ampgate.delays.calibrate_measured_delay`, short measurements with
+    ``calibration``; a mode other than fp32 relative to fp32 in the same run, so the machine's
+    drift between measurements cancels).  With ``step_time_s`` (one number, or one per mode, e.g. a
+    baseline's ``ModeMeasurement.step_time_s``) the delay is ``fraction`` x that time, uncalibrated.
 
     Use :func:`slowdown_for_drop` to size it against the speedup tolerance.
     """
@@ -258,10 +258,7 @@ def slow_down(
     device = parse_device(device)
     device_type = device.type
     if step_time_s is None:
-        if device_type == "cuda":
-            delays = calibrate_cuda_delay(workload, fraction, modes, device, calibration, planted=lambda d: _slowed(workload, d, "cuda"))
-        else:
-            delays = calibrate_cpu_spin(workload, fraction, modes)
+        delays = calibrated_delays(workload, fraction, modes=modes, device=device, calibration=calibration)
     if step_time_s is not None:
         if isinstance(step_time_s, Mapping):
             missing = [m for m in modes if m not in step_time_s or step_time_s[m] is None]
@@ -273,6 +270,23 @@ def slow_down(
 
     shown = ", ".join(f"{m} +{d * 1e3:.3g} ms" for m, d in delays.items())
     return _slowed(workload, delays, device_type, f"slowdown of {fraction:.1%} of the step on {device_type} ({shown})")
+
+
+def calibrated_delays(
+    workload: Workload | str,
+    fraction: float,
+    *,
+    modes: Sequence[str] = AMP_MODES,
+    device: str | torch.device | None = None,
+    calibration=None,
+) -> dict[str, float]:
+    """Per mode, the delay (seconds) that :func:`slow_down` plants for ``fraction``, measured as the gate measures.
+
+    For a benchmark that sizes a plant once and hands it to several processes (``step_time_s``).
+    """
+    workload, device = get_workload(workload), parse_device(device)
+    planted = lambda delays: _slowed(workload, delays, device.type)  # noqa: E731
+    return calibrate_measured_delay(workload, fraction, _check_modes(modes), device, calibration, planted=planted)
 
 
 def _slowed(workload: Workload, delays: Mapping[str, float], device_type: str, label: str = "calibration") -> Workload:

@@ -80,7 +80,7 @@ def cpu_clock() -> Callable[[], float]:
     CPU backward in the calling thread, so that thread's CPU time (``time.thread_time``) is the
     step's whole work; other processes on a shared machine delay it but do not lengthen it (on the
     2-core CI VM under load the widest speedup interval fell from 53% to 14%, BENCHMARKS.md).  The
-    planted slowdowns spin on the same clock (``delays.busy_wait``).  Under torch.distributed a
+    planted slowdowns' CPU work counts on the same clock (``delays.cpu_work``).  Under torch.distributed a
     step also waits for the other ranks (gloo's own threads move the gradients), a real cost that
     CPU time would leave out, so there it is ``perf_counter``.
     """

@@ -114,6 +114,29 @@ def test_speedup_floor_is_the_baseline_less_its_tolerance_when_that_is_higher():
     assert only_check(low_base, "amp_fp16", "speedup").threshold == pytest.approx(1.2)
 
 
+def test_speedup_tolerance_defaults_by_device_from_the_measured_spread():
+    """Unset, the tolerance is the device's: 10% on CUDA, 25% on the CPU, whose speedup moves by
+    8-15% between processes (config.SPEEDUP_TOLERANCE); a setting wins on either."""
+    from pytest_ampgate.config import SPEEDUP_TOLERANCE, GateConfig
+
+    assert GateConfig().speedup_tolerance_on("cuda") == SPEEDUP_TOLERANCE["cuda"] == 0.10
+    assert GateConfig().speedup_tolerance_on("cpu") == SPEEDUP_TOLERANCE["cpu"] == 0.25
+    assert GateConfig().speedup_tolerance_on("mps") == SPEEDUP_TOLERANCE["cuda"]  # an unmeasured device gets the tighter one
+    assert GateConfig(speedup_tolerance=0.15).speedup_tolerance_on("cpu") == 0.15
+    # 20% below a 1.0x baseline: a regression on CUDA, within the CPU's spread.
+    run = {"speedup": {"amp_fp16": estimate(0.80, 0.78, 0.82)}}
+    cuda = only_check(
+        evaluate(measured(**run), config(min_speedup=0.1, check_speed=True), baseline(amp_fp16={"speedup": 1.0})), "amp_fp16", "speedup"
+    )
+    cpu = only_check(
+        evaluate(measured(**run, device="cpu"), config(min_speedup=0.1, check_speed=True), baseline(amp_fp16={"speedup": 1.0})),
+        "amp_fp16",
+        "speedup",
+    )
+    assert cuda.outcome == FAIL and "tol 10%" in cuda.why and cuda.threshold == pytest.approx(0.9)
+    assert cpu.outcome == PASS and "tol 25%" in cpu.why and cpu.threshold == pytest.approx(0.75)
+
+
 def test_noisy_gpu_turns_a_speedup_fail_into_inconclusive():
     busy = NoiseReport(available=True, other_processes=(GpuProcess(4242, 2**30, "python"),))
     hot = NoiseReport(available=True, throttle_reasons=("hw_thermal_slowdown",))

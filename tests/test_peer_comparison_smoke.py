@@ -50,13 +50,23 @@ def test_worst_rates_take_the_worst_baseline(peer):
     assert rates["+15% INCONCLUSIVE"] == "1/2 (all: 1/4)"
     assert rates["+25% caught"] == "1/1 (all: 2/2)"
     assert rates["unchanged FAIL"] == "1/1 (all: 1/2)"
+    # --ampgate-strict makes the same INCONCLUSIVE a failed build: derived from the same rows.
+    strict = peer.worst_rates(rows, "ampgate strict")
+    assert strict["+15% caught"] == "2/2 (all: 4/4)"
+    assert strict["+15% INCONCLUSIVE"] == "0/2 (all: 0/4)"
+    assert strict["unchanged FAIL"] == "1/1 (all: 1/2)"
 
 
 def test_quick_run_judges_every_plant_with_both_gates(tmp_path):
     out = tmp_path / "peer.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("pytest-ampgate (check_speed=True)", "pytest-benchmark mean:10%", "pytest-benchmark median:10%"):
+    for name in (
+        "pytest-ampgate (check_speed=True)",
+        "pytest-ampgate, --ampgate-strict (same runs)",
+        "pytest-benchmark mean:10%",
+        "pytest-benchmark median:10%",
+    ):
         assert f"| {name} |" in done.stdout
     assert "### quiet" in done.stdout
     rows = json.loads(out.read_text())["rows"]
