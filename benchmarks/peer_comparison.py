@@ -53,13 +53,13 @@ GATES = ("ampgate", "ampgate strict", "mean:10%", "median:10%")
 verdicts (an INCONCLUSIVE fails the build too), derived from the ``ampgate`` rows."""
 
 TEST_PROJECT = '''
-"""The workload both gates judge; PEER_FRACTION / PEER_DELAY_S plant the slowdown."""
+"""The workload both gates judge; PEER_FRACTION / PEER_WORK_UNITS plant the slowdown."""
 import os
 
 import pytest
 import torch
 
-from pytest_ampgate import testing
+from pytest_ampgate import delays, testing
 from pytest_ampgate.workloads import get_workload
 
 
@@ -67,7 +67,7 @@ def workload():
     wl = get_workload("mnist_mlp").with_options(batch_size=64, data_options={"n_train": 2048, "n_test": 512})
     fraction = float(os.environ.get("PEER_FRACTION", "0"))
     if fraction:
-        delay_s = float(os.environ["PEER_DELAY_S"])
+        delay_s = int(os.environ["PEER_WORK_UNITS"]) * delays.cpu_work_unit_s()  # the same work in every process
         wl = testing.slow_down(wl, fraction, modes=["amp_bf16"], step_time_s={"amp_bf16": delay_s / fraction}, device="cpu")
     return wl
 
@@ -99,10 +99,14 @@ def test_peer(benchmark):
 PEER_FAILED = re.compile(r"Field '(\w+)' has failed")
 
 
-def calibrate_plants(fractions) -> dict[float, float]:
-    """Seconds of planted CPU work that slow the amp_bf16 step by each fraction, as the gate's timed blocks measure it."""
+def calibrate_plants(fractions) -> dict[float, int]:
+    """Units of planted CPU work (``delays.cpu_work``) that slow the amp_bf16 step by each fraction, as the gate's timed blocks measure it.
+
+    Handed to the test processes as a count, not a length: one unit's cost differs from process to
+    process on a shared VM (by 15% here), and both gates must get the same work.
+    """
     from pytest_ampgate import testing
-    from pytest_ampgate.delays import calibration_config
+    from pytest_ampgate.delays import calibration_config, cpu_work_unit_s
     from pytest_ampgate.workloads import get_workload
 
     wl = get_workload("mnist_mlp").with_options(batch_size=64, data_options={"n_train": 2048, "n_test": 512})
@@ -112,7 +116,7 @@ def calibrate_plants(fractions) -> dict[float, float]:
         return testing.calibrated_delays(wl, f, modes=["amp_bf16"], device="cpu", calibration=calibration)["amp_bf16"]
 
     # One calibration on a shared machine can land far off; the median of three is steadier.
-    return {f: statistics.median(once(f) for _ in range(3)) for f in fractions if f}
+    return {f: round(statistics.median(once(f) for _ in range(3)) / cpu_work_unit_s()) for f in fractions if f}
 
 
 def _spin_on_and_off(seed: int) -> None:
@@ -155,7 +159,7 @@ class Runner:
     log: list = field(default_factory=list)
 
     def pytest(self, args, fraction: float = 0.0) -> subprocess.CompletedProcess:
-        env = dict(os.environ, PEER_FRACTION=str(fraction), PEER_DELAY_S=str(self.plants.get(fraction, 0.0)))
+        env = dict(os.environ, PEER_FRACTION=str(fraction), PEER_WORK_UNITS=str(self.plants.get(fraction, 0)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         return subprocess.run(cmd, cwd=self.project, env=env, capture_output=True, text=True, timeout=900)
@@ -332,7 +336,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     plants = calibrate_plants(PLANTS)
-    say("calibrated plants: " + ", ".join(f"+{f:.0%}: {s * 1e3:.3f} ms" for f, s in plants.items()))
+    say("calibrated plants: " + ", ".join(f"+{f:.0%}: {n} units of CPU work" for f, n in plants.items()))
     rows = []
     with tempfile.TemporaryDirectory(prefix="peer_comparison_") as tmp:
         runner = Runner(write_project(Path(tmp)), plants)
@@ -344,10 +348,12 @@ def main(argv=None) -> int:
         print(table(rows, condition))
         print()
     print(
-        f"{len(rows)} verdicts in {elapsed / 60:.1f} min; plants of CPU work {', '.join(f'+{f:.0%}: {s * 1e3:.3f} ms' for f, s in plants.items())}"
+        f"{len(rows)} verdicts in {elapsed / 60:.1f} min; plants of CPU work {', '.join(f'+{f:.0%}: {n} units' for f, n in plants.items())}"
     )
     if args.json:
-        args.json.write_text(json.dumps({"plants_s": {str(k): v for k, v in plants.items()}, "elapsed_s": elapsed, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"plant_units": {str(k): v for k, v in plants.items()}, "elapsed_s": elapsed, "rows": rows}, indent=1)
+        )
     return 0
 
 

@@ -58,6 +58,28 @@ _WORK_UNIT: dict[str, object] = {}
 """The CPU plant's unit of work (its tensors) and its measured cost, made once per process."""
 
 
+def cpu_work_unit_s() -> float:
+    """CPU seconds of one unit of :func:`cpu_work`, measured once per process: the least of seven batches.
+
+    The least, because a busy moment only ever adds to it: two processes then agree on it, and a
+    length calibrated in one process is the same work in another.  Measure it before anything is
+    profiled (:func:`pytest_ampgate.testing.slow_down` does, when it plants): under the memory
+    pass's profiler every op costs several times as much, and the plant would shrink to a third.
+    """
+    if not _WORK_UNIT:
+        a, out = torch.randn(16384), torch.empty(16384)
+        for _ in range(50):
+            torch.add(a, a, out=out)
+        costs = []
+        for _ in range(7):
+            begin = time.thread_time()
+            for _ in range(200):
+                torch.add(a, a, out=out)
+            costs.append((time.thread_time() - begin) / 200)
+        _WORK_UNIT.update(tensors=(a, out), seconds=min(costs))
+    return _WORK_UNIT["seconds"]
+
+
 def cpu_work(seconds: float) -> None:
     """About ``seconds`` of real CPU work: a whole number of passes of an elementwise fp32 op, as many as cost that long.
 
@@ -67,19 +89,9 @@ def cpu_work(seconds: float) -> None:
     step's, BENCHMARKS.md).  Elementwise into a preallocated output: no matmul FLOPs for the
     precision-coverage count, no allocation for the memory pass, the same fp32 work in every mode.
     """
-    if not _WORK_UNIT:
-        a, out = torch.randn(16384), torch.empty(16384)
-        for _ in range(50):
-            torch.add(a, a, out=out)
-        costs = []
-        for _ in range(5):
-            begin = time.thread_time()
-            for _ in range(200):
-                torch.add(a, a, out=out)
-            costs.append((time.thread_time() - begin) / 200)
-        _WORK_UNIT.update(tensors=(a, out), seconds=sorted(costs)[2])
+    units = round(seconds / cpu_work_unit_s())
     a, out = _WORK_UNIT["tensors"]
-    for _ in range(round(seconds / _WORK_UNIT["seconds"])):
+    for _ in range(units):
         torch.add(a, a, out=out)
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .delays import calibrate_measured_delay, delay, fresh_model
+from .delays import calibrate_measured_delay, cpu_work_unit_s, delay, fresh_model
 from .errors import ConfigError, WorkloadError
 from .modes import MODES, parse_device, resolve_mode
 from .workloads import Workload, get_workload
@@ -291,6 +291,8 @@ def calibrated_delays(
 
 def _slowed(workload: Workload, delays: Mapping[str, float], device_type: str, label: str = "calibration") -> Workload:
     """``workload`` with each step of the named modes delayed by that mode's seconds."""
+    if device_type == "cpu":
+        cpu_work_unit_s()  # measured now, not in the first planted step, which may run under the profiler
 
     def plant(model: nn.Module) -> None:
         model.register_forward_pre_hook(_DelayHook(delays, device_type))
