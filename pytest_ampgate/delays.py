@@ -105,21 +105,25 @@ def fresh_model(workload: Workload) -> nn.Module:
 
 
 def calibrate_delay(achieved: Callable[[float], float], fraction: float, first: float, iterations: int = 2) -> float:
-    """The delay whose measured slowdown is ``fraction``, by secant steps through (0, 0).
+    """The delay whose measured slowdown is ``fraction``: ``fraction`` / the median slope measured.
 
     ``achieved(delay)`` measures the relative slowdown a delay really causes (planted step time /
     clean step time - 1).  A delay can be hidden in part (launch-bound slack) or counted up to
-    twice (host and device), so the first guess ``first`` is scaled by ``fraction / achieved``
-    until the measured drop matches.  A delay that shows no effect at all is returned as is.
+    twice (host and device), so from the first guess ``first`` each next guess is ``fraction`` /
+    the median of achieved / delay over every point measured so far: one noisy measurement (a
+    busy moment on a shared machine) cannot carry the answer, where scaling by the last point
+    alone carried its whole error (a +25% CPU plant calibrated three times landed 1.0x-1.5x
+    apart).  A delay that shows no effect is returned as is.
     """
-    delay_s = first
+    delay_s, slopes = first, []
     for _ in range(iterations):
         if delay_s <= 0 or fraction <= 0:
             break
-        got = achieved(delay_s)
-        if got <= 0:
+        slopes.append(achieved(delay_s) / delay_s)
+        slope = statistics.median(slopes)
+        if slope <= 0:
             break
-        delay_s *= fraction / got
+        delay_s = fraction / slope
     return delay_s
 
 
@@ -160,6 +164,7 @@ def calibrate_measured_delay(
         def ratio(times: Mapping[str, float], mode=mode, yardstick=yardstick) -> float:
             return times[mode] / times[yardstick] if yardstick else times[mode]
 
+        measure_step_times(workload, names, device, config)  # the first measurement of a mode runs cold: not a clean figure
         clean = measure_step_times(workload, names, device, config)
         cleans = [ratio(clean)]
 
@@ -168,7 +173,7 @@ def calibrate_measured_delay(
             cleans.append(ratio(measure_step_times(workload, names, device, config)))  # no single clean draw sizes the plant
             return slowed / statistics.median(cleans) - 1.0
 
-        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode], iterations=3)
+        delays[mode] = calibrate_delay(achieved, fraction, fraction * clean[mode], iterations=4)
     return delays
 
 

@@ -339,3 +339,16 @@ def test_calibration_scales_the_delay_to_the_measured_drop():
 
     delay = delays.calibrate_delay(achieved, 0.25, 0.25 * clean)
     assert achieved(delay) == pytest.approx(0.25, rel=0.01)
+
+
+def test_calibration_fits_every_point_so_one_noisy_measurement_moves_it_by_its_share_only():
+    """The true slope is 0.4 per ms; the second measurement lands 50% high (a busy moment).  Scaled
+    by the last point alone, the delay would come out 1.5x too short; fitted through every point,
+    it lands within 10%."""
+    clean, noise = 1e-3, iter([1.0, 1.5, 1.0, 1.0])
+
+    def achieved(delay):
+        return 0.4 * delay / clean * next(noise)
+
+    delay = delays.calibrate_delay(achieved, 0.25, 0.25 * clean, iterations=4)
+    assert 0.4 * delay / clean == pytest.approx(0.25, rel=0.10)
