@@ -367,7 +367,7 @@ class Runner:
             self.baseline_offsets[mode] = stored / typical - 1
         # The plant calibrates itself against the drop it really causes, in the gate's own timed
         # blocks: on CUDA a host spin plus a GPU sleep (a launch-bound step would hide a GPU sleep
-        # alone), on the CPU a count of small fp32 matmuls (delays.cpu_work).
+        # alone), on the CPU a count of small elementwise fp32 ops (delays.cpu_work).
         calibration = calibration_config(p.protocol["steps_per_block"], p.device)
         for k in p.sizes:
             fraction = testing.slowdown_for_drop(k * self.tol)

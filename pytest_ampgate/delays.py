@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import WorkloadError
-from .modes import gpu_cycles_per_second
+from .modes import gpu_cycles_per_second, unsupported_reason
 
 if TYPE_CHECKING:
     from .workloads import Workload
@@ -112,8 +112,8 @@ def calibrate_delay(achieved: Callable[[float], float], fraction: float, first: 
     twice (host and device), so from the first guess ``first`` each next guess is ``fraction`` /
     the median of achieved / delay over every point measured so far: one noisy measurement (a
     busy moment on a shared machine) cannot carry the answer, where scaling by the last point
-    alone carried its whole error (a +25% CPU plant calibrated three times landed 1.0x-1.5x
-    apart).  A delay that shows no effect is returned as is.
+    alone carried its whole error (a +25% CPU plant calibrated three times landed at 96, 156
+    and 104 units of work).  A delay that shows no effect is returned as is.
     """
     delay_s, slopes = first, []
     for _ in range(iterations):
@@ -154,9 +154,11 @@ def calibrate_measured_delay(
     *relative to an unplanted mode's in the same run* (the reference's; for the reference itself,
     another of ``modes``), which cancels drift in the machine's speed between the clean and the
     planted measurement (tens of percent on a shared CPU VM); alone, the reference by its step time.
+    Modes the device cannot run get no delay (they will not run).
     """
     config = calibration or calibration_config(device_type=torch.device(device).type)
     reference, delays = config.reference_mode, {}
+    modes = [x for x in modes if not unsupported_reason(x, device)]
     for mode in modes:
         yardstick = reference if mode != reference else next((x for x in modes if x != reference), None)
         names = [x for x in (mode, yardstick) if x not in (None, reference)] or [mode]

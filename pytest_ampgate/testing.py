@@ -245,7 +245,7 @@ def slow_down(
 
     Without ``step_time_s`` the delay is calibrated against the drop the gate's own timed blocks
     measure (:func:`~pytest_ampgate.delays.calibrate_measured_delay`, short measurements with
-    ``calibration``; a mode other than fp32 relative to fp32 in the same run, so the machine's
+    ``calibration``; each mode relative to an unplanted mode in the same run, so the machine's
     drift between measurements cancels).  With ``step_time_s`` (one number, or one per mode, e.g. a
     baseline's ``ModeMeasurement.step_time_s``) the delay is ``fraction`` x that time, uncalibrated.
 
