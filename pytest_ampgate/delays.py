@@ -161,7 +161,7 @@ def calibrate_measured_delay(
     modes = [x for x in modes if not unsupported_reason(x, device)]
     for mode in modes:
         yardstick = reference if mode != reference else next((x for x in modes if x != reference), None)
-        names = [x for x in (mode, yardstick) if x not in (None, reference)] or [mode]
+        names = [x for x in (mode, yardstick) if x]  # measure_step_times times the reference anyway
 
         def ratio(times: Mapping[str, float], mode=mode, yardstick=yardstick) -> float:
             return times[mode] / times[yardstick] if yardstick else times[mode]
@@ -179,11 +179,10 @@ def calibrate_measured_delay(
     return delays
 
 
-def measure_step_times(workload: Workload, modes, device, calibration=None) -> dict[str, float]:
+def measure_step_times(workload: Workload, modes, device, config) -> dict[str, float]:
     """Median step time per mode, the reference's included, from one short measurement."""
     from .measurement import measure
 
-    config = calibration or calibration_config(device_type=torch.device(device).type)
     m = measure(workload, [x for x in modes if x != config.reference_mode] or list(modes), device=device, config=config)
     times = {name: mm.step_time_s for name, mm in m.modes.items()}
     times[m.reference.mode] = m.reference.step_time_s
