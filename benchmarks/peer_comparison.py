@@ -10,7 +10,9 @@ tiny test project written to a temp dir:
 * **pytest-benchmark**: ``pytest --benchmark-save`` into a fresh ``--benchmark-storage``, then each
   run ``pytest --benchmark-compare --benchmark-compare-fail mean:10% median:10%`` (its defaults
   otherwise).  Which field failed is read from its own "Field 'mean' has failed" lines.
-* **this gate**: ``pytest --ampgate --ampgate-update`` into a fresh baseline dir, then each run
+* **this gate**: ``pytest --ampgate --ampgate-update`` into a fresh baseline dir, ``--recordings``
+  times (default 3, each a fresh process: the baseline pools them, as docs/baselines.md tells a
+  user to record it), then each run
   ``pytest --ampgate`` with ``check_speed=True`` (its defaults otherwise, confirming re-run
   included); the verdict is read from ``--ampgate-json``.
 
@@ -164,7 +166,9 @@ class Runner:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         return subprocess.run(cmd, cwd=self.project, env=env, capture_output=True, text=True, timeout=900)
 
-    def record(self, gate: str, store: Path) -> None:
+    def record(self, gate: str, store: Path, recordings: int = 1) -> None:
+        """Record ``gate``'s baseline into ``store``: this gate ``recordings`` times, each a fresh
+        process (its baseline pools them); pytest-benchmark compares with one saved run, so once."""
         if gate == "ampgate":
             args = [
                 "test_peer.py::test_ampgate",
@@ -176,9 +180,17 @@ class Runner:
             ]
         else:
             args = ["test_peer.py::test_peer", f"--benchmark-storage=file://{store}", "--benchmark-save=base"]
-        done = self.pytest(args)
-        if done.returncode != 0:
-            raise RuntimeError(f"recording the {gate} baseline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        for _ in range(recordings if gate == "ampgate" else 1):
+            done = self.pytest(args)
+            if done.returncode != 0:
+                raise RuntimeError(f"recording the {gate} baseline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+    @staticmethod
+    def pooled(store: Path) -> int:
+        """How many recordings this gate's stored baseline pools (read back from its file, not assumed)."""
+        (path,) = store.rglob("test_peer.json")
+        (entry,) = json.loads(path.read_text())["tests"]["test_peer.py::test_ampgate"].values()
+        return entry["modes"]["amp_bf16"].get("recordings", 1)
 
     def judge_ampgate(self, store: Path, fraction: float) -> tuple[str, str]:
         report = store / "report.json"
@@ -227,7 +239,9 @@ def write_project(root: Path) -> Path:
     return project
 
 
-def run_condition(name: str, runner: Runner, work: Path, baselines: int, repeats: int, rng: random.Random, say) -> list[dict]:
+def run_condition(
+    name: str, runner: Runner, work: Path, baselines: int, repeats: int, rng: random.Random, say, recordings: int = 1
+) -> list[dict]:
     """Outcomes of every (baseline, plant, gate) run under one condition."""
     rows = []
     with Contention(name == "contention"):
@@ -236,7 +250,7 @@ def run_condition(name: str, runner: Runner, work: Path, baselines: int, repeats
             order = ("ampgate", "peer") if b % 2 == 0 else ("peer", "ampgate")
             for gate in order:
                 stores[gate].mkdir()
-                runner.record(gate, stores[gate])
+                runner.record(gate, stores[gate], recordings)
             for r in range(repeats):
                 plants = list(PLANTS)
                 rng.shuffle(plants)
@@ -247,7 +261,8 @@ def run_condition(name: str, runner: Runner, work: Path, baselines: int, repeats
                         if gate == "ampgate":
                             outcome, why = runner.judge_ampgate(stores["ampgate"], fraction)
                             outcomes = {"ampgate": outcome}
-                            rows.append({**row, "gate": "ampgate", "outcome": outcome, "why": why})
+                            pooled = runner.pooled(stores["ampgate"])
+                            rows.append({**row, "gate": "ampgate", "outcome": outcome, "why": why, "recordings": pooled})
                         else:
                             outcomes, ratio = runner.judge_peer(stores["peer"], fraction)
                             why = f"median {ratio - 1:+.1%} vs baseline"
@@ -321,14 +336,19 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 baseline, 1 run per plant, quiet only")
     parser.add_argument("--baselines", type=int, default=3, help="fresh baselines per condition (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each plant per baseline (default 3)")
+    parser.add_argument(
+        "--recordings", type=int, default=3, help="--ampgate-update runs pooled into each of this gate's baselines (default 3)"
+    )
     parser.add_argument("--conditions", default="quiet,contention", help="comma-separated: quiet, contention")
     parser.add_argument("--json", type=Path, help="write every run's outcome here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     conditions = ["quiet"] if args.quick else [c.strip() for c in args.conditions.split(",") if c.strip()]
     unknown = set(conditions) - {"quiet", "contention"}
-    if unknown or args.baselines < 1 or args.repeats < 1:
-        parser.error(f"--conditions takes quiet and/or contention (got {sorted(unknown)}); --baselines and --repeats at least 1")
+    if unknown or min(args.baselines, args.repeats, args.recordings) < 1:
+        parser.error(
+            f"--conditions takes quiet and/or contention (got {sorted(unknown)}); --baselines, --repeats and --recordings at least 1"
+        )
     baselines, repeats = (1, 1) if args.quick else (args.baselines, args.repeats)
 
     def say(line: str) -> None:
@@ -342,17 +362,20 @@ def main(argv=None) -> int:
         runner = Runner(write_project(Path(tmp)), plants)
         rng = random.Random(args.seed)
         for condition in conditions:
-            rows += run_condition(condition, runner, Path(tmp), baselines, repeats, rng, say)
+            rows += run_condition(condition, runner, Path(tmp), baselines, repeats, rng, say, args.recordings)
     elapsed = time.perf_counter() - started
     for condition in conditions:
         print(table(rows, condition))
         print()
     print(
-        f"{len(rows)} verdicts in {elapsed / 60:.1f} min; plants of CPU work {', '.join(f'+{f:.0%}: {n} units' for f, n in plants.items())}"
+        f"{len(rows)} verdicts in {elapsed / 60:.1f} min; this gate's baselines pool {args.recordings} recording(s); plants of CPU work {', '.join(f'+{f:.0%}: {n} units' for f, n in plants.items())}"
     )
     if args.json:
         args.json.write_text(
-            json.dumps({"plant_units": {str(k): v for k, v in plants.items()}, "elapsed_s": elapsed, "rows": rows}, indent=1)
+            json.dumps(
+                {"plant_units": {str(k): v for k, v in plants.items()}, "recordings": args.recordings, "elapsed_s": elapsed, "rows": rows},
+                indent=1,
+            )
         )
     return 0
 

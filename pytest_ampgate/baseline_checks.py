@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 
+from .baseline_schema import Baseline
 from .judging import Judging, fmt_bytes, fmt_seconds, too_few_rounds
 from .results import ModeMeasurement
 from .stats import estimate_ratio
-from .verdict import FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, Check, CheckName
+from .verdict import ANY_MODE, FAIL, INCONCLUSIVE, PASS, RECORD_HINT, SKIPPED, UPDATE_COMMAND, Check, CheckName
+
+MIN_RECORDINGS = 3
+"""Recordings a baseline should pool before its spread means anything: the median of three is the
+first that one outlying process cannot move."""
 
 
 def own_baseline_figure(j: Judging, mm: ModeMeasurement, field: str, metric: CheckName, what: str) -> tuple[object, list[Check]]:
@@ -44,6 +49,11 @@ def widened(est, stored_low: float | None, stored: float, stored_high: float | N
     return est.median - math.hypot(est.median - est.low, up), est.median + math.hypot(est.high - est.median, down)
 
 
+def pooled_said(base) -> str:
+    """How many recordings a stored figure is the median of, said where more than one."""
+    return f" (median of {base.recordings} recordings)" if (base.recordings or 1) > 1 else ""
+
+
 def combined(low: float, high: float, est, fmt) -> str:
     """How a widened interval is said beside the run's own, or '' where the baseline added nothing."""
     if (low, high) == (est.low, est.high):
@@ -72,7 +82,7 @@ def step_time_check(j: Judging, mm: ModeMeasurement) -> list[Check]:
     est = estimate_ratio(mm.step_times_s, j.config.confidence, j.config.noise_threshold)
     text = f"{mm.mode} step time {fmt_seconds(est.median)} [{est.confidence:.0%} CI {fmt_seconds(est.low)}-{fmt_seconds(est.high)}]"
     base = j.stored(mm.mode)
-    source = f"baseline {fmt_seconds(stored)} on {j.env_label}, tol +{tol:.0%}"
+    source = f"baseline {fmt_seconds(stored)}{pooled_said(base)} on {j.env_label}, tol +{tol:.0%}"
     source += stored_noise(base.step_time_low, stored, base.step_time_high, tol)
     low, high = widened(est, base.step_time_low, stored, base.step_time_high, 1 + tol)
     text += combined(low, high, est, fmt_seconds)
@@ -161,3 +171,37 @@ def stored_noise(low: float | None, mid: float | None, high: float | None, limit
     if width <= limit:
         return ""
     return f"; the stored baseline is itself noisy (its interval spans {width:.0%} of its median): {BETTER_BASELINE}"
+
+
+def recordings_checks(j: Judging, stored: Baseline, how: str) -> list[Check]:
+    """While recording: how many runs the stored baseline now pools, and whether they agree enough to judge against.
+
+    One recording cannot show how far this machine moves between processes; several can, and
+    their median is what later runs are judged against (:mod:`pytest_ampgate.recordings`).  Where
+    the recordings disagree by more than ``noise_threshold`` the baseline is said to be noisy
+    (INCONCLUSIVE, as a noisy run is: ``--ampgate-strict`` then records nothing).
+    """
+    device_type = j.measurements.device.split(":")[0]
+    if not j.config.timing_applies(device_type):
+        return []
+    checks = []
+    for name, mode in stored.modes.items():
+        count = mode.recordings or 1
+        if count < 2 or mode.speedup is None or mode.speedup_low is None or mode.speedup_high is None:
+            continue
+        spread = (mode.speedup_high - mode.speedup_low) / mode.speedup
+        if spread > j.config.noise_threshold:
+            why = (
+                f"{name} baseline's {count} recordings disagree: speedup {mode.speedup_low:.2f}-{mode.speedup_high:.2f}x around "
+                f"{mode.speedup:.2f}x ({spread:.0%} of it, more than noise_threshold {j.config.noise_threshold:.0%}); {BETTER_BASELINE}"
+            )
+            checks.append(Check(name, CheckName.BASELINE_NOISE, INCONCLUSIVE, why))
+    pooled = max((m.recordings or 1 for m in stored.modes.values()), default=1)
+    keep = j.config.baseline_recordings
+    why = f"baseline pools {pooled} recording(s) ({how})"
+    if pooled < min(keep, MIN_RECORDINGS):
+        why += (
+            f"; one process cannot show how far this machine moves between runs: run {UPDATE_COMMAND} again "
+            f"(a fresh process, ideally minutes apart) until it pools {min(keep, MIN_RECORDINGS)}"
+        )
+    return [*checks, Check(ANY_MODE, CheckName.BASELINE_NOISE, PASS, why)]

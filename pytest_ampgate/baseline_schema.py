@@ -47,7 +47,7 @@ _FLOAT_FIELDS = (
     "final_loss",
     "low_precision_share",
 )
-_INT_FIELDS = ("peak_memory_bytes",)
+_INT_FIELDS = ("peak_memory_bytes", "recordings")
 _KNOWN_MODE_FIELDS = frozenset(_FLOAT_FIELDS + _INT_FIELDS)
 _REQUIRED_ENTRY_KEYS = ("environment", "recorded_at", "settings", "modes")
 
@@ -63,6 +63,7 @@ _RANGES = {
     "accuracy": (0.0, False, 1.0, "a share of correct predictions"),
     "low_precision_share": (0.0, False, 1.0, "a share of FLOPs"),
     "peak_memory_bytes": (0, False, 2**62, "a number of bytes"),
+    "recordings": (1, False, 1000, "a count of --ampgate-update runs"),
 }
 """What each stored figure can be.  A value outside its range is a hand edit or a corrupt file; it
 is refused, because a negative speedup or accuracy would silently disable the check it feeds."""
@@ -204,6 +205,9 @@ class ModeBaseline:
     step_time_high: float | None = None
     """The interval of the recorded run's per-round step times (absent in files recorded before it was kept)."""
     peak_memory_bytes: int | None = None
+    recordings: int | None = None
+    """How many ``--ampgate-update`` runs (each its own process) the timing figures are the median of;
+    None: one (files recorded before recordings were pooled)."""
     accuracy: float | None = None
     final_loss: float | None = None
     low_precision_share: float | None = None
@@ -236,8 +240,26 @@ assert {f.name for f in fields(ModeBaseline)} - {"extra"} == _KNOWN_MODE_FIELDS
 
 
 @dataclass(frozen=True)
+class Recording:
+    """One ``--ampgate-update`` run's timing figures, kept so that later recordings pool with it
+    (:mod:`pytest_ampgate.recordings`)."""
+
+    recorded_at: str
+    modes: dict[str, ModeBaseline]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recorded_at": self.recorded_at, "modes": {name: mode.to_dict() for name, mode in self.modes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Recording:
+        if not isinstance(d, dict) or not isinstance(d.get("recorded_at"), str) or not isinstance(d.get("modes"), dict):
+            raise _bad(where, f" must be a JSON object with 'recorded_at' (a timestamp) and 'modes' (an object), got {describe(d)}")
+        return cls(d["recorded_at"], {name: ModeBaseline.from_dict(m, f"{where}['modes']{key(name)}") for name, m in d["modes"].items()})
+
+
+@dataclass(frozen=True)
 class Baseline:
-    """One accepted measurement of one test in one environment, across its modes."""
+    """One test's accepted figures in one environment, across its modes (timing pooled over ``recordings``)."""
 
     test_id: str
     env_key: str
@@ -245,6 +267,8 @@ class Baseline:
     recorded_at: str
     settings: dict
     modes: dict[str, ModeBaseline]
+    recordings: tuple[Recording, ...] = ()
+    """The recent ``--ampgate-update`` runs whose timing the figures pool, oldest first (empty: only this one)."""
 
     def to_entry(self) -> dict[str, Any]:
         """The JSON object stored at ``tests[test_id][env_key]``."""
@@ -253,7 +277,10 @@ class Baseline:
             if not isinstance(mode, ModeBaseline):
                 raise BaselineError(f"baseline for {self.test_id!r}: modes[{name!r}] must be a ModeBaseline, got {describe(mode)}")
             modes[name] = mode.to_dict()
-        return {"environment": self.environment, "recorded_at": self.recorded_at, "settings": self.settings, "modes": modes}
+        entry = {"environment": self.environment, "recorded_at": self.recorded_at, "settings": self.settings, "modes": modes}
+        if self.recordings:
+            entry["recordings"] = [r.to_dict() for r in self.recordings]
+        return entry
 
     @classmethod
     def from_entry(cls, test_id: str, env_key: str, entry: Any, where: str) -> Baseline:
@@ -271,7 +298,11 @@ class Baseline:
         if "" in entry["modes"]:
             raise _bad(f"{where}['modes']", " has an empty mode name")
         modes = {name: ModeBaseline.from_dict(mode, f"{where}['modes']{key(name)}") for name, mode in entry["modes"].items()}
-        return cls(test_id, env_key, entry["environment"], entry["recorded_at"], entry["settings"], modes)
+        recordings = entry.get("recordings", [])
+        if not isinstance(recordings, list):
+            raise _bad(f"{where}['recordings']", f" must be a JSON array of recordings, got {describe(recordings)}")
+        kept = tuple(Recording.from_dict(r, f"{where}['recordings'][{i}]") for i, r in enumerate(recordings))
+        return cls(test_id, env_key, entry["environment"], entry["recorded_at"], entry["settings"], modes, kept)
 
 
 # --- a whole file -----------------------------------------------------------------------------

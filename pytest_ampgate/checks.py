@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .baseline_checks import baseline_noise_check, combined, peak_memory_check, step_time_check, stored_noise, widened
+from .baseline_checks import baseline_noise_check, combined, peak_memory_check, pooled_said, step_time_check, stored_noise, widened
 from .baselines import Baseline, ModeBaseline
 from .compiled import DynamoCounts, compiled_name, eager_name, graph_break_problems
 from .config import GateConfig
@@ -56,7 +56,7 @@ def _speedup(name: str, m: Measurements, config: GateConfig, base: ModeBaseline 
     tolerance = config.speedup_tolerance_on(m.device.split(":")[0])
     if base is not None and base.speedup is not None:
         base_floor = base.speedup * (1 - tolerance)
-        baseline_source = f"baseline {base.speedup:.2f}x on {env_label}, tol {tolerance:.0%}"
+        baseline_source = f"baseline {base.speedup:.2f}x{pooled_said(base)} on {env_label}, tol {tolerance:.0%}"
         baseline_source += stored_noise(base.speedup_low, base.speedup, base.speedup_high, config.noise_threshold)
         source += f"; {baseline_source}"
         floor = max(floor, base_floor)

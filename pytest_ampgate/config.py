@@ -220,6 +220,9 @@ class GateConfig:
     baseline_runs: int = 3
     """Measurements pooled into a recorded baseline where timing is gated: one run's error is what a
     baseline judged against many times must not carry (BENCHMARKS.md, gate quality)."""
+    baseline_recordings: int = 5
+    """Recent ``--ampgate-update`` runs (each its own process) whose timing a baseline pools: one
+    process's offset is what the rounds inside it cannot show (:mod:`pytest_ampgate.recordings`)."""
     strict: bool = False
     warmup_steps: int = MeasureConfig.warmup_steps
     rounds: int = MeasureConfig.rounds
@@ -324,6 +327,10 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
     "baseline_runs": (
         _whole(1),
         "measurements pooled into a baseline recorded with --ampgate-update (where timing is gated), so the baseline is surer than one run",
+    ),
+    "baseline_recordings": (
+        _whole(1),
+        "recent --ampgate-update runs (each a fresh process) whose median timing the baseline stores; 1 replaces it each time",
     ),
     "strict": (_flag, "treat inconclusive verdicts as failures"),
     "warmup_steps": (_whole(0), "untimed steps per mode before timing"),

@@ -17,8 +17,10 @@ from .results import Comparison, Measurements, ModeMeasurement
 from .stats import estimate_ratio
 
 
-def pooled(runs: Sequence[Measurements]) -> Measurements:
+def pooled(runs: Sequence[Measurements], confidence: float | None = None) -> Measurements:
     """The first run, with every mode's per-round step times and speedup samples joined across ``runs``.
+
+    ``confidence``: the coverage of the joined speedup intervals (default: the runs' own).
 
     Everything that is not timing (memory, numerics, accuracy, coverage) stays the first run's: it
     does not depend on the moment.  A mode is pooled only where it ran in every run; a busy GPU in
@@ -47,7 +49,8 @@ def pooled(runs: Sequence[Measurements]) -> Measurements:
         if not all(c is not None and c.speedup is not None for c in estimates):
             return comparison
         samples = [s for c in estimates for s in c.speedup.samples]
-        return replace(comparison, speedup=estimate_ratio(samples, config.confidence, config.noise_threshold))
+        coverage = config.confidence if confidence is None else confidence
+        return replace(comparison, speedup=estimate_ratio(samples, coverage, config.noise_threshold))
 
     noise = next((r.noise for r in runs if r.noise.untrusted_reason()), first.noise)
     return replace(

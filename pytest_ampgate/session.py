@@ -173,7 +173,10 @@ class TestGate:
         """
         from .checks import stored_metric
         from .data import check_dataset
+        from .baseline_checks import recordings_checks
         from .gate import GateResult, baseline_from, decide, evaluate, record
+        from .judging import Judging
+        from .recordings import joined
         from .measurement import measure
         from .verdict import RECORD_HINT
         from .workloads import BUILTIN, get_workload, metric_of
@@ -248,7 +251,7 @@ class TestGate:
 
         if options.update:
             try:  # a corrupt file would be refused at session end anyway: say so before measuring
-                self.session.store.lookup(self.test_id, env_key)
+                previous = self.session.store.lookup(self.test_id, env_key)
             except BaselineError as exc:
                 raise BaselineError(f"refusing to update baselines: {exc}") from None
             config = dataclasses.replace(config, missing_baseline="ignore")
@@ -262,6 +265,21 @@ class TestGate:
                 **tolerances,
             )
             baseline = None
+            settings = {
+                "config": config.to_dict(),
+                "measure": measurements.config.to_dict(),
+                "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
+            }
+            device_type = measurements.device.split(":")[0]
+            to_store, how = joined(
+                previous,
+                baseline_from(measurements, self.test_id, env_key, settings),
+                keep=config.baseline_recordings,
+                confidence=config.confidence,
+                speedup_tolerance=config.speedup_tolerance_on(device_type),
+                step_time_tolerance=config.step_time_tolerance_on(device_type),
+            )
+            verdict.checks += recordings_checks(Judging(measurements, config, None, recording=True), to_store, how)
         else:
             baseline = self.session.store.lookup(self.test_id, env_key)
             note = ""
@@ -290,12 +308,7 @@ class TestGate:
             config=config,
         )
         if options.update and not result.failed:
-            settings = {
-                "config": config.to_dict(),
-                "measure": measurements.config.to_dict(),
-                "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
-            }
-            result.update = baseline_from(measurements, self.test_id, env_key, settings).to_entry()
+            result.update = to_store.to_entry()
         self.results.append(result)
         return result
 

@@ -59,7 +59,8 @@ def test_worst_rates_take_the_worst_baseline(peer):
 
 def test_quick_run_judges_every_plant_with_both_gates(tmp_path):
     out = tmp_path / "peer.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(SCRIPT), "--quick", "--recordings", "2", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in (
         "pytest-ampgate (check_speed=True)",
@@ -73,4 +74,6 @@ def test_quick_run_judges_every_plant_with_both_gates(tmp_path):
     judged = {(r["gate"], r["plant"]) for r in rows}
     assert judged == {(g, p) for g in ("ampgate", "mean:10%", "median:10%") for p in (0.0, 0.15, 0.25)}
     assert {r["outcome"] for r in rows if r["gate"] == "ampgate"} <= {"PASS", "FAIL", "INCONCLUSIVE"}
+    # Two --ampgate-update runs, two processes: the baseline pools both, as read back from its file.
+    assert {r["recordings"] for r in rows if r["gate"] == "ampgate"} == {2}
     assert {r["outcome"] for r in rows if r["gate"] != "ampgate"} <= {"PASS", "FAIL"}

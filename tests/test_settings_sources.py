@@ -146,7 +146,7 @@ def _expected(name: str, raw: str) -> str:
     kind = "float" if name == "lock_timeout" else INI_TYPES.get(name, "float")
     takes = {
         "float": "must be a number of seconds >= 0 (0: wait forever)" if name == "lock_timeout" else "must be a number",
-        "int": f"must be a whole number >= {1 if name in ('rounds', 'steps_per_block', 'world_size', 'baseline_runs') else 0}",
+        "int": f"must be a whole number >= {1 if name in ('rounds', 'steps_per_block', 'world_size', 'baseline_runs', 'baseline_recordings') else 0}",
         "bool": "must be true, false or auto" if name in ("check_speed", "check_memory") else "must be true or false",
     }[kind]
     return f"ini option ampgate_{name}: {name} {takes}, got {raw}"

@@ -41,6 +41,7 @@ INI_TYPES = {
     "memory_steps": "int",
     "world_size": "int",
     "baseline_runs": "int",
+    "baseline_recordings": "int",
 }
 """pytest ini types of the ``ampgate_<setting>`` keys (the rest are floats), so that pytest 9's native
 ``[tool.pytest]`` table takes ``1.3``, ``true`` and ``["amp_bf16"]``; INI-file and ``-o`` strings still work."""
