@@ -80,7 +80,8 @@ def decide(
     runs disagree the check is INCONCLUSIVE.  An undecided check is judged again on the rounds of
     both runs together (:func:`~pytest_ampgate.pooling.pooled`): twice the rounds may clear the
     limit, and then it PASSes.  Every extra look is another chance for noise to condemn, so a
-    second look FAILs an undecided check only where it is a speedup, the pooled interval (at a
+    second look FAILs an undecided check (or confirms a FAIL the fresh run alone leaves undecided)
+    only where it is a speedup, the pooled interval (at a
     stricter confidence, :data:`SECOND_LOOK_STRICTER`) lies wholly below the floor and each run's
     own median does too (:func:`_below_in_both`): under load
     that comes and goes, one run's interval is too wide to decide a real 20% drop (BENCHMARKS.md,
@@ -112,6 +113,12 @@ def decide(
             c2 = alone.get(key)
             if c2 is not None and c2.outcome == FAIL:
                 c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {_figure(c2)}", c.measured, c.threshold, c.baseline)
+            elif _below_in_both(c, c2, surer.get(key)):
+                why = (
+                    f"{c.why}; a fresh run gave {_figure(c2)} ({c2.outcome}), also below, and the rounds of both together "
+                    f"lie wholly below at {stricter:.2%}: {_figure(surer[key])}"
+                )
+                c = Check(c.mode, c.metric, FAIL, why, c.measured, c.threshold, c.baseline)
             else:
                 second_text = f"{_figure(c2)} ({c2.outcome})" if c2 is not None and c2.measured is not None else "no result"
                 c = Check(
@@ -156,7 +163,10 @@ where the truth sits exactly at the floor, it condemns about one run in a thousa
 
 
 def _below_in_both(first: Check, second: Check | None, both: Check | None) -> bool:
-    """An undecided speedup that twice the rounds put wholly below the floor, where each run's own median lies below it too.
+    """A speedup that twice the rounds put wholly below the floor, where each run's own median lies below it too.
+
+    It FAILs a check the first run left undecided, and confirms one the first run failed where the
+    fresh run, alone, could not decide.
 
     Only the speedup: its two sides are timed in the same rounds, so load that comes and goes
     widens its interval without moving it, and twice the rounds can resolve what one run could

@@ -171,13 +171,13 @@ class TestGate:
         The verdict is applied to the test automatically when it finishes; the returned
         :class:`GateResult` is there for asserts of your own.
         """
+        from .baseline_checks import recordings_checks
         from .checks import stored_metric
         from .data import check_dataset
-        from .baseline_checks import recordings_checks
         from .gate import GateResult, baseline_from, decide, evaluate, record
         from .judging import Judging
-        from .recordings import joined
         from .measurement import measure
+        from .recordings import joined
         from .verdict import RECORD_HINT
         from .workloads import BUILTIN, get_workload, metric_of
 

@@ -213,6 +213,17 @@ def test_decide_both_failing_is_a_confirmed_fail():
     assert verdict.outcome == FAIL and verdict.confirmed
 
 
+def test_a_fail_whose_fresh_run_is_undecided_but_below_stands_where_both_runs_rounds_lie_below():
+    measure_once, calls = _runs(estimate(1.0, 0.95, 1.05), estimate(1.1, 1.0, 1.25))  # pooled: 0.95-1.1, below 1.20
+    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    check = only_check(verdict, "amp_fp16", "speedup")
+    assert len(calls) == 2 and check.outcome == FAIL, check.why
+    assert "a fresh run gave 1.10x (inconclusive), also below, and the rounds of both together lie wholly below at 99.75%" in check.why
+    measure_once, calls = _runs(estimate(1.0, 0.95, 1.05), estimate(1.22, 1.1, 1.3))  # the fresh run's median above the floor
+    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    assert only_check(verdict, "amp_fp16", "speedup").outcome == INCONCLUSIVE
+
+
 def test_an_undecided_speedup_is_judged_again_on_both_runs_rounds():
     """A straddling first run is measured again and judged on twice the rounds: here they clear the floor."""
     measure_once, calls = _runs(estimate(1.25, 1.15, 1.35), estimate(1.3, 1.25, 1.35))

@@ -15,13 +15,13 @@ from session_helpers import CPU, HELPERS, UPDATE
 from test_bad_input_and_faults import _assert_clean, _quiet_and_isolated  # noqa: F401
 from test_per_mode_baseline_gates import HEALTHY, _checks, _run
 
+from pytest_ampgate.baseline_checks import recordings_checks
 from pytest_ampgate.baseline_schema import Baseline, ModeBaseline, Recording
 from pytest_ampgate.config import build_config
 from pytest_ampgate.errors import BaselineError
 from pytest_ampgate.gate import baseline_from, evaluate
 from pytest_ampgate.judging import Judging
 from pytest_ampgate.recordings import joined, pooled_baseline, recording_of
-from pytest_ampgate.baseline_checks import recordings_checks
 from pytest_ampgate.verdict import FAIL, INCONCLUSIVE, PASS
 
 SETTINGS = {"workload": "tiny", "batch_size": 16, "measure": {"rounds": 12}, "config": {"speedup_tolerance": None}}
@@ -164,9 +164,12 @@ def test_tiny(ampgate):
 
 def test_two_updates_in_fresh_processes_pool_into_one_baseline_that_later_runs_name(pytester):
     pytester.makepyfile(test_pool=SPEED_GATED)
-    for _ in range(2):
-        _assert_clean(pytester.runpytest_subprocess(*UPDATE, "-rA")).count("")
-    entry = next(iter(json.loads((pytester.path / "baselines" / "test_pool.json").read_text())["tests"]["test_pool.py::test_tiny"].values()))
+    for count in (1, 2):
+        update = pytester.runpytest_subprocess(*UPDATE, "-rA")
+        update.assert_outcomes(passed=1)
+        assert f"baseline pools {count} recording(s)" in _assert_clean(update)
+    stored = json.loads((pytester.path / "baselines" / "test_pool.json").read_text())["tests"]["test_pool.py::test_tiny"]
+    (entry,) = stored.values()
     assert len(entry["recordings"]) == 2 and entry["modes"]["amp_bf16"]["recordings"] == 2, entry
     result = pytester.runpytest_subprocess(*CPU, "-rA")
     out = _assert_clean(result)
