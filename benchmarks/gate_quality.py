@@ -58,6 +58,7 @@ from pytest_ampgate.delays import calibration_config
 from pytest_ampgate.env import fingerprint
 from pytest_ampgate.gate import baseline_from, decide, evaluate, record
 from pytest_ampgate.measurement import measure
+from pytest_ampgate.recordings import joined
 from pytest_ampgate.records import to_dict
 from pytest_ampgate.verdict import FAIL, INCONCLUSIVE
 from pytest_ampgate.workloads import get_workload
@@ -321,11 +322,12 @@ class Runner:
         self.baseline = baseline_from(m, f"gate_quality::{self.workload.name}", self.env.key(), {})
         return self._baseline_info(m, verdict, wall)
 
-    def record_baseline_in_a_fresh_process(self, parent_argv: list[str]) -> dict:
+    def record_baseline_in_a_fresh_process(self, parent_argv: list[str], pool: bool = False) -> dict:
         """As a user's ``--ampgate-update`` is: a new process (its own allocator, caches, clocks), the baseline read back.
 
         One in-process baseline shares this process's warm state with every run judged against it;
         a user's baseline never does, and its error is what the published rates must survive.
+        ``pool``: join the recording to the baseline recorded so far, as a repeated update does.
         """
         proc = subprocess.run(
             [sys.executable, __file__, *parent_argv, "--record-baseline", "1", "--workloads", self.workload.name],
@@ -337,9 +339,23 @@ class Runner:
         if proc.returncode or not lines:
             raise SystemExit(f"recording a baseline in a fresh process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         data = json.loads(lines[-1][len("BASELINE ") :])
-        self.baseline = Baseline.from_entry(f"gate_quality::{self.workload.name}", self.env.key(), data["entry"], "fresh baseline")
+        fresh = Baseline.from_entry(f"gate_quality::{self.workload.name}", self.env.key(), data["entry"], "fresh baseline")
+        self.baseline, how = joined(
+            self.baseline if pool else None,
+            fresh,
+            keep=GateConfig().baseline_recordings,
+            confidence=self.timed.confidence,
+            speedup_tolerance=self.tol,
+            step_time_tolerance=self.step_tol,
+        )
         self.baseline_peak_fp32 = data["fp32_peak_bytes"]
-        return data["info"]
+        return {**data["info"], "pooled": how}
+
+    def record_pooled_baseline(self, parent_argv: list[str], recordings: int) -> dict:
+        """A baseline as docs/baselines.md tells a user to record it: ``recordings`` runs of
+        ``--ampgate-update``, each a fresh process, pooled (:mod:`pytest_ampgate.recordings`)."""
+        infos = [self.record_baseline_in_a_fresh_process(parent_argv, pool=i > 0) for i in range(recordings)]
+        return {**infos[-1], "recordings": [{m: info[m]["speedup"] for m in self.timed.modes} for info in infos]}
 
     def _baseline_info(self, m, verdict, wall) -> dict:
         info = {"wall_s": wall, "outcome": verdict.outcome}
@@ -503,6 +519,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--baselines", type=int, default=None, help="fresh baselines, each recorded in a new process (default 3, --quick 1)"
     )
+    parser.add_argument(
+        "--recordings",
+        type=int,
+        default=None,
+        help="--ampgate-update runs (each a fresh process) pooled into each baseline (default 3, --quick 2)",
+    )
     parser.add_argument("--record-baseline", default=None, help=argparse.SUPPRESS)  # the child process of one fresh baseline
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -547,7 +569,10 @@ def main(argv=None) -> int:
         print("BASELINE " + json.dumps(out, default=str))
         return 0
     n_baselines = args.baselines or (1 if args.quick else 3)
-    child_argv = _without(argv, {"--workloads", "--json", "--baselines"}, {"--quiet"})
+    child_argv = _without(argv, {"--workloads", "--json", "--baselines", "--recordings"}, {"--quiet"})
+    recordings = args.recordings or (2 if args.quick else 3)
+    if recordings < 1:
+        parser.error("--recordings must be at least 1")
 
     env = fingerprint(device)
     started = time.perf_counter()
@@ -555,7 +580,8 @@ def main(argv=None) -> int:
     print(f"protocol {profile.protocol}, confirm {profile.confirm}; numerics protocol {profile.numerics_protocol}")
     print(
         f"repeats: A/A and unchanged {profile.aa_repeats}, per planted size {profile.plant_repeats}, deterministic plants "
-        f"{profile.numeric_repeats}; {n_baselines} fresh baseline(s), each recorded in a new process; every rate is reported "
+        f"{profile.numeric_repeats}; {n_baselines} fresh baseline(s), each pooled from {recordings} recording(s) in new "
+        "processes; every rate is reported "
         "per baseline and the targets take the worst"
     )
     tallies, baselines, default_walls = [], {}, {}
@@ -565,8 +591,13 @@ def main(argv=None) -> int:
         for b in range(1, n_baselines + 1):
             runner.baseline_index = b
             say(f"{name}: recording baseline {b} in a fresh process")
-            info = runner.record_baseline_in_a_fresh_process(child_argv)
+            info = runner.record_pooled_baseline(child_argv, recordings)
             shown = "; ".join(f"{m} {info[m]['speedup']}" for m in profile.timed_modes)
+            stored = {m: runner.baseline.modes[m] for m in profile.timed_modes if m in runner.baseline.modes}
+            shown += f" ({info['pooled']}; stored: " + ", ".join(
+                f"{m} {b.speedup:.3f} [{b.speedup_low:.3f}-{b.speedup_high:.3f}]" for m, b in stored.items() if b.speedup is not None
+            )
+            shown += ")"
             print(f"{name}: batch {runner.workload.batch_size}, baseline {b}: {shown}")
             tallies += runner.scenarios(numerics=b == 1)
             info["offset_from_typical"] = dict(runner.baseline_offsets)

@@ -217,6 +217,9 @@ class GateConfig:
     check_memory: bool | None = None
     missing_baseline: str = "warn"
     confirm: bool = True
+    confirm_runs: int = 4
+    """The most measurements an undecided speedup gets, the first included: under load that comes and
+    goes one run's interval can straddle a real drop that the pooled rounds of a few resolve."""
     baseline_runs: int = 3
     """Measurements pooled into a recorded baseline where timing is gated: one run's error is what a
     baseline judged against many times must not carry (BENCHMARKS.md, gate quality)."""
@@ -323,6 +326,10 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str]] = {
         _flag,
         "measure again where a timing check fails or is undecided and judge both runs' rounds together, "
         "so one noisy run cannot fail the build",
+    ),
+    "confirm_runs": (
+        _whole(2),
+        "the most measurements (the first included) a speedup left undecided gets, judged on their rounds together; 2: one fresh run",
     ),
     "baseline_runs": (
         _whole(1),

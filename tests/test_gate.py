@@ -189,14 +189,14 @@ def _runs(*estimates):
 
     def measure_once():
         calls.append(len(calls))
-        return measured(speedup={"amp_fp16": estimates[len(calls) - 1]})
+        return measured(speedup={"amp_fp16": estimates[min(len(calls), len(estimates)) - 1]})  # the last one repeats
 
     return measure_once, calls
 
 
 def test_decide_failure_then_pass_is_inconclusive():
     measure_once, calls = _runs(estimate(1.0, 0.95, 1.05), estimate(1.5, 1.4, 1.6))
-    first, verdict = decide(measure_once, config(min_speedup=1.2))
+    first, verdict = decide(measure_once, config(min_speedup=1.2, confirm_runs=2))
     assert len(calls) == 2 and verdict.confirmed
     check = only_check(verdict, "amp_fp16", "speedup")
     assert check.outcome == INCONCLUSIVE and "but a fresh run gave 1.50x (pass)" in check.why
@@ -218,7 +218,7 @@ def test_a_fail_whose_fresh_run_is_undecided_but_below_stands_where_both_runs_ro
     _first, verdict = decide(measure_once, config(min_speedup=1.2))
     check = only_check(verdict, "amp_fp16", "speedup")
     assert len(calls) == 2 and check.outcome == FAIL, check.why
-    assert "a fresh run gave 1.10x (inconclusive), also below, and the rounds of both together lie wholly below at 99.75%" in check.why
+    assert "a fresh run gave 1.10x (inconclusive), also below, and the rounds of both together lie wholly below at 99.95%" in check.why
     measure_once, calls = _runs(estimate(1.0, 0.95, 1.05), estimate(1.22, 1.1, 1.3))  # the fresh run's median above the floor
     _first, verdict = decide(measure_once, config(min_speedup=1.2))
     assert only_check(verdict, "amp_fp16", "speedup").outcome == INCONCLUSIVE
@@ -232,9 +232,28 @@ def test_an_undecided_speedup_is_judged_again_on_both_runs_rounds():
     assert len(calls) == 2 and check.outcome == PASS, check.why
     assert "this run alone: inconclusive" in check.why
     measure_once, calls = _runs(estimate(1.25, 1.15, 1.35), estimate(1.1, 1.05, 1.15))
-    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    _first, verdict = decide(measure_once, config(min_speedup=1.2, confirm_runs=2))
     check = only_check(verdict, "amp_fp16", "speedup")
     assert check.outcome == INCONCLUSIVE and "with a fresh run's rounds added: 1.15x (inconclusive)" in check.why, check.why
+
+
+def test_a_speedup_still_undecided_is_measured_up_to_confirm_runs_times_and_judged_on_all_their_rounds():
+    """Load that comes and goes: one run straddles a real drop; the rounds of four decide it, either way."""
+    measure_once, calls = _runs(estimate(1.25, 1.15, 1.35), estimate(1.1, 1.05, 1.15))
+    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    check = only_check(verdict, "amp_fp16", "speedup")
+    assert len(calls) == 4 and check.outcome == FAIL, check.why
+    assert "judged on the rounds of 4 runs together at 99.95%, most runs' own medians (1.25x, 1.10x, 1.10x, 1.10x)" in check.why
+    measure_once, calls = _runs(estimate(1.15, 1.05, 1.25), estimate(1.3, 1.25, 1.35), estimate(1.4, 1.35, 1.45))
+    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    check = only_check(verdict, "amp_fp16", "speedup")
+    assert len(calls) == 3 and check.outcome == PASS and "judged on the rounds of 3 runs together" in check.why, check.why
+    # Still straddling after four: said, with the figure of all their rounds.
+    measure_once, calls = _runs(*[estimate(1.19, 1.1, 1.3), estimate(1.21, 1.1, 1.3)] * 2)
+    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    check = only_check(verdict, "amp_fp16", "speedup")
+    assert len(calls) == 4 and check.outcome == INCONCLUSIVE, check.why
+    assert "judged on the rounds of 4 runs together: 1.20x (inconclusive)" in check.why, check.why
 
 
 def test_a_second_look_fails_an_undecided_speedup_only_where_both_runs_medians_and_their_pooled_rounds_lie_below():
@@ -247,7 +266,7 @@ def test_a_second_look_fails_an_undecided_speedup_only_where_both_runs_medians_a
     assert "each run's own median (1.15x, 1.00x) lies below the floor too (this run alone: inconclusive)" in check.why, check.why
     # The first run's median above the floor: its rounds pooled with a low second run do not condemn it.
     measure_once, calls = _runs(estimate(1.22, 1.05, 1.30), estimate(1.0, 0.95, 1.05))
-    _first, verdict = decide(measure_once, config(min_speedup=1.2))
+    _first, verdict = decide(measure_once, config(min_speedup=1.2, confirm_runs=2))
     check = only_check(verdict, "amp_fp16", "speedup")
     assert len(calls) == 2 and check.outcome == INCONCLUSIVE, check.why
 

@@ -47,7 +47,7 @@ def test_quick_cpu_run_prints_the_table(quick_run):
         assert name in scenarios, stdout
     assert "1x tol" in scenarios and "2x tol" in scenarios
     assert "targets (the worst over the baselines):" in stdout
-    assert "fresh baseline(s), each recorded in a new process" in stdout
+    assert "fresh baseline(s), each pooled from 2 recording(s) in new processes" in stdout
     assert "fp32: 1.layer" in stdout  # the coverage check's message names the forced layer
 
 
@@ -64,6 +64,10 @@ def test_quick_cpu_run_figures(quick_run):
     common = by_name[("common memory", 2.0)]  # deterministic on the CPU: every mode's own peak check fails
     assert common["detection_rate"] == 1.0, common
     assert [b["fp32"]["step_time_s"] > 0 for b in data["baselines"]["mnist_mlp"]] == [True], "one fresh baseline in --quick"
+    (baseline,) = data["baselines"]["mnist_mlp"]
+    assert len(baseline["recordings"]) == 2, "pooled from two recordings, each in a fresh process"
+    pooled = baseline["pooled"]
+    assert pooled.startswith("pooled with 1 earlier") or pooled.endswith("so this one starts afresh"), pooled  # or why not
     assert "1.layer" in by_name[("forced fp32 layer 1", None)]["example"]
     assert by_name[("slowdown", 2.0)]["runs"] == 2
     assert all(s["wall_s_median"] > 0 for s in data["scenarios"])

@@ -42,6 +42,7 @@ INI_TYPES = {
     "world_size": "int",
     "baseline_runs": "int",
     "baseline_recordings": "int",
+    "confirm_runs": "int",
 }
 """pytest ini types of the ``ampgate_<setting>`` keys (the rest are floats), so that pytest 9's native
 ``[tool.pytest]`` table takes ``1.3``, ``true`` and ``["amp_bf16"]``; INI-file and ``-o`` strings still work."""
