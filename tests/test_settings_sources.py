@@ -141,12 +141,16 @@ WRONG_TOML = {"float": '"fast"', "int": "2.5", "bool": "1"}
 """A native-TOML value of the wrong type (a TOML string, float, integer), by the key's ini type."""
 
 
+LOWEST = {"rounds": 1, "steps_per_block": 1, "world_size": 1, "baseline_runs": 1, "baseline_recordings": 1, "confirm_runs": 2}
+"""The least each whole-number setting takes (the rest take 0)."""
+
+
 def _expected(name: str, raw: str) -> str:
     """What the plugin says: the key, then what the setting takes (the fix), then the value."""
     kind = "float" if name == "lock_timeout" else INI_TYPES.get(name, "float")
     takes = {
         "float": "must be a number of seconds >= 0 (0: wait forever)" if name == "lock_timeout" else "must be a number",
-        "int": f"must be a whole number >= {1 if name in ('rounds', 'steps_per_block', 'world_size', 'baseline_runs', 'baseline_recordings') else 0}",
+        "int": f"must be a whole number >= {LOWEST.get(name, 0)}",
         "bool": "must be true, false or auto" if name in ("check_speed", "check_memory") else "must be true or false",
     }[kind]
     return f"ini option ampgate_{name}: {name} {takes}, got {raw}"
