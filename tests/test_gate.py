@@ -237,22 +237,23 @@ def test_an_undecided_speedup_is_judged_again_on_both_runs_rounds():
     assert check.outcome == INCONCLUSIVE and "with a fresh run's rounds added: 1.15x (inconclusive)" in check.why, check.why
 
 
+def _decided(*estimates, **settings):
+    """decide() over runs with these speedups (the last repeating) at a floor of 1.2: its speedup check, and the runs it took."""
+    measure_once, calls = _runs(*estimates)
+    _first, verdict = decide(measure_once, config(min_speedup=1.2, **settings))
+    return only_check(verdict, "amp_fp16", "speedup"), len(calls)
+
+
 def test_a_speedup_still_undecided_is_measured_up_to_confirm_runs_times_and_judged_on_all_their_rounds():
     """Load that comes and goes: one run straddles a real drop; the rounds of four decide it, either way."""
-    measure_once, calls = _runs(estimate(1.25, 1.15, 1.35), estimate(1.1, 1.05, 1.15))
-    _first, verdict = decide(measure_once, config(min_speedup=1.2))
-    check = only_check(verdict, "amp_fp16", "speedup")
-    assert len(calls) == 4 and check.outcome == FAIL, check.why
+    check, runs = _decided(estimate(1.25, 1.15, 1.35), estimate(1.1, 1.05, 1.15))
+    assert runs == 4 and check.outcome == FAIL, check.why
     assert "judged on the rounds of 4 runs together at 99.95%, most runs' own medians (1.25x, 1.10x, 1.10x, 1.10x)" in check.why
-    measure_once, calls = _runs(estimate(1.15, 1.05, 1.25), estimate(1.3, 1.25, 1.35), estimate(1.4, 1.35, 1.45))
-    _first, verdict = decide(measure_once, config(min_speedup=1.2))
-    check = only_check(verdict, "amp_fp16", "speedup")
-    assert len(calls) == 3 and check.outcome == PASS and "judged on the rounds of 3 runs together" in check.why, check.why
+    check, runs = _decided(estimate(1.15, 1.05, 1.25), estimate(1.3, 1.25, 1.35), estimate(1.4, 1.35, 1.45))
+    assert runs == 3 and check.outcome == PASS and "judged on the rounds of 3 runs together" in check.why, check.why
     # Still straddling after four: said, with the figure of all their rounds.
-    measure_once, calls = _runs(*[estimate(1.19, 1.1, 1.3), estimate(1.21, 1.1, 1.3)] * 2)
-    _first, verdict = decide(measure_once, config(min_speedup=1.2))
-    check = only_check(verdict, "amp_fp16", "speedup")
-    assert len(calls) == 4 and check.outcome == INCONCLUSIVE, check.why
+    check, runs = _decided(*[estimate(1.19, 1.1, 1.3), estimate(1.21, 1.1, 1.3)] * 2)
+    assert runs == 4 and check.outcome == INCONCLUSIVE, check.why
     assert "judged on the rounds of 4 runs together: 1.20x (inconclusive)" in check.why, check.why
 
 
