@@ -92,6 +92,9 @@ def test_example_workflow_is_safe():
     # a test waiting for the device lock gives up (naming the holder) before the job is killed
     lock_timeout = int(re.search(r"--ampgate-lock-timeout (\d+)", gate["run"])[1])
     assert 0 < lock_timeout < job["timeout-minutes"] * 60
+    # a baseline is recorded three times, each a fresh process, so it pools three recordings
+    earlier = steps["Earlier baseline recordings"]
+    assert "inputs.update" in earlier["if"] and "for i in 1 2" in earlier["run"] and "--ampgate-update" in earlier["run"]
     install = steps["Install"]["run"]
     assert '"$PYTEST_AMPGATE"' in install and "git+https://" in doc["env"]["PYTEST_AMPGATE"]
 
