@@ -163,11 +163,9 @@ def decide(
                 said = ", ".join(_figure(replace(surer[key], measured=f)) for f in figures[key] if f is not None)
                 why = f"{surer[key].why}; {together} at {stricter:.2%}, most runs' own medians ({said}) below the floor too"
                 checks[i] = replace(surer[key], why=f"{why} (the first alone: {firsts[key].outcome})")
-            elif last and key in both and both[key].measured is not None:
-                first_why = firsts[key].why
-                checks[i] = replace(checks[i], why=f"{first_why}; {together}: {_figure(both[key])} ({both[key].outcome})")
-                continue
-            else:
+            else:  # still undecided: measured again, or after the last run said with all their rounds' figure
+                if last and key in both and both[key].measured is not None:
+                    checks[i] = replace(checks[i], why=f"{firsts[key].why}; {together}: {_figure(both[key])} ({both[key].outcome})")
                 continue
             still.remove(i)
     return first, Verdict(checks, confirmed=True, reference=verdict.reference)
