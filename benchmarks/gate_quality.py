@@ -340,14 +340,7 @@ class Runner:
             raise SystemExit(f"recording a baseline in a fresh process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         data = json.loads(lines[-1][len("BASELINE ") :])
         fresh = Baseline.from_entry(f"gate_quality::{self.workload.name}", self.env.key(), data["entry"], "fresh baseline")
-        self.baseline, how = joined(
-            self.baseline if pool else None,
-            fresh,
-            keep=GateConfig().baseline_recordings,
-            confidence=self.timed.confidence,
-            speedup_tolerance=self.tol,
-            step_time_tolerance=self.step_tol,
-        )
+        self.baseline, how = joined(self.baseline if pool else None, fresh, self.timed, self.profile.device)
         self.baseline_peak_fp32 = data["fp32_peak_bytes"]
         return {**data["info"], "pooled": how}
 

@@ -105,7 +105,11 @@ def decide(
     second = measure_once()
     alone, both = judge(second), judge(pooled([first, second]))
     stricter = 1 - (1 - config.confidence) / SECOND_LOOK_STRICTER
-    surer = judge(pooled([first, second], stricter), replace(config, confidence=stricter))
+
+    def surer(runs: list[Measurements]) -> dict:  # the rounds of ``runs`` together, judged at the stricter confidence
+        return judge(pooled(runs, stricter), replace(config, confidence=stricter))
+
+    judged_surer = surer([first, second])
     checks = []
     for c in verdict.checks:
         key = (c.mode, c.metric)
@@ -115,10 +119,10 @@ def decide(
             c2 = alone.get(key)
             if c2 is not None and c2.outcome == FAIL:
                 c = Check(c.mode, c.metric, FAIL, f"{c.why}; confirmed by a fresh run: {_figure(c2)}", c.measured, c.threshold, c.baseline)
-            elif _below_in_both(c, c2, surer.get(key)):
+            elif _below_in_both(c, c2, judged_surer.get(key)):
                 why = (
                     f"{c.why}; a fresh run gave {_figure(c2)} ({c2.outcome}), also below, and the rounds of both together "
-                    f"lie wholly below at {stricter:.2%}: {_figure(surer[key])}"
+                    f"lie wholly below at {stricter:.2%}: {_figure(judged_surer[key])}"
                 )
                 c = Check(c.mode, c.metric, FAIL, why, c.measured, c.threshold, c.baseline)
             else:
@@ -130,11 +134,11 @@ def decide(
             c = replace(
                 both[key], why=f"{both[key].why}; judged on the rounds of this run and a fresh one together (this run alone: inconclusive)"
             )
-        elif _below_in_both(c, alone.get(key), surer.get(key)):
+        elif _below_in_both(c, alone.get(key), judged_surer.get(key)):
             c2 = alone[key]
             c = replace(
-                surer[key],
-                why=f"{surer[key].why}; judged on the rounds of this run and a fresh one together, and each run's own median "
+                judged_surer[key],
+                why=f"{judged_surer[key].why}; judged on the rounds of this run and a fresh one together, and each run's own median "
                 f"({_figure(c)}, {_figure(c2)}) lies below the floor too (this run alone: inconclusive)",
             )
         elif both.get(key) is not None and both[key].measured is not None:
@@ -150,8 +154,7 @@ def decide(
     runs = [first, second]
     while still and len(runs) < config.confirm_runs:
         runs.append(measure_once())
-        own, both = judge(runs[-1]), judge(pooled(runs))
-        surer = judge(pooled(runs, stricter), replace(config, confidence=stricter))
+        own, both, judged_surer = judge(runs[-1]), judge(pooled(runs)), surer(runs)
         last = len(runs) == config.confirm_runs
         for i in list(still):
             key = (checks[i].mode, checks[i].metric)
@@ -159,10 +162,10 @@ def decide(
             together = f"judged on the rounds of {len(runs)} runs together"
             if key in both and both[key].outcome == PASS:
                 checks[i] = replace(both[key], why=f"{both[key].why}; {together} (the first alone: {firsts[key].outcome})")
-            elif _mostly_below(figures[key], surer.get(key)):
-                said = ", ".join(_figure(replace(surer[key], measured=f)) for f in figures[key] if f is not None)
-                why = f"{surer[key].why}; {together} at {stricter:.2%}, most runs' own medians ({said}) below the floor too"
-                checks[i] = replace(surer[key], why=f"{why} (the first alone: {firsts[key].outcome})")
+            elif _mostly_below(figures[key], judged_surer.get(key)):
+                said = ", ".join(_figure(replace(judged_surer[key], measured=f)) for f in figures[key] if f is not None)
+                why = f"{judged_surer[key].why}; {together} at {stricter:.2%}, most runs' own medians ({said}) below the floor too"
+                checks[i] = replace(judged_surer[key], why=f"{why} (the first alone: {firsts[key].outcome})")
             else:  # still undecided: measured again, or after the last run said with all their rounds' figure
                 if last and key in both and both[key].measured is not None:
                     checks[i] = replace(checks[i], why=f"{firsts[key].why}; {together}: {_figure(both[key])} ({both[key].outcome})")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .baseline_schema import Baseline, ModeBaseline, Recording
+from .config import GateConfig
 from .stats import median, median_interval
 
 TIMING_FIGURES = (("speedup", "speedup_low", "speedup_high"), ("step_time_s", "step_time_low", "step_time_high"))
@@ -52,18 +53,25 @@ def pooled_baseline(newest: Baseline, recordings: Sequence[Recording], confidenc
     modes = {}
     for name, mode in newest.modes.items():
         changes: dict = {}
+        counts = [1]
         for middle, low_field, high_field in TIMING_FIGURES:
             values = [getattr(r.modes[name], middle) for r in recordings if name in r.modes]
             values = [v for v in values if v is not None]
             if len(values) >= 2:
                 low, high, _coverage = median_interval(values, confidence)
                 changes.update({middle: median(values), low_field: low, high_field: high})
-            if values and getattr(mode, middle) is not None:
-                changes["recordings"] = max(changes.get("recordings", 1), len(values))
-        if changes.get("recordings") == 1:
-            del changes["recordings"]
-        modes[name] = replace(mode, **changes)
+            if getattr(mode, middle) is not None:
+                counts.append(len(values))
+        modes[name] = replace(mode, **changes, recordings=max(counts) if max(counts) > 1 else None)
     return replace(newest, modes=modes, recordings=tuple(recordings))
+
+
+def _speedup(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _milliseconds(x: float) -> str:
+    return f"{x * 1e3:.3g}"
 
 
 def moved(previous: Baseline, newest: Baseline, speedup_tolerance: float, step_time_tolerance: float) -> list[str]:
@@ -71,31 +79,27 @@ def moved(previous: Baseline, newest: Baseline, speedup_tolerance: float, step_t
 
     The interval already spans how far the recordings so far moved; a recording beyond it by more
     than the gate tolerates is what a gated run would fail (or, improved, a change the older
-    recordings would hide).
+    recordings would hide).  A speedup may fall to ``1 - tol`` of the stored one and a step time
+    grow to ``1 + tol`` of it, as the checks allow; the same factor the other way is a move too.
     """
+    figures = (  # (middle, low, high), what, the factor the gate allows, how a value is said, its unit
+        (*TIMING_FIGURES[0], "speedup", 1 / (1 - speedup_tolerance), speedup_tolerance, _speedup, "x"),
+        (*TIMING_FIGURES[1], "step time", 1 + step_time_tolerance, step_time_tolerance, _milliseconds, " ms"),
+    )
     found = []
     for name, mode in newest.modes.items():
         old = previous.modes.get(name)
         if old is None:
             continue
-        for (middle, low_field, high_field), tolerance, unit in (
-            (TIMING_FIGURES[0], speedup_tolerance, "x"),
-            (TIMING_FIGURES[1], step_time_tolerance, "s"),
-        ):
+        for middle, low_field, high_field, what, factor, tolerance, said, unit in figures:
             value, stored = getattr(mode, middle), getattr(old, middle)
             if value is None or stored is None:
                 continue
             low = getattr(old, low_field) if getattr(old, low_field) is not None else stored
             high = getattr(old, high_field) if getattr(old, high_field) is not None else stored
-            if unit == "x":  # a speedup may fall to (1 - tol) of the stored one; it moved if it fell or rose further
-                lowest, highest = low * (1 - tolerance), high / (1 - tolerance)
-            else:  # a step time may grow to (1 + tol) of the stored one
-                lowest, highest = low / (1 + tolerance), high * (1 + tolerance)
-            if not lowest <= value <= highest:
-                num, what = ((lambda x: f"{x:.2f}"), "speedup") if unit == "x" else ((lambda x: f"{x * 1e3:.3g}"), "step time")
-                unit = "x" if unit == "x" else " ms"
+            if not low / factor <= value <= high * factor:
                 found.append(
-                    f"{name} {what} {num(value)}{unit} lies beyond the stored {num(stored)}{unit} [{num(low)}-{num(high)}{unit}] "
+                    f"{name} {what} {said(value)}{unit} lies beyond the stored {said(stored)}{unit} [{said(low)}-{said(high)}{unit}] "
                     f"by more than its tolerance ({tolerance:.0%})"
                 )
     return found
@@ -107,27 +111,21 @@ def _measured_alike(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k != "config"}
 
 
-def joined(
-    previous: Baseline | None,
-    newest: Baseline,
-    *,
-    keep: int,
-    confidence: float,
-    speedup_tolerance: float,
-    step_time_tolerance: float,
-) -> tuple[Baseline, str]:
+def joined(previous: Baseline | None, newest: Baseline, config: GateConfig, device_type: str) -> tuple[Baseline, str]:
     """The baseline to store when ``newest`` is recorded over ``previous`` (None: nothing stored), and
-    one sentence saying what became of the earlier recordings."""
+    one sentence saying what became of the earlier recordings.  How many are kept, their interval's
+    coverage and the tolerances that start afresh are the gate's own settings on ``device_type``."""
+    keep = config.baseline_recordings
     if previous is None:
         why = "first recording for this machine key"
     elif keep <= 1:
         why = "baseline_recordings=1: this recording replaces the stored one"
     elif _measured_alike(previous.settings) != _measured_alike(newest.settings):
         why = "the stored recordings were measured under other settings (workload, batch or protocol), so this one starts afresh"
-    elif moves := moved(previous, newest, speedup_tolerance, step_time_tolerance):
+    elif moves := moved(previous, newest, config.speedup_tolerance_on(device_type), config.step_time_tolerance_on(device_type)):
         earlier = len(recordings_of(previous))
         why = f"{'; '.join(moves)}: the {earlier} earlier recording(s) measured other code or another machine, so this one starts afresh"
     else:
         kept = (*recordings_of(previous)[-(keep - 1) :], recording_of(newest))
-        return pooled_baseline(newest, kept, confidence), f"pooled with {len(kept) - 1} earlier recording(s), up to {keep}"
-    return pooled_baseline(newest, (recording_of(newest),), confidence), why
+        return pooled_baseline(newest, kept, config.confidence), f"pooled with {len(kept) - 1} earlier recording(s), up to {keep}"
+    return pooled_baseline(newest, (recording_of(newest),), config.confidence), why

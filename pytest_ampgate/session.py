@@ -270,15 +270,8 @@ class TestGate:
                 "measure": measurements.config.to_dict(),
                 "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
             }
-            device_type = measurements.device.split(":")[0]
-            to_store, how = joined(
-                previous,
-                baseline_from(measurements, self.test_id, env_key, settings),
-                keep=config.baseline_recordings,
-                confidence=config.confidence,
-                speedup_tolerance=config.speedup_tolerance_on(device_type),
-                step_time_tolerance=config.step_time_tolerance_on(device_type),
-            )
+            fresh = baseline_from(measurements, self.test_id, env_key, settings)
+            to_store, how = joined(previous, fresh, config, measurements.device.split(":")[0])
             verdict.checks += recordings_checks(Judging(measurements, config, None, recording=True), to_store, how)
         else:
             baseline = self.session.store.lookup(self.test_id, env_key)

@@ -40,10 +40,10 @@ def _baseline(speedup, step=1e-3, *, spread=0.01, at="2026-01-01T00:00:00+00:00"
     return Baseline("t.py::t", "cuda|H100", {"device_name": "H100"}, at, settings, {"amp_bf16": amp})
 
 
-def _join(previous, newest, keep=5, speedup_tolerance=0.10, step_time_tolerance=0.25):
-    return joined(
-        previous, newest, keep=keep, confidence=0.95, speedup_tolerance=speedup_tolerance, step_time_tolerance=step_time_tolerance
-    )
+def _join(previous, newest, keep=5, **tolerances):
+    """As a CUDA update joins it: 10% speedup and 25% step-time tolerance unless given."""
+    config = build_config(("test", {"baseline_recordings": keep, "confidence": 0.95, **tolerances}))
+    return joined(previous, newest, config, "cuda")
 
 
 def _record(*speedups, keep=5):
